@@ -1,0 +1,1 @@
+"""HTTP resources: thin Falcon responders that parse a request and call `service.Uploads`."""

@@ -1,0 +1,27 @@
+"""Opening a request's body for the resources, with the size limit turned into a 413."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import falcon
+
+from .. import errors
+from ..body import BodyTooLarge, RequestBody
+from ..service import Uploads
+
+
+@contextlib.contextmanager
+def open_body(req: falcon.Request, uploads: Uploads, *, limit: int) -> Iterator[RequestBody]:
+    try:
+        body = RequestBody(req.stream, req.content_length, uploads.layout.spool_dir, limit)
+    except BodyTooLarge:
+        raise errors.TooLarge(
+            f"the request body is larger than this server accepts ({limit} bytes)",
+            code="body_too_large",
+        ) from None
+    try:
+        yield body
+    finally:
+        body.close()

@@ -1,0 +1,200 @@
+"""The seed API, exactly as the original README wrote it, plus terminate and several files per POST.
+
+    POST   /upload                      multipart/form-data, field `file` (one or more) -> 201
+    GET    /upload/status?sessionID=    progress and state
+    GET    /upload/pause?sessionID=     stop the writer at its next chunk boundary
+    POST   /upload/resume?sessionID=    continue (re-send `file`, or nothing if the spool has it)
+    POST   /upload/terminate?sessionID= stop, remove partial data and spool
+    DELETE /upload?sessionID=           the same as terminate
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Any
+
+import falcon
+
+from .. import errors
+from ..protocol import multipart
+from ..service import NewUpload, Uploads
+from ..sessions import record as states
+from ..sessions.record import Session
+from .bodies import open_body
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def status_of(session: Session) -> dict[str, Any]:
+    """The seed's status object, with the fields this server adds."""
+    return {
+        "sessionID": session.id,
+        "uploadedChunks": session.uploaded_chunks,
+        "totalChunks": session.total_chunks,
+        "paused": session.state == states.PAUSED,
+        "completed": session.state == states.COMPLETED,
+        "terminated": session.state == states.TERMINATED,
+        "bytesWritten": session.bytes_written,
+        "totalBytes": session.total_bytes,
+        "chunkSize": session.chunk_size,
+        "filename": session.filename,
+        "storedAs": session.location,
+        "state": session.state,
+        "error": session.error,
+        "protocol": session.protocol,
+        "sha256": session.sha256,
+        "createdAt": _iso(session.created_at),
+        "updatedAt": _iso(session.updated_at),
+        "expiresAt": _iso(session.expires_at),
+    }
+
+
+class _SeedResource:
+    def __init__(self, uploads: Uploads) -> None:
+        self.uploads = uploads
+
+    def _session(self, req: falcon.Request) -> Session:
+        session = self.uploads.get(req.get_param("sessionID"))
+        if session.state == states.EXPIRED:
+            raise errors.NotFound(
+                f"upload session {session.id} expired and was removed", code="session_expired"
+            )
+        return session
+
+    def _answer(self, resp: falcon.Response, session: Session) -> None:
+        resp.media = status_of(session)
+
+    def _terminate(self, req: falcon.Request, resp: falcon.Response) -> None:
+        session = self._session(req)
+        if session.state == states.COMPLETED:
+            raise errors.Conflict("the upload is already completed", code="completed")
+        if session.state != states.TERMINATED:
+            session = self.uploads.control(session, "terminate")
+        self._answer(resp, session)
+
+
+class UploadResource(_SeedResource):
+    """POST /upload creates sessions; DELETE /upload terminates one."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        config = self.uploads.config
+        with open_body(req, self.uploads, limit=config.max_upload_size + 1024**2) as body:
+            parts = _parse_form(req, body)
+            files = [p for p in parts if p.name == "file"]
+            if not files:
+                raise errors.BadRequest(
+                    "the form has no 'file' field: send the file as multipart/form-data field "
+                    "'file'",
+                    code="missing_file",
+                )
+            digests = _declared_digests(body, parts, len(files))
+            for part in files:
+                if part.size > config.max_upload_size:
+                    raise errors.TooLarge(
+                        f"{part.filename or 'the file'} is {part.size} bytes; the limit is "
+                        f"{config.max_upload_size}",
+                        code="upload_too_large",
+                    )
+            sessions = []
+            for part, digest in zip(files, digests, strict=True):
+                session = self.uploads.create(
+                    NewUpload(
+                        protocol=states.SEED,
+                        filename=part.filename,
+                        total_bytes=part.size,
+                        filetype=part.content_type,
+                        expected_sha256=digest,
+                    )
+                )
+                self.uploads.start_seed(session, body, part.start, part.end)
+                sessions.append(session)
+        resp.status = falcon.HTTP_201
+        resp.media = {
+            "sessionID": sessions[0].id,
+            "sessionIDs": [s.id for s in sessions],
+            "files": [
+                {"sessionID": s.id, "filename": s.filename, "totalBytes": s.total_bytes}
+                for s in sessions
+            ],
+        }
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._terminate(req, resp)
+
+
+class StatusResource(_SeedResource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._answer(resp, self._session(req))
+
+
+class PauseResource(_SeedResource):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        session = self._session(req)
+        if session.state in (states.COMPLETED, states.TERMINATED):
+            raise errors.Conflict(f"the upload is already {session.state}", code=session.state)
+        self._answer(resp, self.uploads.control(session, "pause"))
+
+    on_post = on_get
+
+
+class ResumeResource(_SeedResource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        session = self._session(req)
+        if session.state in (states.COMPLETED, states.TERMINATED):
+            raise errors.Conflict(f"the upload is already {session.state}", code=session.state)
+        if not req.content_length and not req.content_type:
+            self._answer(resp, self.uploads.resume_seed(session, None, None))
+            return
+        with open_body(req, self.uploads, limit=self.uploads.config.max_upload_size + 1024**2) as body:
+            files = [p for p in _parse_form(req, body) if p.name == "file"]
+            if len(files) > 1:
+                raise errors.BadRequest("resume takes one 'file' field", code="too_many_files")
+            part = files[0] if files else None
+            self._answer(resp, self.uploads.resume_seed(session, body, part))
+
+
+class TerminateResource(_SeedResource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._terminate(req, resp)
+
+
+def _parse_form(req: falcon.Request, body: Any) -> list[multipart.Part]:
+    try:
+        boundary = multipart.boundary_of(req.content_type)
+    except multipart.MultipartError as exc:
+        if req.content_type and req.content_type.lower().startswith("multipart/form-data"):
+            raise errors.BadRequest(str(exc), code="bad_multipart") from None
+        raise errors.UnsupportedMediaType(str(exc), code="not_multipart") from None
+    try:
+        return multipart.parse(body, boundary)
+    except multipart.MultipartError as exc:
+        raise errors.BadRequest(str(exc), code="bad_multipart") from None
+
+
+def _declared_digests(body: Any, parts: list[multipart.Part], count: int) -> list[str | None]:
+    """`sha256` form fields, one per file in order (a single one may be given for one file)."""
+    values = []
+    for part in parts:
+        if part.name != "sha256":
+            continue
+        if part.size > 200:
+            raise errors.BadRequest("the sha256 field is too long", code="bad_digest")
+        value = body.read(part.start, part.end).decode("latin-1").strip()
+        if not _SHA256.match(value):
+            raise errors.BadRequest("sha256 must be 64 hexadecimal digits", code="bad_digest")
+        values.append(value.lower())
+    if not values:
+        return [None] * count
+    if len(values) != count:
+        raise errors.BadRequest(
+            f"{len(values)} sha256 fields for {count} files: send one per file, in order",
+            code="bad_digest",
+        )
+    return values

@@ -1,0 +1,108 @@
+"""Random access to a request body that the WSGI server has already received.
+
+waitress reads every request body completely before it calls the app: into memory (a `BytesIO`)
+while it is small, into an anonymous temporary file past `inbuf_overflow`. `RequestBody` works on that
+buffer in place, so the front end neither reads the body into Python objects nor copies it through
+Python: boundaries are found with `find` over bounded mmap windows, and a range is moved to a spool
+file with `copy_file_range` (file) or `pwrite` of a memoryview (memory). Other WSGI servers hand over a
+plain stream; it is first copied to a temporary file, which makes the same operations possible.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from . import fileio
+
+_READ = 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The body is larger than the caller's limit."""
+
+
+class RequestBody:
+    """A read-only, random-access view of a request body of `length` bytes."""
+
+    def __init__(self, stream: BinaryIO, length: int | None, scratch_dir: Path, limit: int) -> None:
+        self._owned: BinaryIO | None = None
+        self._bytes: bytes | None = None
+        self._fd = -1
+        self._base = 0
+        if isinstance(stream, io.BytesIO):
+            data = stream.getvalue()[stream.tell() :]
+            self._bytes = data if length is None else data[:length]
+            self.length = len(self._bytes)
+        else:
+            if not _real_file(stream):
+                stream = self._owned = _copy_stream(stream, length, scratch_dir, limit)
+            stream.flush()
+            self._fd = stream.fileno()
+            self._base = stream.tell()
+            available = os.fstat(self._fd).st_size - self._base
+            self.length = available if length is None else min(length, available)
+        if self.length > limit:
+            self.close()
+            raise BodyTooLarge(self.length)
+
+    def find(self, needle: bytes, start: int, end: int | None = None) -> int:
+        """Offset of `needle` in [start, end), or -1."""
+        end = self.length if end is None else min(end, self.length)
+        if self._bytes is not None:
+            return self._bytes.find(needle, start, end)
+        found = fileio.find(self._fd, needle, self._base + start, self._base + end)
+        return found - self._base if found >= 0 else -1
+
+    def read(self, start: int, end: int) -> bytes:
+        """A small range as bytes (part headers, form fields), never file contents."""
+        end = min(end, self.length)
+        if start >= end:
+            return b""
+        if self._bytes is not None:
+            return self._bytes[start:end]
+        return fileio.pread(self._fd, end - start, self._base + start)
+
+    def copy_to(self, fd: int, start: int, end: int, dest_offset: int) -> None:
+        """Write body bytes [start, end) into file `fd` at `dest_offset`, without Python copies."""
+        if end <= start:
+            return
+        if self._bytes is not None:
+            with memoryview(self._bytes) as view:
+                fileio.pwrite_all(fd, view[start:end], dest_offset)
+        else:
+            fileio.copy_range(self._fd, self._base + start, fd, dest_offset, end - start)
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
+
+
+def _real_file(stream: BinaryIO) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return False
+    return bool(getattr(stream, "seekable", lambda: False)())
+
+
+def _copy_stream(stream: BinaryIO, length: int | None, scratch_dir: Path, limit: int) -> BinaryIO:
+    """Copy a non-file body (other WSGI servers) to a temporary file, refusing past `limit`."""
+    out = tempfile.TemporaryFile(dir=scratch_dir)
+    total = 0
+    while length is None or total < length:
+        want = _READ if length is None else min(_READ, length - total)
+        chunk = stream.read(want)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            out.close()
+            raise BodyTooLarge(total)
+        out.write(chunk)
+    out.seek(0)
+    return out

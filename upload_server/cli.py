@@ -1,0 +1,74 @@
+"""`upload-server`: serve the app with waitress, tuned for large request bodies.
+
+waitress reads each request body on its single I/O thread before the app runs; with its defaults
+(8 KiB socket reads) that thread, not the app, limits intake. `recv_bytes` of 256 KiB roughly triples
+single-stream intake, more `threads` keep status and HEAD answering while PATCHes wait for writers,
+and `max_request_body_size` must follow the upload limit (waitress's own default of 1 GiB would
+silently cap uploads). See docs/PERFORMANCE.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import waitress
+
+from .app import create_app
+from .config import Config
+
+log = logging.getLogger("upload_server")
+
+MULTIPART_OVERHEAD = 1024**2  # room for multipart framing around the largest allowed file
+
+
+def waitress_options(config: Config) -> dict[str, Any]:
+    """The waitress settings that go with `config` (also used by the benchmark)."""
+    return {
+        "host": config.host,
+        "port": config.port,
+        "threads": config.threads,
+        "recv_bytes": config.recv_bytes,
+        "max_request_body_size": config.max_upload_size + MULTIPART_OVERHEAD,
+        "ident": "upload_server",
+        "asyncore_use_poll": True,
+        "clear_untrusted_proxy_headers": True,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = Config.load(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as exc:
+        print(f"upload-server: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(config)
+    try:
+        server = waitress.create_server(app, **waitress_options(config))
+    except OSError as exc:
+        app.runtime.close()
+        print(f"upload-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK_EVENT
+        signal.signal(signal.SIGBREAK, stop)
+    server.print_listen("upload_server listening on http://{}:{}")
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("shutting down: writers checkpoint their sessions")
+    finally:
+        server.close()
+        app.runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

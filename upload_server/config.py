@@ -1,0 +1,250 @@
+"""One table of settings: it produces the CLI flags, the environment variables and the defaults.
+
+Every setting `name` is read, in order of precedence, from the CLI flag `--name-with-dashes`, the
+environment variable `UPLOAD_SERVER_NAME`, and its default. `PORT` (set by PaaS routers) is honoured
+for the port when `UPLOAD_SERVER_PORT` is not set. Invalid values fail at start-up with a clear
+`ValueError`, never later in a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "UPLOAD_SERVER_"
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte count such as `1048576`, `1MiB`, `512KiB` or `10GB` (SI and binary units)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {text!r} (use bytes or a unit: 512KiB, 1MiB, 10GB)")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value < 0:
+        raise ValueError(f"a size cannot be negative: {text!r}")
+    return value
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def parse_duration(text: str | float) -> float:
+    """Parse seconds, optionally with a unit: `30`, `2.5s`, `15m`, `24h`, `7d`."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
+        if not match:
+            raise ValueError(f"not a duration: {text!r} (use seconds or 500ms, 30s, 15m, 24h, 7d)")
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
+        value = float(match.group(1)) * scale
+    if value < 0:
+        raise ValueError(f"a duration cannot be negative: {text!r}")
+    return value
+
+
+def _positive_int(text: str | int) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str | int) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"not a TCP port: {value}")
+    return value
+
+
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def _start_method(text: str) -> str:
+    value = text.strip().lower()
+    if value == "default":
+        return multiprocessing.get_start_method(allow_none=False)
+    if value not in multiprocessing.get_all_start_methods():
+        available = ", ".join(multiprocessing.get_all_start_methods())
+        raise ValueError(f"start method {value!r} is not available here (use {available})")
+    return value
+
+
+FSYNC_POLICIES = ("always", "on-complete", "never")
+
+
+def _fsync_policy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in FSYNC_POLICIES:
+        raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, not {text!r}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"log level must be debug, info, warning or error, not {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "127.0.0.1", "Address to listen on (0.0.0.0 for all IPv4, :: for IPv6).", "HOST"),
+    Setting("port", _port, 8080, "TCP port; PaaS routers set PORT, which is honoured too.", "PORT"),
+    Setting("upload_dir", Path, Path("uploads"), "Where finished files, spool and records live.", "DIR"),
+    Setting("chunk_size", parse_size, 1024**2, "Bytes a writer copies between control checks.", "SIZE"),
+    Setting("writers", _positive_int, None, "Writer processes (default: the CPU count).", "N"),
+    Setting("max_upload_size", parse_size, 16 * 1024**3, "Largest file accepted (413 beyond).", "SIZE"),
+    Setting("max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"),
+    Setting("threads", _positive_int, 16, "waitress request threads.", "N"),
+    Setting("recv_bytes", parse_size, 256 * 1024, "waitress socket read size (intake speed).", "SIZE"),
+    Setting("start_method", _start_method, "default", "multiprocessing start method.", "METHOD"),
+    Setting("fsync", _fsync_policy, "on-complete", "When data is fsynced: always, on-complete, never.", "POLICY"),
+    Setting("log_level", _log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings in force. Build it with `Config.load()`; defaults come from `SETTINGS` only."""
+
+    host: str
+    port: int
+    upload_dir: Path
+    chunk_size: int
+    writers: int
+    max_upload_size: int
+    max_bytes_per_second: int
+    threads: int
+    recv_bytes: int
+    start_method: str
+    fsync: str
+    log_level: str
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1 byte")
+        if self.max_upload_size < 1:
+            raise ValueError("max_upload_size must be at least 1 byte")
+
+    @classmethod
+    def load(
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Config:
+        """Settings from CLI flags (if `argv` is given), then the environment, then defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env)
+            if raw is None and setting.name == "port":
+                raw = environ.get("PORT")
+            if raw is not None and raw != "":
+                values[setting.name] = _convert(setting, raw)
+        if argv is not None:
+            parsed = build_parser().parse_args(argv)
+            for setting in SETTINGS:
+                raw = getattr(parsed, setting.name)
+                if raw is not None:
+                    values[setting.name] = _convert(setting, raw)
+        for name, raw in overrides.items():
+            if name not in _BY_NAME:
+                raise TypeError(f"unknown setting {name!r}")
+            values[name] = raw if not isinstance(raw, str) else _convert(_BY_NAME[name], raw)
+        for setting in SETTINGS:
+            if setting.name not in values:
+                default = setting.default
+                values[setting.name] = setting.parse(default) if isinstance(default, str) else default
+        if values["writers"] is None:
+            values["writers"] = _cpu_count()
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _convert(setting: Setting, raw: Any) -> Any:
+    try:
+        return setting.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{setting.flag} / {setting.env}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upload-server",
+        description="Resumable file upload server (seed API and tus 1.0).",
+        epilog="Every flag can also be set as an environment variable: --chunk-size is "
+        "UPLOAD_SERVER_CHUNK_SIZE. Sizes take units (512KiB, 1MiB, 10GB).",
+    )
+    for setting in SETTINGS:
+        default = setting.default if setting.default is not None else "auto"
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            metavar=setting.metavar,
+            default=None,
+            help=f"{setting.help} [env {setting.env}; default {default}]",
+        )
+    return parser

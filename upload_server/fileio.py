@@ -1,0 +1,122 @@
+"""Byte-moving primitives shared by the front end's spool and the writers.
+
+They move bytes without Python-level copies where the OS allows: a range of one file to another with
+`copy_file_range` (inside the kernel), bytes from memory with `pwrite` of a memoryview, and file
+contents read through bounded `mmap` windows so that hashing reads the page cache directly and the
+resident size of a process stays flat however large the file is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+
+WINDOW = 8 * 1024 * 1024
+_GRANULARITY = mmap.ALLOCATIONGRANULARITY
+_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of `data` at `offset` (loops over short writes; raises OSError on failure)."""
+    view = memoryview(data)
+    while view:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, view, offset)
+        else:  # Windows: one writer per file, so seek + write is safe
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
+        view = view[written:]
+        offset += written
+
+
+@contextlib.contextmanager
+def mapped(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """A read-only memoryview of `length` bytes at `offset` of `fd`, unmapped on exit."""
+    if length == 0:
+        yield memoryview(b"")
+        return
+    start = offset - offset % _GRANULARITY
+    with mmap.mmap(fd, length + offset - start, offset=start, access=mmap.ACCESS_READ) as mm:
+        whole = memoryview(mm)
+        view = whole[offset - start :]
+        try:
+            yield view
+        finally:
+            view.release()
+            whole.release()
+
+
+def find(fd: int, needle: bytes, start: int, end: int) -> int:
+    """Offset of `needle` in bytes [start, end) of file `fd`, or -1; maps one window at a time."""
+    pos = start
+    while pos < end:
+        n = min(WINDOW, end - pos)
+        base = pos - pos % _GRANULARITY
+        with mmap.mmap(fd, n + pos - base, offset=base, access=mmap.ACCESS_READ) as mm:
+            found = mm.find(needle, pos - base)
+        if found >= 0:
+            return base + found
+        if pos + n >= end:
+            break
+        pos += max(n - len(needle) + 1, 1)
+    return -1
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, length, offset)
+    with mapped(fd, offset, length) as view:
+        return bytes(view)
+
+
+def windows(offset: int, length: int, size: int = WINDOW) -> Iterator[tuple[int, int]]:
+    """Split `length` bytes from `offset` into (offset, length) pieces of at most `size`."""
+    end = offset + length
+    while offset < end:
+        n = min(size, end - offset)
+        yield offset, n
+        offset += n
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+    """Copy `length` bytes between two files, inside the kernel where it can."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while length > 0:
+                n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+                if n == 0:
+                    raise OSError(f"source ended {length} bytes early")
+                src_offset += n
+                dst_offset += n
+                length -= n
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    for off, n in windows(src_offset, length):
+        with mapped(src_fd, off, n) as view:
+            pwrite_all(dst_fd, view, dst_offset + off - src_offset)
+
+
+# copy_file_range is refused across some filesystems and by some kernels; fall back to mmap + pwrite.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def open_for_write(path: os.PathLike | str, *, create: bool = True, exclusive: bool = False) -> int:
+    flags = os.O_WRONLY | _BINARY
+    if create:
+        flags |= os.O_CREAT
+    if exclusive:
+        flags |= os.O_EXCL
+    return os.open(path, flags, 0o644)
+
+
+def open_for_read(path: os.PathLike | str) -> int:
+    return os.open(path, os.O_RDONLY | _BINARY)
+
+
+def file_size(fd: int) -> int:
+    return os.fstat(fd).st_size

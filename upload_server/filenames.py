@@ -1,0 +1,78 @@
+"""Turn a client's filename into one that is safe to create inside the upload directory.
+
+A client's filename is never trusted: only its last path component survives, characters that are
+unsafe on Linux or Windows are replaced, Windows device names are defused, hidden and empty names are
+renamed, and the result fits in 200 bytes of UTF-8. Callers may rely on the result being a single
+non-empty path component that does not start with a dot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+MAX_NAME_BYTES = 200
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+_WINDOWS_DEVICES = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    "CONIN$",
+    "CONOUT$",
+    *(f"COM{i}" for i in range(10)),
+    *(f"LPT{i}" for i in range(10)),
+    *(f"COM{c}" for c in "¹²³"),
+    *(f"LPT{c}" for c in "¹²³"),
+}
+
+
+def sanitize(name: str | None, fallback: str = "upload") -> str:
+    """Return a safe single-component filename for `name`, or `fallback` when nothing is left."""
+    text = unicodedata.normalize("NFC", name or "")
+    text = re.split(r"[/\\]", text)[-1]
+    text = _UNSAFE.sub("_", text).strip().rstrip(". ")
+    text = text.lstrip(". ")
+    if not text:
+        text = fallback
+    if text.partition(".")[0].upper().rstrip(" ") in _WINDOWS_DEVICES:
+        text = "_" + text
+    return _truncate(text)
+
+
+def _truncate(name: str) -> str:
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    stem, ext = os.path.splitext(name)
+    if len(ext.encode()) > 32:
+        stem, ext = name, ""
+    budget = MAX_NAME_BYTES - len(ext.encode())
+    stem = stem.encode()[:budget].decode(errors="ignore")
+    return stem + ext
+
+
+def candidates(name: str):
+    """Yield `name`, `name (1).ext`, `name (2).ext`, ... so that no existing file is overwritten."""
+    yield name
+    stem, ext = os.path.splitext(name)
+    n = 1
+    while True:
+        suffix = f" ({n})"
+        yield _truncate_with_suffix(stem, suffix, ext)
+        n += 1
+
+
+def _truncate_with_suffix(stem: str, suffix: str, ext: str) -> str:
+    budget = MAX_NAME_BYTES - len(suffix.encode()) - len(ext.encode())
+    return stem.encode()[:budget].decode(errors="ignore") + suffix + ext
+
+
+def is_inside(directory: Path, path: Path) -> bool:
+    """True when `path` resolves to a location inside `directory` (defence in depth)."""
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,26 @@
+"""What every helper process (the Manager, each writer) does first."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+
+def become_child() -> None:
+    """Die with the parent, and leave Ctrl-C to it.
+
+    Ctrl-C reaches the whole foreground process group; the front end decides when writers stop (after
+    they checkpoint), so children ignore SIGINT. On Linux the kernel kills a child whose parent dies,
+    so a `kill -9` of the server leaves no orphan holding files or the listening socket.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(1)  # the parent died before the signal was armed

@@ -1,0 +1,164 @@
+"""The processes behind one server: the Manager, the writer pool, and start-up recovery.
+
+`Runtime.start` takes an exclusive lock on the upload directory (two servers on one directory would
+corrupt each other's uploads), starts the Manager, rebuilds the live view from the durable records,
+reconciles each session with the bytes actually stored, starts the writers, and lets every seed
+session whose spool survived carry on by itself. `close` stops them all and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import time
+from multiprocessing.managers import SyncManager
+from pathlib import Path
+
+from workers.pool import WriterPool
+from workers.writer import WriterSettings
+
+from . import processes
+from .config import Config
+from .layout import Layout
+from .service import Uploads
+from .sessions import record as states
+from .sessions.live import LiveSessions
+from .sessions.record import Session
+from .sessions.store import FileSessionStore, SessionStore
+from .storage import LocalStorage, Storage
+
+log = logging.getLogger("upload_server")
+
+LOCK_WAIT = 15.0
+
+
+class DirectoryLocked(RuntimeError):
+    pass
+
+
+class Runtime:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.layout = Layout(Path(config.upload_dir).absolute())
+        self.store: SessionStore = FileSessionStore(self.layout.sessions)
+        self.storage: Storage = LocalStorage(self.layout)
+        self.manager: SyncManager | None = None
+        self.pool: WriterPool | None = None
+        self.uploads: Uploads | None = None
+        self._lock_fd: int | None = None
+        self.started = time.time()
+
+    def start(self) -> Runtime:
+        self.layout.create()
+        self._lock_directory()
+        ctx = multiprocessing.get_context(self.config.start_method)
+        self.manager = SyncManager(ctx=ctx)
+        self.manager.start(initializer=processes.become_child)
+        live = LiveSessions(self.manager.dict())
+        recovered = self._recover(live)
+        settings = WriterSettings(
+            index=0,
+            upload_dir=str(self.layout.root),
+            chunk_size=self.config.chunk_size,
+            max_bytes_per_second=self.config.max_bytes_per_second,
+            fsync=self.config.fsync,
+        )
+        self.pool = WriterPool(ctx, self.manager, live, settings, self.config.writers,
+                               self.config.log_level)
+        self.pool.start()
+        self.uploads = Uploads(self.config, self.layout, live, self.store, self.storage, self.pool)
+        for session in recovered:
+            self.pool.drain(session)
+        log.info(
+            "upload_server: %d writers (%s), upload dir %s, %d sessions recovered",
+            self.config.writers,
+            self.config.start_method,
+            self.layout.root,
+            len(recovered),
+        )
+        return self
+
+    def close(self) -> None:
+        """Stop the writers (they checkpoint first), then the Manager. Safe to call twice."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        if self.manager is not None:
+            with contextlib.suppress(Exception):
+                self.manager.shutdown()
+            self.manager = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _recover(self, live: LiveSessions) -> list[Session]:
+        """Rebuild the live view; return the seed sessions that can carry on from their spool."""
+        resumable = []
+        for session in self.store.all():
+            session.writer %= self.config.writers
+            if not session.is_final:
+                self._reconcile(session)
+                if session.state in (states.QUEUED, states.WRITING):
+                    if session.protocol == states.SEED and self._spool_whole(session):
+                        resumable.append(session)
+                    else:
+                        _wait_for_client(session)
+            live.put(session)
+        return resumable
+
+    def _reconcile(self, session: Session) -> None:
+        """The durable offset never runs ahead of the data: trust the smaller of the two."""
+        stored = self.storage.size(session.id) or 0
+        if stored < session.bytes_written:
+            log.warning(
+                "session %s: record says %d bytes, data has %d; continuing from %d",
+                session.id, session.bytes_written, stored, stored,
+            )
+            session.bytes_written = stored
+            self.store.save(session, durable=True)
+
+    def _spool_whole(self, session: Session) -> bool:
+        try:
+            return self.layout.spool(session.id).stat().st_size == session.total_bytes
+        except FileNotFoundError:
+            return False
+
+    def _lock_directory(self) -> None:
+        path = self.layout.internal / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_WAIT
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise DirectoryLocked(
+                    f"another upload_server is using {self.layout.root}; stop it or choose "
+                    "another --upload-dir"
+                )
+            time.sleep(0.1)
+        self._lock_fd = fd
+
+
+def _wait_for_client(session: Session) -> None:
+    session.state = states.WAITING
+    if session.protocol == states.SEED:
+        session.set_error(
+            "spool_missing",
+            "the server restarted without this upload's data; resume it by sending the file again",
+        )
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""Session state: the record, its live view (the Manager dict) and its durable store."""

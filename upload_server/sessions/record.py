@@ -1,0 +1,95 @@
+"""The session record: one flat record per upload, the same on disk, in the Manager dict and in memory.
+
+Like tusd's FileInfo, a record is the whole truth about one upload that callers may rely on. It is
+replaced whole wherever it is stored (the Manager dict does not proxy nested values, and a durable
+record is rewritten atomically), so a reader never sees half an update.
+
+Who writes it: the front end creates it; from then on only the session's writer process changes it
+(progress, pause, resume, completion, termination), so two processes never race on one record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# States a session moves through. `waiting` means incomplete with no data on the server to continue
+# from: a tus upload between PATCH requests, or a seed upload whose spool was lost.
+QUEUED = "queued"
+WRITING = "writing"
+WAITING = "waiting"
+PAUSED = "paused"
+COMPLETED = "completed"
+FAILED = "failed"
+TERMINATED = "terminated"
+EXPIRED = "expired"
+
+STATES = (QUEUED, WRITING, WAITING, PAUSED, COMPLETED, FAILED, TERMINATED, EXPIRED)
+FINAL_STATES = frozenset({COMPLETED, TERMINATED, EXPIRED})
+
+SEED = "seed"
+TUS = "tus"
+
+
+def new_session_id() -> str:
+    """128 random bits, URL-safe, no padding: unguessable and safe in paths and URLs."""
+    return secrets.token_urlsafe(16)
+
+
+def is_session_id(text: str) -> bool:
+    return 16 <= len(text) <= 64 and all(c.isalnum() or c in "-_" for c in text)
+
+
+@dataclass
+class Session:
+    id: str
+    protocol: str
+    filename: str
+    chunk_size: int
+    writer: int
+    total_bytes: int | None = None
+    bytes_written: int = 0
+    state: str = QUEUED
+    error: dict[str, str] | None = None
+    filetype: str | None = None
+    metadata: dict[str, str | None] = field(default_factory=dict)
+    metadata_header: str | None = None
+    location: str | None = None
+    sha256: str | None = None
+    expected_sha256: str | None = None
+    owner: str | None = None
+    concat: str | None = None
+    parts: list[str] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    expires_at: float | None = None
+
+    @property
+    def total_chunks(self) -> int:
+        if self.total_bytes is None:
+            return 0
+        return -(-self.total_bytes // self.chunk_size)
+
+    @property
+    def uploaded_chunks(self) -> int:
+        if self.total_bytes is not None and self.bytes_written >= self.total_bytes:
+            return self.total_chunks
+        return self.bytes_written // self.chunk_size
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def set_error(self, code: str, message: str) -> None:
+        self.error = {"code": code, "message": message}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Session:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,59 @@
+"""The front end's half of the hand-off to the writers: request bodies into spool files.
+
+A spool file is written under a temporary name and renamed into place only when whole, so a writer
+(or a restarted server) never sees a partly written one. The copy is done by the kernel from the WSGI
+server's own buffer (see `body.RequestBody.copy_to`), which keeps this extra hop cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from .body import RequestBody
+from .fileio import open_for_write
+from .layout import Layout
+
+
+class Spool:
+    def __init__(self, layout: Layout, *, sync: bool) -> None:
+        self.layout = layout
+        self.sync = sync
+
+    def write_seed(self, session_id: str, body: RequestBody, start: int, end: int, skip: int) -> None:
+        """Spool body[start + skip:end] at offset `skip`: spool offset i is file offset i, and
+        bytes a writer already has are not copied again (they stay a hole)."""
+        target = self.layout.spool(session_id)
+        self._write(target, body, start + skip, end, skip, end - start)
+
+    def write_segment(self, session_id: str, offset: int, body: RequestBody, start: int,
+                      end: int) -> Path:
+        """Spool one tus request body, bound for upload offset `offset`."""
+        target = self.layout.segment(session_id, offset)
+        self._write(target, body, start, end, 0, end - start)
+        return target
+
+    def _write(self, target: Path, body: RequestBody, start: int, end: int, at: int,
+               size: int) -> None:
+        tmp = target.with_name(target.name + ".tmp")
+        fd = open_for_write(tmp)
+        try:
+            os.ftruncate(fd, size)
+            body.copy_to(fd, start, end, at)
+            if self.sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        os.replace(tmp, target)
+
+    def seed_size(self, session_id: str) -> int | None:
+        """Size of a seed session's spool, or None when there is none."""
+        try:
+            return self.layout.spool(session_id).stat().st_size
+        except FileNotFoundError:
+            return None

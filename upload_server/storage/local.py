@@ -1,0 +1,103 @@
+"""The default storage: files in the upload directory.
+
+Data is written to `.upload_server/partial/<id>` and published by a hard link (or, where links are
+not supported, an exclusive reservation and a rename) into the upload directory, so a finished file
+appears whole, under its sanitized name, and never replaces an existing file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .. import fileio, filenames
+from ..layout import Layout
+from ..sessions.store import fsync_dir
+
+
+class LocalUploadData:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+
+    def size(self) -> int:
+        return fileio.file_size(self.fd)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        fileio.pwrite_all(self.fd, data, offset)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    @contextlib.contextmanager
+    def view(self, offset: int, length: int) -> Iterator[memoryview]:
+        with fileio.mapped(self.fd, offset, length) as view:
+            yield view
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalStorage:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def open(self, session_id: str) -> LocalUploadData:
+        return LocalUploadData(self.layout.partial(session_id))
+
+    def size(self, session_id: str) -> int | None:
+        try:
+            return self.layout.partial(session_id).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def publish(self, session_id: str, filename: str, *, durable: bool) -> str:
+        source = self.layout.partial(session_id)
+        root = self.layout.root
+        for name in filenames.candidates(filenames.sanitize(filename)):
+            target = root / name
+            if not filenames.is_inside(root, target):
+                raise OSError(errno.EINVAL, f"refusing to publish outside {root}: {name!r}")
+            try:
+                _link_or_reserve(source, target)
+            except FileExistsError:
+                continue
+            if durable:
+                fsync_dir(root)
+            return name
+        raise AssertionError("unreachable: candidates() is infinite")
+
+    def discard(self, session_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.partial(session_id).unlink()
+
+    def open_published(self, location: str | None, session_id: str) -> tuple[BinaryIO, int]:
+        path = self.layout.root / location if location else self.layout.partial(session_id)
+        if not filenames.is_inside(self.layout.root, path):
+            raise FileNotFoundError(location)
+        handle = open(path, "rb")  # noqa: SIM115 - the caller streams and closes it
+        return handle, os.fstat(handle.fileno()).st_size
+
+
+def _link_or_reserve(source: Path, target: Path) -> None:
+    """Move `source` to `target` unless `target` exists (FileExistsError)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in {errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}:
+            raise
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(source, target)
+        return
+    source.unlink()

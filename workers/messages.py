@@ -1,0 +1,92 @@
+"""The messages between the front end and its writer processes.
+
+Each writer has an inbox (a pipe written only by the front end) and a reply pipe. Work arrives in the
+inbox as `Drain`, `Append` and `Concat`; `Shutdown` asks the writer to checkpoint and exit. Control
+(pause, resume, terminate, expire) travels on the session's own control queue, a
+`multiprocessing.Manager` queue as the design card asks; the inbox carries only a `Nudge` that tells an
+idle or busy writer to read that queue now, so the writer never pays a Manager round trip per chunk
+just to find the queue empty, and a command is applied in order with the work queued before it.
+
+Every message that expects an answer has a `request_id`; the writer answers with one `Reply`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PAUSE = "pause"
+RESUME = "resume"
+TERMINATE = "terminate"
+EXPIRE = "expire"
+ACTIONS = (PAUSE, RESUME, TERMINATE, EXPIRE)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Copy a seed upload's spool into its data from the durable offset to the end. No reply is
+    awaited; the pool re-sends it after a writer restart for every session still `writing`."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Append:
+    """Append a spooled request body (a tus PATCH) at `offset`; reply once it is stored or refused.
+
+    `checksum` is (algorithm, expected digest) from Upload-Checksum; `declare_length` sets a deferred
+    Upload-Length in the same step."""
+
+    request_id: int
+    session_id: str
+    segment: str
+    offset: int
+    length: int
+    checksum: tuple[str, bytes] | None = None
+    declare_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Build a final upload from complete partial uploads (tus concatenation), in order."""
+
+    request_id: int
+    session_id: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One control command, put on the session's control queue."""
+
+    request_id: int
+    action: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """A command waits on `queue`, the session's control queue (a Manager queue proxy)."""
+
+    session_id: str
+    queue: Any
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Finish the current chunk, checkpoint every session, and exit."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The outcome of a request: the session record after it, or an error for the client."""
+
+    request_id: int
+    session: dict[str, Any] | None = None
+    status: int = 200
+    code: str | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None

@@ -1,0 +1,278 @@
+"""The pool of writer processes, as the front end sees it.
+
+The pool starts one long-lived process per writer, pins each session to one of them, sends work and
+control, and matches replies to the requests waiting for them. A monitor thread watches every
+writer's reply pipe and process sentinel: when a writer dies (killed, out of memory) it starts a
+replacement at the same index, re-sends the work the dead one had not answered, re-starts the drains
+of its seed sessions from their recorded offsets, and fails its unanswered control requests so their
+callers can retry. No session is left looking "in progress" without a writer behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from upload_server.sessions import record as states
+from upload_server.sessions.live import LiveSessions
+from upload_server.sessions.record import Session
+
+from . import writer
+from .messages import Append, Command, Concat, Drain, Nudge, Reply, Shutdown
+
+log = logging.getLogger("upload_server.pool")
+
+
+class WriterUnavailable(Exception):
+    """No answer from the writer in time, or it died while holding the request."""
+
+
+@dataclass
+class _Handle:
+    index: int
+    process: Any
+    inbox: Connection
+    replies: Connection
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    restarts: int = 0
+
+
+@dataclass
+class _Pending:
+    index: int
+    message: Any
+    future: Future
+    resend: bool
+
+
+class WriterPool:
+    def __init__(
+        self,
+        ctx: Any,
+        manager: Any,
+        live: LiveSessions,
+        settings: writer.WriterSettings,
+        count: int,
+        log_level: str = "INFO",
+    ) -> None:
+        self._ctx = ctx
+        self._manager = manager
+        self._live = live
+        self._settings = settings
+        self._count = count
+        self._log_level = log_level
+        self._handles: list[_Handle] = []
+        self._pending: dict[int, _Pending] = {}
+        self._controls: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._round_robin = itertools.cycle(range(count))
+        self._closing = False
+        self._monitor: threading.Thread | None = None
+        self.restarts = 0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._handles = [self._spawn(i) for i in range(self._count)]
+        self._monitor = threading.Thread(target=self._watch, name="writer-monitor", daemon=True)
+        self._monitor.start()
+
+    def _spawn(self, index: int) -> _Handle:
+        inbox_recv, inbox_send = self._ctx.Pipe(duplex=False)
+        replies_recv, replies_send = self._ctx.Pipe(duplex=False)
+        settings = writer.WriterSettings(**{**self._settings.__dict__, "index": index})
+        process = self._ctx.Process(
+            target=writer.main,
+            args=(settings, inbox_recv, replies_send, self._live.proxy, self._log_level),
+            name=f"upload-writer-{index}",
+            daemon=True,
+        )
+        process.start()
+        inbox_recv.close()
+        replies_send.close()
+        return _Handle(index, process, inbox_send, replies_recv)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask every writer to checkpoint and exit; kill the ones that do not in `timeout`."""
+        self._closing = True
+        for handle in self._handles:
+            with contextlib.suppress(OSError, ValueError):
+                self._send(handle.index, Shutdown())
+        deadline = time.monotonic() + timeout
+        for handle in self._handles:
+            handle.process.join(max(0.0, deadline - time.monotonic()))
+            if handle.process.is_alive():
+                log.warning("writer %d did not stop in time; killing it", handle.index)
+                handle.process.kill()
+                handle.process.join(2)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for item in pending.values():
+            item.future.set_exception(WriterUnavailable("the server is shutting down"))
+        self._controls.clear()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def alive(self) -> int:
+        return sum(1 for h in self._handles if h.process.is_alive())
+
+    def pids(self) -> list[int]:
+        return [h.process.pid for h in self._handles]
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def assign(self) -> int:
+        """The writer a new session is pinned to."""
+        with self._lock:
+            return next(self._round_robin)
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def drain(self, session: Session) -> None:
+        """Start (or continue) copying a seed session's spool; nothing waits for it."""
+        self._send(self._handle_for(session).index, Drain(session.id))
+
+    def append(self, session: Session, message: Append, timeout: float) -> Reply:
+        return self._request(session, message, timeout, resend=True)
+
+    def concat(self, session: Session, message: Concat, timeout: float) -> Reply:
+        return self._request(session, message, timeout, resend=True)
+
+    def control(self, session: Session, action: str, timeout: float = 30.0, **args: Any) -> Reply:
+        """Put a command on the session's control queue and wait for the writer to apply it."""
+        request_id = self.next_request_id()
+        queue = self._control_queue(session.id)
+        queue.put(Command(request_id, action, args))
+        return self._request(session, Nudge(session.id, queue), timeout, resend=False,
+                             request_id=request_id)
+
+    def forget(self, session_id: str) -> None:
+        """Drop a finished session's control queue."""
+        with self._lock:
+            self._controls.pop(session_id, None)
+
+    def _control_queue(self, session_id: str) -> Any:
+        with self._lock:
+            queue = self._controls.get(session_id)
+        if queue is None:
+            queue = self._manager.Queue()
+            with self._lock:
+                queue = self._controls.setdefault(session_id, queue)
+        return queue
+
+    def _handle_for(self, session: Session) -> _Handle:
+        return self._handles[session.writer % self._count]
+
+    def _request(
+        self,
+        session: Session,
+        message: Any,
+        timeout: float,
+        *,
+        resend: bool,
+        request_id: int | None = None,
+    ) -> Reply:
+        handle = self._handle_for(session)
+        request_id = request_id if request_id is not None else message.request_id
+        future: Future = Future()
+        with self._lock:
+            self._pending[request_id] = _Pending(handle.index, message, future, resend)
+        try:
+            try:
+                self._send(handle.index, message)
+            except (OSError, ValueError) as exc:
+                if not resend:
+                    raise WriterUnavailable(f"the writer is unreachable ({exc}); try again") from None
+                log.warning("writer %d unreachable; the request waits for its replacement", handle.index)
+            return future.result(timeout)
+        except FutureTimeout:
+            raise WriterUnavailable("the writer did not answer in time; try again") from None
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+
+    def _send(self, index: int, message: Any) -> None:
+        handle = self._handles[index]
+        with handle.send_lock:
+            handle.inbox.send(message)
+
+    # -- supervision --------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._closing:
+            handles = {h.replies: h for h in self._handles}
+            sentinels = {h.process.sentinel: h for h in self._handles}
+            try:
+                ready = wait([*handles, *sentinels], timeout=0.5)
+            except OSError:
+                continue
+            for item in ready:
+                if self._closing:
+                    return
+                handle = handles.get(item)
+                if handle is not None:
+                    self._receive(handle)
+                else:
+                    self._restart(sentinels[item])
+
+    def _receive(self, handle: _Handle) -> None:
+        try:
+            while handle.replies.poll(0):
+                self._resolve(handle.replies.recv())
+        except (EOFError, OSError):
+            self._restart(handle)
+
+    def _resolve(self, reply: Reply) -> None:
+        with self._lock:
+            pending = self._pending.get(reply.request_id)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(reply)
+
+    def _restart(self, dead: _Handle) -> None:
+        if self._closing or self._handles[dead.index] is not dead:
+            return  # already replaced
+        dead.process.join(1)
+        log.error(
+            "writer %d (pid %s) died with exit code %s; starting a replacement",
+            dead.index,
+            dead.process.pid,
+            dead.process.exitcode,
+        )
+        with contextlib.suppress(OSError):
+            dead.inbox.close()
+        with contextlib.suppress(OSError):
+            dead.replies.close()
+        replacement = self._spawn(dead.index)
+        replacement.restarts = dead.restarts + 1
+        self._handles[dead.index] = replacement
+        self.restarts += 1
+        with self._lock:
+            mine = [(rid, p) for rid, p in self._pending.items() if p.index == dead.index]
+        for request_id, pending in mine:
+            if pending.resend:
+                self._send(dead.index, pending.message)
+            else:
+                with self._lock:
+                    self._pending.pop(request_id, None)
+                pending.future.set_exception(
+                    WriterUnavailable("the writer restarted before answering; try again")
+                )
+        for session in self._live.all():
+            if (
+                session.writer % self._count == dead.index
+                and session.protocol == states.SEED
+                and session.state in (states.QUEUED, states.WRITING)
+            ):
+                self._send(dead.index, Drain(session.id))
