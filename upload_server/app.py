@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from . import errors, waitress_errors
-from .api import seed
+from .api import health, seed
 from .config import Config
 from .runtime import Runtime
 
@@ -42,6 +42,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
     app.add_route("/upload/pause", seed.PauseResource(uploads))
     app.add_route("/upload/resume", seed.ResumeResource(uploads))
     app.add_route("/upload/terminate", seed.TerminateResource(uploads))
+    app.add_route("/healthz", health.HealthResource())
+    app.add_route("/readyz", health.ReadyResource(runtime))
     return app
 
 

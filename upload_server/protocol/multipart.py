@@ -61,7 +61,10 @@ def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
             break
         key = match.group(1).lower()
         quoted, token = match.group(2), match.group(3)
-        params[key] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else token
+        # like browsers and cgi.parse_header: only \\ and \" are escapes (Windows paths keep \)
+        params[key] = (
+            quoted.replace("\\\\", "\\").replace('\\"', '"') if quoted is not None else token
+        )
         pos = match.end()
     return head.strip().lower(), params
 

@@ -1,0 +1,54 @@
+"""Health checks for load balancers and PaaS routers.
+
+GET /healthz answers 200 while the process serves requests. GET /readyz answers 200 only when every
+writer is alive, the Manager answers and the upload directory's disk has room; otherwise 503, with
+the reason, so a router stops sending uploads to a node that cannot store them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import falcon
+
+from ..runtime import Runtime
+
+
+class HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+class ReadyResource:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        runtime = self.runtime
+        pool = runtime.pool
+        problems = []
+        alive = pool.alive() if pool else 0
+        count = pool.count if pool else 0
+        if alive < count:
+            problems.append(f"{count - alive} of {count} writers are down")
+        try:
+            sessions = len(runtime.uploads.live) if runtime.uploads else 0
+        except Exception as exc:  # the Manager is gone or wedged
+            sessions = None
+            problems.append(f"the session Manager is unreachable: {exc}")
+        free = shutil.disk_usage(runtime.layout.root).free
+        if free < runtime.config.chunk_size:
+            problems.append("the upload disk is full")
+        resp.status = falcon.HTTP_200 if not problems else falcon.HTTP_503
+        resp.media = {
+            "ready": not problems,
+            "problems": problems,
+            "writers": count,
+            "writersAlive": alive,
+            "writerPids": pool.pids() if pool else [],
+            "writerRestarts": pool.restarts if pool else 0,
+            "sessions": sessions,
+            "diskFreeBytes": free,
+            "uptimeSeconds": round(time.time() - runtime.started, 1),
+        }
