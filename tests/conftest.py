@@ -69,8 +69,13 @@ def make_file(path: Path, size: int, seed: int = 0) -> Path:
 class Server:
     """One `upload-server` process; `args` are CLI flags, `env` extra environment."""
 
-    def __init__(self, upload_dir: Path, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upload_dir: Path,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.upload_dir = upload_dir
         self.host = host
         self.port = free_port(host)
@@ -90,11 +95,22 @@ class Server:
         return self.base + path
 
     def start(self, timeout: float = 30.0) -> Server:
-        cmd = [sys.executable, "-m", "upload_server.cli", "--host", self.host, "--port",
-               str(self.port), "--upload-dir", str(self.upload_dir), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "upload_server.cli",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--upload-dir",
+            str(self.upload_dir),
+            *self.args,
+        ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -146,14 +162,17 @@ class Server:
 
     # -- seed API helpers -------------------------------------------------------------------
 
-    def post_file(self, path: Path, filename: str | None = None, **kwargs: Any) -> requests.Response:
+    def post_file(
+        self, path: Path, filename: str | None = None, **kwargs: Any
+    ) -> requests.Response:
         with open(path, "rb") as handle:
             files = {"file": (filename or path.name, handle, "application/octet-stream")}
             return requests.post(self.url("/upload"), files=files, timeout=120, **kwargs)
 
     def status(self, session_id: str) -> dict[str, Any]:
-        response = requests.get(self.url("/upload/status"), params={"sessionID": session_id},
-                                timeout=30)
+        response = requests.get(
+            self.url("/upload/status"), params={"sessionID": session_id}, timeout=30
+        )
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -168,8 +187,12 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start servers on demand; every one is stopped at the end of the test."""
     started: list[Server] = []
 
-    def start(args: list[str] | None = None, env: dict[str, str] | None = None,
-              upload_dir: Path | None = None, host: str = "127.0.0.1") -> Server:
+    def start(
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        upload_dir: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> Server:
         server = Server(upload_dir or tmp_path / "uploads", args, env, host)
         started.append(server)
         return server.start()

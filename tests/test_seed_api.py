@@ -86,6 +86,7 @@ def test_twenty_concurrent_sessions_are_byte_identical(server, files):
 
 # -- pause, resume, terminate -----------------------------------------------------------------
 
+
 @pytest.fixture
 def slow_server(make_server):
     """Writers limited to 1 MiB/s, so an upload takes seconds and can be paused mid-way."""
@@ -114,8 +115,9 @@ def test_pause_holds_and_resume_completes(slow_server, files):
     assert status["paused"] is True and status["state"] == "paused"
     assert held_at < status["totalChunks"]
 
-    resumed = requests.post(server.url("/upload/resume"), params={"sessionID": session_id},
-                            timeout=30)
+    resumed = requests.post(
+        server.url("/upload/resume"), params={"sessionID": session_id}, timeout=30
+    )
     assert resumed.status_code == 200, resumed.text
     assert resumed.json()["paused"] is False
     status = server.wait_state(session_id, "completed")
@@ -125,8 +127,12 @@ def test_pause_holds_and_resume_completes(slow_server, files):
 def test_resume_by_resending_the_file_after_the_spool_is_gone(slow_server, files):
     server = slow_server
     source, session_id = _start_slow_upload(server, files)
-    assert requests.get(server.url("/upload/pause"), params={"sessionID": session_id},
-                        timeout=30).status_code == 200
+    assert (
+        requests.get(
+            server.url("/upload/pause"), params={"sessionID": session_id}, timeout=30
+        ).status_code
+        == 200
+    )
     spool = server.upload_dir / ".upload_server" / "spool" / f"{session_id}.spool"
     spool.unlink()
 
@@ -135,8 +141,12 @@ def test_resume_by_resending_the_file_after_the_spool_is_gone(slow_server, files
     assert bare.json()["error"]["code"] == "spool_missing"
 
     with open(source, "rb") as handle:
-        resumed = requests.post(server.url("/upload/resume"), params={"sessionID": session_id},
-                                files={"file": (source.name, handle)}, timeout=60)
+        resumed = requests.post(
+            server.url("/upload/resume"),
+            params={"sessionID": session_id},
+            files={"file": (source.name, handle)},
+            timeout=60,
+        )
     assert resumed.status_code == 200, resumed.text
     status = server.wait_state(session_id, "completed")
     assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(source)
@@ -147,8 +157,12 @@ def test_resume_with_a_file_of_another_size_is_refused(slow_server, files):
     _, session_id = _start_slow_upload(server, files)
     requests.get(server.url("/upload/pause"), params={"sessionID": session_id}, timeout=30)
     with open(files(1234), "rb") as handle:
-        response = requests.post(server.url("/upload/resume"), params={"sessionID": session_id},
-                                 files={"file": ("x", handle)}, timeout=30)
+        response = requests.post(
+            server.url("/upload/resume"),
+            params={"sessionID": session_id},
+            files={"file": ("x", handle)},
+            timeout=30,
+        )
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "size_mismatch"
     assert "1234" in response.json()["error"]["message"]
@@ -176,6 +190,7 @@ def test_terminate_removes_partial_data_and_spool(slow_server, files, how):
 
 # -- bad input --------------------------------------------------------------------------------
 
+
 def assert_error(response: requests.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"].startswith("application/json")
@@ -187,10 +202,16 @@ def assert_error(response: requests.Response, status: int, code: str | None = No
     return error
 
 
-@pytest.mark.parametrize("path,method", [
-    ("/upload/status", "get"), ("/upload/pause", "get"), ("/upload/resume", "post"),
-    ("/upload/terminate", "post"), ("/upload", "delete"),
-])
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/upload/status", "get"),
+        ("/upload/pause", "get"),
+        ("/upload/resume", "post"),
+        ("/upload/terminate", "post"),
+        ("/upload", "delete"),
+    ],
+)
 def test_missing_and_unknown_session_ids(server, path, method):
     call = getattr(requests, method)
     assert_error(call(server.url(path), timeout=10), 400, "missing_session_id")
@@ -204,27 +225,42 @@ def test_missing_file_field(server):
 
 
 def test_body_that_is_not_multipart(server):
-    response = requests.post(server.url("/upload"), data=b"raw bytes",
-                             headers={"Content-Type": "application/octet-stream"}, timeout=10)
+    response = requests.post(
+        server.url("/upload"),
+        data=b"raw bytes",
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=10,
+    )
     assert_error(response, 415)
     assert_error(requests.post(server.url("/upload"), timeout=10), 415)
 
 
-@pytest.mark.parametrize("body", [
-    b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc",
-    b"no boundary here at all",
-    b"--b\r\nContent-Disposition: form-data; name=\"file\"",
-    b"--b\r\nX: y\r\n\r\nabc\r\n--b--",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',
+        b"no boundary here at all",
+        b'--b\r\nContent-Disposition: form-data; name="file"',
+        b"--b\r\nX: y\r\n\r\nabc\r\n--b--",
+    ],
+)
 def test_malformed_multipart(server, body):
-    response = requests.post(server.url("/upload"), data=body,
-                             headers={"Content-Type": "multipart/form-data; boundary=b"}, timeout=10)
+    response = requests.post(
+        server.url("/upload"),
+        data=body,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+        timeout=10,
+    )
     assert_error(response, 400, "bad_multipart")
 
 
 def test_multipart_without_boundary(server):
-    response = requests.post(server.url("/upload"), data=b"x",
-                             headers={"Content-Type": "multipart/form-data"}, timeout=10)
+    response = requests.post(
+        server.url("/upload"),
+        data=b"x",
+        headers={"Content-Type": "multipart/form-data"},
+        timeout=10,
+    )
     assert_error(response, 400, "bad_multipart")
 
 
@@ -238,8 +274,9 @@ def test_pause_and_resume_in_the_wrong_state(server, files):
 
 def test_resume_of_a_running_upload_is_refused(slow_server, files):
     _, session_id = _start_slow_upload(slow_server, files)
-    response = requests.post(slow_server.url("/upload/resume"), params={"sessionID": session_id},
-                             timeout=10)
+    response = requests.post(
+        slow_server.url("/upload/resume"), params={"sessionID": session_id}, timeout=10
+    )
     assert_error(response, 409, "not_paused")
 
 
@@ -262,23 +299,27 @@ def test_too_large(make_server, files):
     assert server.post_file(files(MiB)).status_code == 201
 
 
-@pytest.mark.parametrize("hostile,expected", [
-    ("../../etc/passwd", "passwd"),
-    ("/etc/shadow", "shadow"),
-    ("..\\..\\windows\\system32\\evil.dll", "evil.dll"),
-    ("CON", "_CON"),
-    ("nul.txt", "_nul.txt"),
-    ("", None),
-    ("..", None),
-    (".hidden", "hidden"),
-    ("a\x00b.txt", "a_b.txt"),
-    ("x" * 400 + ".txt", None),
-])
+@pytest.mark.parametrize(
+    "hostile,expected",
+    [
+        ("../../etc/passwd", "passwd"),
+        ("/etc/shadow", "shadow"),
+        ("..\\..\\windows\\system32\\evil.dll", "evil.dll"),
+        ("CON", "_CON"),
+        ("nul.txt", "_nul.txt"),
+        ("", None),
+        ("..", None),
+        (".hidden", "hidden"),
+        ("a\x00b.txt", "a_b.txt"),
+        ("x" * 400 + ".txt", None),
+    ],
+)
 def test_hostile_filenames_stay_inside_the_upload_dir(server, files, hostile, expected):
     source = files(10, seed=7)
     with open(source, "rb") as handle:
-        response = requests.post(server.url("/upload"),
-                                 files={"file": (hostile, handle)}, timeout=30)
+        response = requests.post(
+            server.url("/upload"), files={"file": (hostile, handle)}, timeout=30
+        )
     assert response.status_code == 201, response.text
     status = server.wait_state(response.json()["sessionID"], "completed")
     stored = status["storedAs"]
@@ -298,8 +339,11 @@ def test_unknown_route_and_method_are_json(server):
 
 
 def test_errors_are_never_tracebacks(server):
-    response = requests.post(server.url("/upload"), data=b"\xff" * 100,
-                             headers={"Content-Type": "multipart/form-data; boundary=\xff"},
-                             timeout=10)
+    response = requests.post(
+        server.url("/upload"),
+        data=b"\xff" * 100,
+        headers={"Content-Type": "multipart/form-data; boundary=\xff"},
+        timeout=10,
+    )
     assert response.status_code in (400, 415)
     json.loads(response.text)

@@ -92,7 +92,7 @@ def _real_file(stream: BinaryIO) -> bool:
 
 def _copy_stream(stream: BinaryIO, length: int | None, scratch_dir: Path, limit: int) -> BinaryIO:
     """Copy a non-file body (other WSGI servers) to a temporary file, refusing past `limit`."""
-    out = tempfile.TemporaryFile(dir=scratch_dir)
+    out = tempfile.TemporaryFile(dir=scratch_dir)  # noqa: SIM115 - returned to the caller
     total = 0
     while length is None or total < length:
         want = _READ if length is None else min(_READ, length - total)

@@ -19,6 +19,7 @@ import waitress
 
 from .app import create_app
 from .config import Config
+from .runtime import DirectoryLocked
 
 log = logging.getLogger("upload_server")
 
@@ -45,12 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"upload-server: {exc}", file=sys.stderr)
         return 2
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except DirectoryLocked as exc:
+        print(f"upload-server: {exc}", file=sys.stderr)
+        return 1
     try:
         server = waitress.create_server(app, **waitress_options(config))
     except OSError as exc:
         app.runtime.close()
-        print(f"upload-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        print(
+            f"upload-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
+        )
         return 1
 
     def stop(signum: int, frame: Any) -> None:

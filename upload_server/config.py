@@ -146,17 +146,39 @@ def _cpu_count() -> int:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("host", str, "127.0.0.1", "Address to listen on (0.0.0.0 for all IPv4, :: for IPv6).", "HOST"),
+    Setting(
+        "host",
+        str,
+        "127.0.0.1",
+        "Address to listen on (0.0.0.0 for all IPv4, :: for IPv6).",
+        "HOST",
+    ),
     Setting("port", _port, 8080, "TCP port; PaaS routers set PORT, which is honoured too.", "PORT"),
-    Setting("upload_dir", Path, Path("uploads"), "Where finished files, spool and records live.", "DIR"),
-    Setting("chunk_size", parse_size, 1024**2, "Bytes a writer copies between control checks.", "SIZE"),
+    Setting(
+        "upload_dir", Path, Path("uploads"), "Where finished files, spool and records live.", "DIR"
+    ),
+    Setting(
+        "chunk_size", parse_size, 1024**2, "Bytes a writer copies between control checks.", "SIZE"
+    ),
     Setting("writers", _positive_int, None, "Writer processes (default: the CPU count).", "N"),
-    Setting("max_upload_size", parse_size, 16 * 1024**3, "Largest file accepted (413 beyond).", "SIZE"),
-    Setting("max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"),
+    Setting(
+        "max_upload_size", parse_size, 16 * 1024**3, "Largest file accepted (413 beyond).", "SIZE"
+    ),
+    Setting(
+        "max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"
+    ),
     Setting("threads", _positive_int, 16, "waitress request threads.", "N"),
-    Setting("recv_bytes", parse_size, 256 * 1024, "waitress socket read size (intake speed).", "SIZE"),
+    Setting(
+        "recv_bytes", parse_size, 256 * 1024, "waitress socket read size (intake speed).", "SIZE"
+    ),
     Setting("start_method", _start_method, "default", "multiprocessing start method.", "METHOD"),
-    Setting("fsync", _fsync_policy, "on-complete", "When data is fsynced: always, on-complete, never.", "POLICY"),
+    Setting(
+        "fsync",
+        _fsync_policy,
+        "on-complete",
+        "When data is fsynced: always, on-complete, never.",
+        "POLICY",
+    ),
     Setting("log_level", _log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
 )
 
@@ -215,7 +237,9 @@ class Config:
         for setting in SETTINGS:
             if setting.name not in values:
                 default = setting.default
-                values[setting.name] = setting.parse(default) if isinstance(default, str) else default
+                values[setting.name] = (
+                    setting.parse(default) if isinstance(default, str) else default
+                )
         if values["writers"] is None:
             values["writers"] = _cpu_count()
         return cls(**values)

@@ -85,7 +85,9 @@ def _status_line(status: int) -> str:
     return falcon.code_to_http_status(status)
 
 
-def _handle_upload_error(req: falcon.Request, resp: falcon.Response, ex: UploadError, params) -> None:
+def _handle_upload_error(
+    req: falcon.Request, resp: falcon.Response, ex: UploadError, params
+) -> None:
     resp.status = _status_line(ex.status)
     resp.content_type = falcon.MEDIA_JSON
     resp.data = error_body(ex.code, ex.message, **ex.extra)
@@ -93,7 +95,9 @@ def _handle_upload_error(req: falcon.Request, resp: falcon.Response, ex: UploadE
         resp.set_header(name, value)
 
 
-def _handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params) -> None:
+def _handle_http_error(
+    req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params
+) -> None:
     code = (ex.title or "error").lower().replace(" ", "_").replace("-", "_")
     message = ex.description or ex.title or "error"
     resp.status = ex.status
@@ -109,7 +113,9 @@ def _handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception
     log.exception("unhandled error in %s %s", req.method, req.path)
     resp.status = falcon.HTTP_500
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = error_body("internal_error", "the server failed to handle this request; see its log")
+    resp.data = error_body(
+        "internal_error", "the server failed to handle this request; see its log"
+    )
 
 
 def install(app: falcon.App) -> None:

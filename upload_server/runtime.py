@@ -65,8 +65,9 @@ class Runtime:
             max_bytes_per_second=self.config.max_bytes_per_second,
             fsync=self.config.fsync,
         )
-        self.pool = WriterPool(ctx, self.manager, live, settings, self.config.writers,
-                               self.config.log_level)
+        self.pool = WriterPool(
+            ctx, self.manager, live, settings, self.config.writers, self.config.log_level
+        )
         self.pool.start()
         self.uploads = Uploads(self.config, self.layout, live, self.store, self.storage, self.pool)
         for session in recovered:
@@ -114,7 +115,10 @@ class Runtime:
         if stored < session.bytes_written:
             log.warning(
                 "session %s: record says %d bytes, data has %d; continuing from %d",
-                session.id, session.bytes_written, stored, stored,
+                session.id,
+                session.bytes_written,
+                stored,
+                stored,
             )
             session.bytes_written = stored
             self.store.save(session, durable=True)

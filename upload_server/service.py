@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from workers.pool import WriterPool, WriterUnavailable
+
 from . import errors
 from .body import RequestBody
 from .config import Config
@@ -23,7 +25,6 @@ from .sessions.record import Session, is_session_id, new_session_id
 from .sessions.store import SessionStore
 from .spool import Spool
 from .storage import Storage
-from workers.pool import WriterPool, WriterUnavailable
 
 log = logging.getLogger("upload_server.service")
 
@@ -70,7 +71,9 @@ class Uploads:
     def get(self, session_id: str | None) -> Session:
         """The live record, or NotFound (also for ids that cannot be ours)."""
         if not session_id:
-            raise errors.BadRequest("the sessionID parameter is required", code="missing_session_id")
+            raise errors.BadRequest(
+                "the sessionID parameter is required", code="missing_session_id"
+            )
         session = self.live.get(session_id) if is_session_id(session_id) else None
         if session is None:
             raise errors.NotFound(f"no upload session {session_id!r}", code="unknown_session")
@@ -130,9 +133,7 @@ class Uploads:
     def resume_seed(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
         """Resume a seed upload, from a re-sent file if one came, else from the spool."""
         if session.state not in (states.PAUSED, states.WAITING, states.FAILED):
-            raise errors.Conflict(
-                f"the upload is {session.state}, not paused", code="not_paused"
-            )
+            raise errors.Conflict(f"the upload is {session.state}, not paused", code="not_paused")
         if part is not None:
             if part.size != session.total_bytes:
                 raise errors.Conflict(
@@ -167,8 +168,9 @@ class Uploads:
         try:
             return request()
         except WriterUnavailable as exc:
-            raise errors.Unavailable(str(exc), code="writer_unavailable",
-                                     headers={"Retry-After": "1"}) from None
+            raise errors.Unavailable(
+                str(exc), code="writer_unavailable", headers={"Retry-After": "1"}
+            ) from None
 
     @staticmethod
     def _result(reply: Any) -> Session:

@@ -21,21 +21,25 @@ class Spool:
         self.layout = layout
         self.sync = sync
 
-    def write_seed(self, session_id: str, body: RequestBody, start: int, end: int, skip: int) -> None:
+    def write_seed(
+        self, session_id: str, body: RequestBody, start: int, end: int, skip: int
+    ) -> None:
         """Spool body[start + skip:end] at offset `skip`: spool offset i is file offset i, and
         bytes a writer already has are not copied again (they stay a hole)."""
         target = self.layout.spool(session_id)
         self._write(target, body, start + skip, end, skip, end - start)
 
-    def write_segment(self, session_id: str, offset: int, body: RequestBody, start: int,
-                      end: int) -> Path:
+    def write_segment(
+        self, session_id: str, offset: int, body: RequestBody, start: int, end: int
+    ) -> Path:
         """Spool one tus request body, bound for upload offset `offset`."""
         target = self.layout.segment(session_id, offset)
         self._write(target, body, start, end, 0, end - start)
         return target
 
-    def _write(self, target: Path, body: RequestBody, start: int, end: int, at: int,
-               size: int) -> None:
+    def _write(
+        self, target: Path, body: RequestBody, start: int, end: int, at: int, size: int
+    ) -> None:
         tmp = target.with_name(target.name + ".tmp")
         fd = open_for_write(tmp)
         try:

@@ -155,8 +155,9 @@ class WriterPool:
         request_id = self.next_request_id()
         queue = self._control_queue(session.id)
         queue.put(Command(request_id, action, args))
-        return self._request(session, Nudge(session.id, queue), timeout, resend=False,
-                             request_id=request_id)
+        return self._request(
+            session, Nudge(session.id, queue), timeout, resend=False, request_id=request_id
+        )
 
     def forget(self, session_id: str) -> None:
         """Drop a finished session's control queue."""
@@ -194,8 +195,12 @@ class WriterPool:
                 self._send(handle.index, message)
             except (OSError, ValueError) as exc:
                 if not resend:
-                    raise WriterUnavailable(f"the writer is unreachable ({exc}); try again") from None
-                log.warning("writer %d unreachable; the request waits for its replacement", handle.index)
+                    raise WriterUnavailable(
+                        f"the writer is unreachable ({exc}); try again"
+                    ) from None
+                log.warning(
+                    "writer %d unreachable; the request waits for its replacement", handle.index
+                )
             return future.result(timeout)
         except FutureTimeout:
             raise WriterUnavailable("the writer did not answer in time; try again") from None

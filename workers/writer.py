@@ -218,8 +218,9 @@ class Writer:
             held.session.set_error(code, message)
             with contextlib.suppress(Exception):
                 self._publish(held, STATE)
-        self._reply(task.request_id, held.session if held else None, status=500, code=code,
-                    message=message)
+        self._reply(
+            task.request_id, held.session if held else None, status=500, code=code, message=message
+        )
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -297,8 +298,15 @@ class Writer:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def _copy(self, held: Held, src_fd: int, src_offset: int, dst_offset: int, length: int,
-              extra: Any = None) -> int:
+    def _copy(
+        self,
+        held: Held,
+        src_fd: int,
+        src_offset: int,
+        dst_offset: int,
+        length: int,
+        extra: Any = None,
+    ) -> int:
         """Copy one chunk from a spool file into the data, hashing it on the way."""
         with fileio.mapped(src_fd, src_offset, length) as view:
             self._hasher(held).update(view)
@@ -320,8 +328,11 @@ class Writer:
             fd = fileio.open_for_read(spool)
         except FileNotFoundError:
             session.state = states.WAITING
-            session.set_error("spool_missing", "the server no longer holds this upload's data; "
-                              "resume it by sending the file again")
+            session.set_error(
+                "spool_missing",
+                "the server no longer holds this upload's data; "
+                "resume it by sending the file again",
+            )
             self._publish(held, STATE)
             return
         try:
@@ -340,8 +351,10 @@ class Writer:
                 except ValueError:  # the spool is shorter than the file: it was cut short
                     self._data(held).truncate(session.bytes_written)
                     session.state = states.WAITING
-                    session.set_error("spool_incomplete", "the spooled data ends early; resume "
-                                      "by sending the file again")
+                    session.set_error(
+                        "spool_incomplete",
+                        "the spooled data ends early; resume by sending the file again",
+                    )
                     self._publish(held, STATE)
                     return
                 session.bytes_written += n
@@ -387,14 +400,24 @@ class Writer:
                     yield n
                 except Interrupted as stop:
                     self._rollback(held, start, rollback)
-                    self._reply(msg.request_id, session, status=stop.status, code=stop.code,
-                                message=stop.message)
+                    self._reply(
+                        msg.request_id,
+                        session,
+                        status=stop.status,
+                        code=stop.code,
+                        message=stop.message,
+                    )
                     return
             if checksum is not None and checksum.digest() != msg.checksum[1]:
                 self._rollback(held, start, rollback)
-                self._reply(msg.request_id, session, status=460, code="checksum_mismatch",
-                            message=f"the {msg.checksum[0]} checksum of the request body does "
-                            "not match Upload-Checksum; the chunk was discarded")
+                self._reply(
+                    msg.request_id,
+                    session,
+                    status=460,
+                    code="checksum_mismatch",
+                    message=f"the {msg.checksum[0]} checksum of the request body does "
+                    "not match Upload-Checksum; the chunk was discarded",
+                )
                 return
             session.bytes_written = start + msg.length
             session.error = None
@@ -420,8 +443,13 @@ class Writer:
 
     def _refuse(self, request_id: int | None, session_id: str, exc: Refused | Interrupted) -> None:
         held = self.held.get(session_id)
-        self._reply(request_id, held.session if held else None, status=exc.status, code=exc.code,
-                    message=exc.message)
+        self._reply(
+            request_id,
+            held.session if held else None,
+            status=exc.status,
+            code=exc.code,
+            message=exc.message,
+        )
 
     def _check_appendable(self, session: Session, msg: Append) -> None:
         if session.state in (states.TERMINATED, states.EXPIRED):
@@ -431,9 +459,12 @@ class Writer:
         if session.state == states.COMPLETED:
             raise Refused(409, "completed", "the upload is already complete")
         if msg.offset != session.bytes_written:
-            raise Refused(409, "offset_mismatch",
-                          f"Upload-Offset {msg.offset} does not match the upload's offset "
-                          f"{session.bytes_written}")
+            raise Refused(
+                409,
+                "offset_mismatch",
+                f"Upload-Offset {msg.offset} does not match the upload's offset "
+                f"{session.bytes_written}",
+            )
         total = msg.declare_length if msg.declare_length is not None else session.total_bytes
         if total is not None and msg.offset + msg.length > total:
             raise Refused(413, "exceeds_length", "the body goes past the upload's length")
@@ -487,8 +518,11 @@ class Writer:
         session.sha256 = digest
         if session.expected_sha256 and session.expected_sha256 != digest:
             session.state = states.FAILED
-            session.set_error("digest_mismatch", f"the file's SHA-256 is {digest}, not the "
-                              f"declared {session.expected_sha256}; it was discarded")
+            session.set_error(
+                "digest_mismatch",
+                f"the file's SHA-256 is {digest}, not the "
+                f"declared {session.expected_sha256}; it was discarded",
+            )
             self._discard_data(held)
             self._remove_spool(session.id)
             self._publish(held, STATE)
@@ -533,8 +567,9 @@ class Writer:
         session.set_error(code, message)
         with contextlib.suppress(OSError):
             self._publish(held, STATE)
-        self._reply(request_id, session, status=507 if disk_full else 500, code=code,
-                    message=message)
+        self._reply(
+            request_id, session, status=507 if disk_full else 500, code=code, message=message
+        )
 
     # -- control ----------------------------------------------------------------------------
 
@@ -545,8 +580,11 @@ class Writer:
             except Empty:
                 return
             except (EOFError, OSError, BrokenPipeError):
-                log.error("writer %d: control queue of %s unreachable", self.settings.index,
-                          nudge.session_id)
+                log.error(
+                    "writer %d: control queue of %s unreachable",
+                    self.settings.index,
+                    nudge.session_id,
+                )
                 return
             try:
                 held = self._hold(nudge.session_id)
@@ -560,7 +598,9 @@ class Writer:
         session = held.session
         action = command.action
         if session.state in (states.TERMINATED, states.EXPIRED):
-            raise Refused(410 if action != RESUME else 409, "gone", f"the upload was {session.state}")
+            raise Refused(
+                410 if action != RESUME else 409, "gone", f"the upload was {session.state}"
+            )
         if action == PAUSE:
             if session.state == states.COMPLETED:
                 raise Refused(409, "completed", "the upload is already complete")

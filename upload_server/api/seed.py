@@ -1,11 +1,11 @@
 """The seed API, exactly as the original README wrote it, plus terminate and several files per POST.
 
-    POST   /upload                      multipart/form-data, field `file` (one or more) -> 201
-    GET    /upload/status?sessionID=    progress and state
-    GET    /upload/pause?sessionID=     stop the writer at its next chunk boundary
-    POST   /upload/resume?sessionID=    continue (re-send `file`, or nothing if the spool has it)
-    POST   /upload/terminate?sessionID= stop, remove partial data and spool
-    DELETE /upload?sessionID=           the same as terminate
+POST   /upload                      multipart/form-data, field `file` (one or more) -> 201
+GET    /upload/status?sessionID=    progress and state
+GET    /upload/pause?sessionID=     stop the writer at its next chunk boundary
+POST   /upload/resume?sessionID=    continue (re-send `file`, or nothing if the spool has it)
+POST   /upload/terminate?sessionID= stop, remove partial data and spool
+DELETE /upload?sessionID=           the same as terminate
 """
 
 from __future__ import annotations
@@ -152,7 +152,9 @@ class ResumeResource(_SeedResource):
         if not req.content_length and not req.content_type:
             self._answer(resp, self.uploads.resume_seed(session, None, None))
             return
-        with open_body(req, self.uploads, limit=self.uploads.config.max_upload_size + 1024**2) as body:
+        with open_body(
+            req, self.uploads, limit=self.uploads.config.max_upload_size + 1024**2
+        ) as body:
             files = [p for p in _parse_form(req, body) if p.name == "file"]
             if len(files) > 1:
                 raise errors.BadRequest("resume takes one 'file' field", code="too_many_files")

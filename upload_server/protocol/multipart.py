@@ -102,7 +102,9 @@ def parse(body: Body, boundary: str) -> list[Part]:
         if line_end < 0 or body.read(pos, line_end).strip(b" \t"):
             raise MultipartError("malformed multipart delimiter line (truncated body?)")
         headers_start = line_end + 2
-        headers_end = body.find(b"\r\n\r\n", headers_start - 2, headers_start + MAX_HEADER_BYTES + 2)
+        headers_end = body.find(
+            b"\r\n\r\n", headers_start - 2, headers_start + MAX_HEADER_BYTES + 2
+        )
         if headers_end < 0:
             if body.length - headers_start > MAX_HEADER_BYTES:
                 raise MultipartError(f"part headers exceed {MAX_HEADER_BYTES} bytes")

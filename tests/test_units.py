@@ -1,0 +1,193 @@
+"""Fine-grained checks of the pure parts: filenames, multipart parsing, settings."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from upload_server.body import RequestBody
+from upload_server.config import Config, parse_duration, parse_size
+from upload_server.filenames import MAX_NAME_BYTES, candidates, sanitize
+from upload_server.protocol import multipart
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Users\\me\\photo.jpg", "photo.jpg"),
+        ("CON", "_CON"),
+        ("com1.txt", "_com1.txt"),
+        ("lpt9", "_lpt9"),
+        ("a<b>c:d|e?f*g.txt", "a_b_c_d_e_f_g.txt"),
+        ("  spaced.txt  ", "spaced.txt"),
+        ("trailing.dots...", "trailing.dots"),
+        (".bashrc", "bashrc"),
+        ("...", "upload"),
+        ("", "upload"),
+        (None, "upload"),
+        ("nul\x00byte", "nul_byte"),
+        ("tab\there", "tab_here"),
+        ("日本語.txt", "日本語.txt"),
+    ],
+)
+def test_sanitize(raw, expected):
+    assert sanitize(raw) == expected
+
+
+def test_sanitize_keeps_the_extension_of_long_names():
+    name = sanitize("é" * 300 + ".tar.gz")
+    assert len(name.encode()) <= MAX_NAME_BYTES
+    assert name.endswith(".gz")
+
+
+@given(st.text())
+@settings(max_examples=500)
+def test_sanitize_always_gives_one_safe_component(raw):
+    name = sanitize(raw)
+    assert name and not name.startswith(".")
+    assert "/" not in name and "\\" not in name and "\x00" not in name
+    assert name not in (".", "..")
+    assert len(name.encode()) <= MAX_NAME_BYTES
+
+
+def test_candidates_never_repeat():
+    names = [n for n, _ in zip(candidates("a.txt"), range(4), strict=False)]
+    assert names == ["a.txt", "a (1).txt", "a (2).txt", "a (3).txt"]
+
+
+def _body(data: bytes) -> RequestBody:
+    return RequestBody(io.BytesIO(data), len(data), None, limit=10**9)  # type: ignore[arg-type]
+
+
+def _form(*parts: tuple[str, str | None, bytes], boundary: str = "XyZ") -> bytes:
+    out = b"preamble\r\n"
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        out += content + b"\r\n"
+    return out + f"--{boundary}--\r\nepilogue".encode()
+
+
+def test_multipart_locates_parts():
+    data = _form(("field", None, b"value"), ("file", "a.bin", b"\r\n--Xy\r\n" * 3))
+    body = _body(data)
+    parts = multipart.parse(body, "XyZ")
+    assert [p.name for p in parts] == ["field", "file"]
+    assert body.read(parts[0].start, parts[0].end) == b"value"
+    assert parts[1].filename == "a.bin"
+    assert body.read(parts[1].start, parts[1].end) == b"\r\n--Xy\r\n" * 3
+
+
+def test_multipart_extended_filename():
+    data = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"; '
+        b"filename*=UTF-8''%E2%82%AC%20rates.txt\r\n\r\nabc\r\n--b--\r\n"
+    )
+    parts = multipart.parse(_body(data), "b")
+    assert parts[0].filename == "€ rates.txt"
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "no multipart boundary"),
+        (b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nabc', "closing boundary"),
+        (b"--b\r\n" + b"X: " + b"y" * 20000 + b"\r\n\r\nabc\r\n--b--", "exceed"),
+        (b"--b\r\nbroken header line\r\n\r\nabc\r\n--b--", "malformed part header"),
+        (b"--b\r\nContent-Disposition: attachment\r\n\r\nabc\r\n--b--", "not form-data"),
+        (b"--b" + b"x" * 300, "delimiter"),
+    ],
+)
+def test_multipart_rejects_malformed_bodies(data, message):
+    with pytest.raises(multipart.MultipartError, match=message):
+        multipart.parse(_body(data), "b")
+
+
+def test_multipart_limits_the_number_of_parts():
+    data = _form(*[("f", None, b"x")] * (multipart.MAX_PARTS + 1))
+    with pytest.raises(multipart.MultipartError, match="more than"):
+        multipart.parse(_body(data), "XyZ")
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=300)
+def test_multipart_never_crashes_on_garbage(data):
+    try:
+        parts = multipart.parse(_body(b"--b\r\n" + data), "b")
+    except multipart.MultipartError:
+        return
+    for part in parts:
+        assert 0 <= part.start <= part.end <= len(data) + 5
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("multipart/form-data; boundary=abc", "abc"),
+        ('multipart/form-data; boundary="a b c"', "a b c"),
+        ("Multipart/Form-Data;boundary=X", "X"),
+    ],
+)
+def test_boundary_of(value, expected):
+    assert multipart.boundary_of(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, "", "text/plain", "multipart/form-data", "multipart/form-data; boundary=" + "x" * 71],
+)
+def test_boundary_of_rejects(value):
+    with pytest.raises(multipart.MultipartError):
+        multipart.boundary_of(value)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1048576", 1048576),
+        ("1MiB", 1048576),
+        ("1mb", 1000000),
+        ("512KiB", 524288),
+        ("2GiB", 2 * 1024**3),
+        ("1.5KiB", 1536),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1", "1 parsec"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_parse_duration():
+    assert parse_duration("24h") == 86400
+    assert parse_duration("2") == 2
+    assert parse_duration("500ms") == 0.5
+
+
+def test_config_precedence():
+    env = {"UPLOAD_SERVER_PORT": "9000", "PORT": "5000", "UPLOAD_SERVER_CHUNK_SIZE": "2MiB"}
+    config = Config.load(["--port", "7000"], environ=env)
+    assert config.port == 7000
+    assert config.chunk_size == 2 * 1024**2
+    assert Config.load(environ={"PORT": "5000"}).port == 5000
+    assert Config.load(environ=env).port == 9000
+
+
+def test_config_defaults_match_the_seed():
+    config = Config.load(environ={})
+    assert config.port == 8080
+    assert config.chunk_size == 1024**2
+    assert str(config.upload_dir) == "uploads"
+    assert config.writers >= 1
+    assert config.max_bytes_per_second == 0
