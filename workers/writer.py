@@ -389,7 +389,9 @@ class Writer:
         fd = fileio.open_for_read(msg.segment) if msg.length else -1
         try:
             done = 0
-            session.state = states.WRITING
+            if msg.length:
+                session.state = states.WRITING
+                self.live.put(session)
             while done < msg.length:
                 n = min(self.settings.chunk_size, msg.length - done)
                 try:
