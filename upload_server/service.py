@@ -83,7 +83,23 @@ class Uploads:
     # -- creation -----------------------------------------------------------------------------
 
     def create(self, new: NewUpload) -> Session:
-        """Record a new session (durably, then in the live view) and pin it to a writer."""
+        """Record a new session (durably, then in the live view) pinned to a writer."""
+        session = self._new_session(new)
+        self._save(session)
+        return session
+
+    def create_seed(self, new: NewUpload, body: RequestBody, start: int, end: int) -> Session:
+        """Spool a seed upload's file part, record the session, and hand it to its writer.
+
+        The spool is whole before the record exists, so a crash in between leaves only an orphan
+        spool file (swept later), never a session that claims data it does not have."""
+        session = self._new_session(new)
+        self._spool_seed(session, body, start, end)
+        self._save(session)
+        self.pool.drain(session)
+        return session
+
+    def _new_session(self, new: NewUpload) -> Session:
         if new.total_bytes is not None and new.total_bytes > self.config.max_upload_size:
             raise errors.TooLarge(
                 f"the upload is {new.total_bytes} bytes; the limit is {self.config.max_upload_size}",
@@ -108,14 +124,11 @@ class Uploads:
         )
         if self.config.expiry:
             session.expires_at = session.created_at + self.config.expiry
-        self.store.save(session, durable=self.config.fsync != "never")
-        self.live.put(session)
         return session
 
-    def start_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
-        """Spool a seed upload's file part and hand the session to its writer."""
-        self._spool_seed(session, body, start, end)
-        self.pool.drain(session)
+    def _save(self, session: Session) -> None:
+        self.store.save(session, durable=self.config.fsync != "never")
+        self.live.put(session)
 
     def _spool_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
         try:

@@ -104,17 +104,14 @@ class UploadResource(_SeedResource):
                     )
             sessions = []
             for part, digest in zip(files, digests, strict=True):
-                session = self.uploads.create(
-                    NewUpload(
-                        protocol=states.SEED,
-                        filename=part.filename,
-                        total_bytes=part.size,
-                        filetype=part.content_type,
-                        expected_sha256=digest,
-                    )
+                new = NewUpload(
+                    protocol=states.SEED,
+                    filename=part.filename,
+                    total_bytes=part.size,
+                    filetype=part.content_type,
+                    expected_sha256=digest,
                 )
-                self.uploads.start_seed(session, body, part.start, part.end)
-                sessions.append(session)
+                sessions.append(self.uploads.create_seed(new, body, part.start, part.end))
         resp.status = falcon.HTTP_201
         resp.media = {
             "sessionID": sessions[0].id,
