@@ -5,7 +5,7 @@ Every `interval` seconds, in a thread of the front end:
   `expires_at` has passed is expired by its writer, which removes its data and spool; its durable
   record is then deleted, and a tombstone stays in the live view so its id answers 410 (tus) or 404
   with `session_expired` (seed API) until a restart;
-- records of terminated and expired sessions older than the expiry are dropped;
+- tombstones of terminated and expired sessions are dropped after a day (or the expiry, if longer);
 - spool and partial files with no live session behind them (left by a crash) are removed, and so are
   spool temporaries older than a minute.
 Completed files are never touched.
@@ -27,6 +27,7 @@ log = logging.getLogger("upload_server.sweeper")
 
 EXPIRABLE = (states.WAITING, states.PAUSED, states.FAILED)
 TEMP_GRACE = 60.0
+TOMBSTONE_DAYS = 1.0  # how long an ended session's id keeps answering 410 rather than 404
 
 
 class Sweeper:
@@ -53,15 +54,14 @@ class Sweeper:
     def sweep(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         uploads = self.uploads
-        expiry = uploads.config.expiry
+        retention = max(uploads.config.expiry, TOMBSTONE_DAYS * 86400)
         sessions = uploads.live.all()
         for session in sessions:
             if session.state in EXPIRABLE and session.expires_at and session.expires_at < now:
                 self._expire(session)
             elif (
                 session.state in (states.TERMINATED, states.EXPIRED)
-                and expiry
-                and session.updated_at + expiry < now
+                and session.updated_at + retention < now
             ):
                 uploads.live.remove(session.id)
                 uploads.store.delete(session.id)
