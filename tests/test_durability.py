@@ -210,7 +210,7 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_fails_the_session_cleanly(small_disk, make_server, files):
-    server = make_server(upload_dir=small_disk / "uploads")
+    server = make_server(["--min-free-space", "0"], upload_dir=small_disk / "uploads")
     tus = Tus(server.base)
     data = random.Random(5).randbytes(32 * MiB)
     url = tus.new(len(data), filename="toobig.bin")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import atexit
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import falcon
 
 from . import errors, waitress_patches
 from .api import health, middleware, seed, tus
+from .auth import Authenticator
 from .config import Config
+from .hooks import Hooks
 from .runtime import Runtime
 
 
@@ -25,15 +28,24 @@ class UploadApp(falcon.App):
     runtime: Runtime
 
 
-def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
+def create_app(
+    config: Config | None = None,
+    *,
+    hook: Callable[[str, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> UploadApp:
+    """Build the app. `hook` is called with every upload event (see `hooks`); a pre-create hook
+    refuses an upload by raising `upload_server.hooks.HookRejected`."""
     config = config if config is not None else Config.load(**overrides)
     _configure_logging(config.log_level)
     waitress_patches.install()
-    runtime = Runtime(config).start()
+    authenticator = Authenticator(config)
+    runtime = Runtime(config, Hooks(config, hook)).start()
     atexit.register(runtime.close)
     app = UploadApp(
         middleware=[
             middleware.Cors(config.cors_origins),
+            middleware.Authenticate(authenticator, ("/upload", config.tus_path)),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
         ]

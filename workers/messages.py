@@ -78,6 +78,15 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class Event:
+    """News the front end did not ask for: `progress` (at most once a second per session) and the
+    end of a session (`completed`, `failed`, `terminated`, `expired`), for hooks and limits."""
+
+    kind: str
+    session: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Reply:
     """The outcome of a request: the session record after it, or an error for the client."""
 

@@ -15,6 +15,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 
 from . import writer
-from .messages import Append, Command, Concat, Drain, Nudge, Reply, Shutdown
+from .messages import Append, Command, Concat, Drain, Event, Nudge, Reply, Shutdown
 
 log = logging.getLogger("upload_server.pool")
 
@@ -78,6 +79,7 @@ class WriterPool:
         self._closing = False
         self._monitor: threading.Thread | None = None
         self.restarts = 0
+        self.on_event: Callable[[Event], None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -239,7 +241,14 @@ class WriterPool:
         except (EOFError, OSError):
             self._restart(handle)
 
-    def _resolve(self, reply: Reply) -> None:
+    def _resolve(self, reply: Reply | Event) -> None:
+        if isinstance(reply, Event):
+            if self.on_event is not None:
+                try:
+                    self.on_event(reply)
+                except Exception:
+                    log.exception("handling a %s event failed", reply.kind)
+            return
         with self._lock:
             pending = self._pending.get(reply.request_id)
         if pending is not None and not pending.future.done():

@@ -46,6 +46,7 @@ from .messages import (
     Command,
     Concat,
     Drain,
+    Event,
     Nudge,
     Reply,
     Shutdown,
@@ -54,6 +55,7 @@ from .messages import (
 log = logging.getLogger("upload_server.writer")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between durable records while a drain runs
+PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 PROGRESS, COMMIT, STATE = 0, 1, 2
 
 
@@ -81,6 +83,7 @@ class Held:
     data: UploadData | None = None
     sha256: Any = None  # hashlib object over [0, bytes_written), None until needed
     last_checkpoint: float = 0.0
+    last_progress_event: float = 0.0
 
 
 @dataclass
@@ -286,6 +289,12 @@ class Writer:
             self.store.save(session, durable=synced)
             held.last_checkpoint = now
         self.live.put(session)
+        if level < STATE and now - held.last_progress_event >= PROGRESS_EVENT_INTERVAL:
+            held.last_progress_event = now
+            self._emit("progress", session)
+
+    def _emit(self, kind: str, session: Session) -> None:
+        self.replies.send(Event(kind, session.to_dict()))
 
     def _release(self, held: Held) -> None:
         if held.data is not None:
@@ -531,6 +540,7 @@ class Writer:
             self._discard_data(held)
             self._remove_spool(session.id)
             self._publish(held, STATE)
+            self._emit("failed", session)
             self._release(held)
             return
         try:
@@ -547,6 +557,7 @@ class Writer:
         session.error = None
         session.expires_at = None
         self._publish(held, STATE)
+        self._emit("completed", session)
         self._remove_spool(session.id)
         self._release(held)
 
@@ -572,6 +583,7 @@ class Writer:
         session.set_error(code, message)
         with contextlib.suppress(OSError):
             self._publish(held, STATE)
+        self._emit("failed", session)
         self._reply(
             request_id, session, status=507 if disk_full else 500, code=code, message=message
         )
@@ -633,6 +645,7 @@ class Writer:
                     (self.layout.root / session.location).unlink()
             session.state = states.TERMINATED if action == TERMINATE else states.EXPIRED
             self._publish(held, STATE)
+            self._emit(session.state, session)
             self._release(held)
         else:
             raise Refused(400, "bad_command", f"unknown command {action!r}")

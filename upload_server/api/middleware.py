@@ -8,6 +8,7 @@ from __future__ import annotations
 import falcon
 
 from .. import errors
+from ..auth import Authenticator
 from ..protocol import tus
 
 _OVERRIDABLE = {"PATCH", "DELETE", "HEAD", "GET", "OPTIONS", "PUT"}
@@ -125,3 +126,25 @@ class Cors:
         resp.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
         if not self.any:
             resp.append_header("Vary", "Origin")
+
+
+class Authenticate:
+    """Puts the caller (`req.context.principal`) on every request to the upload APIs, or refuses
+    it with 401. Health checks, the OpenAPI document, the web page and preflights stay public;
+    `principal` is None wherever authentication is off."""
+
+    def __init__(self, authenticator: Authenticator, protected: tuple[str, ...]) -> None:
+        self.authenticator = authenticator
+        self.protected = tuple(p.rstrip("/") for p in protected)
+
+    def _is_protected(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.protected)
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.principal = None
+        if req.method == "OPTIONS" or not self._is_protected(req.path):
+            return
+        query = req.get_param("access_token") if req.method in ("GET", "HEAD") else None
+        req.context.principal = self.authenticator.authenticate(
+            req.get_header("Authorization"), query
+        )
