@@ -37,6 +37,7 @@ def waitress_options(config: Config) -> dict[str, Any]:
         "max_request_body_size": config.max_upload_size + MULTIPART_OVERHEAD,
         "max_request_header_size": config.max_header_size,
         "channel_timeout": config.idle_timeout,
+        "cleanup_interval": max(1.0, min(30.0, config.idle_timeout / 2)),
         "ident": "upload_server",
         "asyncore_use_poll": True,
         "clear_untrusted_proxy_headers": True,

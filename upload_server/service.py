@@ -190,7 +190,10 @@ class Uploads:
             )
 
     def check_space(self, needed: int) -> None:
-        """Refuse (507) bytes that would leave less than --min-free-space on the upload disk."""
+        """Refuse (507) bytes that would leave less than --min-free-space on the upload disk
+        (0 turns the check off: the writers then meet a full disk as ENOSPC)."""
+        if not self.config.min_free_space:
+            return
         free = shutil.disk_usage(self.layout.root).free
         if free - needed < self.config.min_free_space:
             raise errors.InsufficientStorage(
