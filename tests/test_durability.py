@@ -231,8 +231,9 @@ def test_full_disk_fails_the_session_cleanly(small_disk, make_server, files):
     assert server.post_file(files(12 * MiB, seed=61)).status_code == 507
 
     # the server goes on: terminate the failed upload to free its space, upload something else
-    terminate = requests.post(server.url("/upload/terminate"), params={"sessionID": session_id},
-                              timeout=10)
+    terminate = requests.post(
+        server.url("/upload/terminate"), params={"sessionID": session_id}, timeout=10
+    )
     assert terminate.status_code == 200
     tus = Tus(server.base)
     small = random.Random(6).randbytes(MiB)
