@@ -15,7 +15,7 @@ from typing import Any
 import falcon
 
 from . import errors, waitress_patches
-from .api import health, middleware, seed, tus
+from .api import health, middleware, openapi, seed, tus
 from .auth import Authenticator
 from .config import Config
 from .hooks import Hooks
@@ -64,6 +64,7 @@ def create_app(
     app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks))
+    app.add_route("/openapi.json", openapi.OpenApiResource(config))
     app.add_route("/healthz", health.HealthResource())
     app.add_route("/readyz", health.ReadyResource(runtime))
     return app
