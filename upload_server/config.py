@@ -163,6 +163,13 @@ def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
     return origins
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in {"auto", "json", "text"}:
+        raise ValueError(f"log format must be auto, json or text, not {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table."""
@@ -221,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
         "POLICY",
     ),
     Setting("log_level", _log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
+    Setting(
+        "log_format", _log_format, "auto", "json, text, or auto (text on a terminal).", "FORMAT"
+    ),
     Setting("tus_path", _url_path, "/files/", "Where the tus endpoint lives.", "PATH"),
     Setting("cors_origins", _origins, "*", "Origins allowed by CORS: * or a comma list.", "LIST"),
     Setting(
@@ -322,6 +332,7 @@ class Config:
     start_method: str
     fsync: str
     log_level: str
+    log_format: str
     tus_path: str
     cors_origins: tuple[str, ...]
     expiry: float

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
+from . import errors, metrics
 from .config import Config
 
 log = logging.getLogger("upload_server.hooks")
@@ -127,7 +127,7 @@ class Hooks:
             try:
                 self.callback("pre-create", payload)
             except HookRejected:
-                self.stats.rejected += 1
+                self._count("pre-create", "rejected")
                 raise
         if self.url:
             self._pre_create_webhook(payload)
@@ -137,7 +137,7 @@ class Hooks:
         try:
             status, answer = self._post("pre-create", body)
         except OSError as exc:
-            self.stats.failed += 1
+            self._count("pre-create", "failed")
             log.error("pre-create hook unreachable: %s", exc)
             raise errors.Unavailable(
                 "the upload could not be approved: its hook receiver is unreachable",
@@ -145,7 +145,7 @@ class Hooks:
             ) from None
         self._count("pre-create")
         if not 200 <= status < 300:
-            self.stats.rejected += 1
+            self._count("pre-create", "rejected")
             raise HookRejected(_message_of(answer), status=status if 400 <= status < 600 else 403)
 
     # -- everything else: queued --------------------------------------------------------------
@@ -168,7 +168,7 @@ class Hooks:
                 self._pending_progress[delivery.session_id].body = delivery.body
                 return
             if len(self._queue) >= QUEUE_LIMIT:
-                self.stats.dropped += 1
+                self._count(event, "dropped")
                 log.error("hook queue full (%d); dropping a %s event", QUEUE_LIMIT, event)
                 return
             if event == "progress":
@@ -196,7 +196,7 @@ class Hooks:
             try:
                 self.callback(delivery.event, json.loads(delivery.body))
             except Exception:
-                self.stats.failed += 1
+                self._count(delivery.event, "failed")
                 log.exception("hook callable failed on %s", delivery.event)
         if not self.url:
             self._count(delivery.event)
@@ -211,7 +211,7 @@ class Hooks:
             self._count(delivery.event)
             return
         if delivery.attempt >= self.retries:
-            self.stats.failed += 1
+            self._count(delivery.event, "failed")
             log.error(
                 "giving up on %s hook after %d attempts: %s",
                 delivery.event,
@@ -219,7 +219,7 @@ class Hooks:
                 reason,
             )
             return
-        self.stats.retried += 1
+        self._count(delivery.event, "retried")
         delivery.attempt += 1
         delivery.due = time.monotonic() + min(
             BACKOFF_MAX, BACKOFF_START * 2 ** (delivery.attempt - 1)
@@ -254,9 +254,12 @@ class Hooks:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(64 * 1024)
 
-    def _count(self, event: str) -> None:
-        self.stats.delivered += 1
-        self.stats.by_event[event] = self.stats.by_event.get(event, 0) + 1
+    def _count(self, event: str, outcome: str = "delivered") -> None:
+        """Count a delivery outcome, here and in the metrics."""
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        if outcome == "delivered":
+            self.stats.by_event[event] = self.stats.by_event.get(event, 0) + 1
+        metrics.get().hook_deliveries.labels(event, outcome).inc()
 
     def pending(self) -> int:
         with self._cond:

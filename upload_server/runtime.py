@@ -71,7 +71,13 @@ class Runtime:
             expiry=self.config.expiry,
         )
         self.pool = WriterPool(
-            ctx, self.manager, live, settings, self.config.writers, self.config.log_level
+            ctx,
+            self.manager,
+            live,
+            settings,
+            self.config.writers,
+            self.config.log_level,
+            self.config.log_format,
         )
         self.pool.start()
         self.uploads = Uploads(

@@ -17,7 +17,7 @@ from typing import Any
 from workers.messages import Append, Concat, Event
 from workers.pool import WriterPool, WriterUnavailable
 
-from . import errors
+from . import errors, metrics
 from .auth import Principal, check_upload
 from .body import RequestBody
 from .config import Config
@@ -127,6 +127,7 @@ class Uploads:
         self._spool_seed(session, body, start, end)
         self._save(session)
         self.pool.drain(session)
+        metrics.get().bytes_received.labels(states.SEED).inc(end - start)
         return session
 
     def _new_session(self, new: NewUpload) -> Session:
@@ -167,7 +168,13 @@ class Uploads:
         self.live.put(session)
         with self._active_lock:
             self._active.setdefault(session.owner, set()).add(session.id)
+        metrics.get().uploads_started.labels(session.protocol).inc()
         self.hooks.emit("post-create", status_of(session))
+
+    def active_count(self) -> int:
+        """Unfinished sessions (those the session limits count)."""
+        with self._active_lock:
+            return sum(len(ids) for ids in self._active.values())
 
     # -- limits -------------------------------------------------------------------------------
 
@@ -209,6 +216,14 @@ class Uploads:
             with self._active_lock:
                 self._active.get(session.owner, set()).discard(session.id)
             self.pool.forget(session.id)
+        figures = metrics.get()
+        if event.kind == "completed":
+            figures.uploads_completed.labels(session.protocol).inc()
+        elif event.kind == "failed":
+            reason = session.error["code"] if session.error else "unknown"
+            figures.uploads_failed.labels(session.protocol, reason).inc()
+        elif event.kind in ("terminated", "expired"):
+            figures.uploads_ended.labels(event.kind).inc()
         hook = _HOOK_OF_EVENT.get(event.kind)
         if hook:
             self.hooks.emit(hook, status_of(session))
@@ -248,6 +263,7 @@ class Uploads:
                     code="size_mismatch",
                 )
             self._spool_seed(session, body, part.start, part.end)
+            metrics.get().bytes_received.labels(states.SEED).inc(part.size - session.bytes_written)
         elif self.spool.seed_size(session.id) != session.total_bytes:
             raise errors.Conflict(
                 "the server no longer holds this upload's data: resume it by sending the file again "
@@ -274,6 +290,7 @@ class Uploads:
                 segment = str(self.spool.write_segment(session.id, offset, body, 0, body.length))
             except OSError as exc:
                 raise _storage_error(exc) from None
+            metrics.get().bytes_received.labels(states.TUS).inc(body.length)
         message = Append(
             self.pool.next_request_id(),
             session.id,

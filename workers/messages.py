@@ -73,6 +73,13 @@ class Nudge:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """Answer at once: the readiness check's proof that a writer is alive and not stuck."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Finish the current chunk, checkpoint every session, and exit."""
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from upload_server import fileio, processes
+from upload_server import fileio, logs, metrics, processes
 from upload_server.layout import Layout
 from upload_server.sessions import record as states
 from upload_server.sessions.live import LiveSessions
@@ -48,6 +48,7 @@ from .messages import (
     Drain,
     Event,
     Nudge,
+    Ping,
     Reply,
     Shutdown,
 )
@@ -129,6 +130,7 @@ class Writer:
         self.held: dict[str, Held] = {}
         self.tasks: deque[Task] = deque()
         self.stopping = False
+        self.bytes_written = metrics.get().bytes_written
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -169,6 +171,8 @@ class Writer:
             self.tasks.append(Task(message.session_id, self._concat(message), message))
         elif isinstance(message, Drain):
             self._start_drain(message.session_id)
+        elif isinstance(message, Ping):
+            self.replies.send(Reply(message.request_id))
         elif isinstance(message, Shutdown):
             self.stopping = True
         else:
@@ -325,6 +329,7 @@ class Writer:
             if extra is not None:
                 extra.update(view)
             self._data(held).write(view, dst_offset)
+        self.bytes_written.inc(length)
         return length
 
     def _drain(self, session_id: str) -> Generator[int, None, None]:
@@ -512,6 +517,7 @@ class Writer:
                     with part.view(off, n) as view:
                         held.sha256.update(view)
                         data.write(view, session.bytes_written)
+                    self.bytes_written.inc(n)
                     session.bytes_written += n
                     yield n
             except OSError as exc:
@@ -680,10 +686,11 @@ def main(
     replies: Connection,
     sessions_proxy: Any,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Entry point of a writer process (a top-level function, so `spawn` can import it)."""
     processes.become_child()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
     layout = Layout(Path(settings.upload_dir))
     writer = Writer(
         settings,

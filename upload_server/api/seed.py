@@ -98,8 +98,25 @@ class UploadResource(_SeedResource):
 
 
 class StatusResource(_SeedResource):
+    """One session's status, or a batch: `?sessionID=a&sessionID=b` or `?sessionIDs=a,b`."""
+
+    MAX_BATCH = 1000
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._answer(resp, self._session(req))
+        ids = req.get_param_as_list("sessionID") or []
+        ids += [i for i in (req.get_param("sessionIDs") or "").split(",") if i]
+        if len(ids) <= 1 and not req.get_param("sessionIDs"):
+            self._answer(resp, self._session(req))
+            return
+        if len(ids) > self.MAX_BATCH:
+            raise errors.BadRequest(f"at most {self.MAX_BATCH} ids at once", code="batch_too_large")
+        found, missing = [], []
+        for session_id in dict.fromkeys(ids):
+            try:
+                found.append(status_of(self.uploads.get(session_id, req.context.principal)))
+            except errors.NotFound:
+                missing.append(session_id)
+        resp.media = {"sessions": found, "notFound": missing}
 
 
 class PauseResource(_SeedResource):
