@@ -62,7 +62,7 @@ def create_app(
     app.add_route("/upload/pause", seed.PauseResource(uploads))
     app.add_route("/upload/resume", seed.ResumeResource(uploads))
     app.add_route("/upload/terminate", seed.TerminateResource(uploads))
-    locks = tus.UploadLocks()
+    locks = runtime.cluster.locks if runtime.cluster is not None else tus.UploadLocks()
     app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks))

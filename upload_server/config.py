@@ -163,6 +163,51 @@ def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
     return origins
 
 
+def _session_store(text: str) -> str:
+    value = text.strip()
+    if value == "file" or re.fullmatch(r"rediss?://\S+", value):
+        return value
+    raise ValueError(f"session store must be 'file' or a redis:// URL, not {text!r}")
+
+
+def _storage(text: str) -> str:
+    value = text.strip()
+    if value == "local" or re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?", value):
+        return value
+    raise ValueError(f"storage must be 'local' or s3://bucket[/prefix], not {text!r}")
+
+
+def _optional_url(text: str) -> str:
+    value = text.strip()
+    if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+        raise ValueError(f"not an endpoint URL (http[s]://host[:port]): {text!r}")
+    return value.rstrip("/")
+
+
+MIN_PART_SIZE = 5 * 1024**2  # S3's smallest part but the last
+
+
+def _part_size(text: str | int) -> int:
+    value = parse_size(text)
+    if value < MIN_PART_SIZE:
+        raise ValueError(f"S3 parts are at least 5MiB, not {value} bytes")
+    return value
+
+
+def _node_id(text: str) -> str:
+    value = text.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ValueError(f"a node id is 1-64 letters, digits, '.', '_' or '-', not {text!r}")
+    return value
+
+
+def _lease_ttl(text: str | float) -> float:
+    value = parse_duration(text)
+    if value < 1:
+        raise ValueError(f"a lease lasts at least 1s, not {value}s")
+    return value
+
+
 def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in {"auto", "json", "text"}:
@@ -311,6 +356,33 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "hook_callable", str, "", "module:function called with every event (for embedders).", "NAME"
     ),
+    Setting(
+        "session_store",
+        _session_store,
+        "file",
+        "Where session records live: file, or redis://host:port/db (several nodes).",
+        "STORE",
+    ),
+    Setting(
+        "storage",
+        _storage,
+        "local",
+        "Where upload data lives: local, or s3://bucket/prefix.",
+        "STORAGE",
+    ),
+    Setting("s3_endpoint", _optional_url, "", "S3 endpoint URL (empty: AWS).", "URL"),
+    Setting("s3_region", str, "", "S3 region (empty: the AWS default chain).", "REGION"),
+    Setting("s3_access_key", str, "", "S3 access key (empty: AWS_ACCESS_KEY_ID etc.).", "KEY"),
+    Setting("s3_secret_key", str, "", "S3 secret key (empty: AWS_SECRET_ACCESS_KEY etc.).", "KEY"),
+    Setting("s3_part_size", _part_size, 8 * 1024**2, "S3 multipart part size (>= 5MiB).", "SIZE"),
+    Setting("node_id", _node_id, "", "This node's name in a cluster (default hostname-pid).", "ID"),
+    Setting(
+        "lease_ttl",
+        _lease_ttl,
+        30.0,
+        "How long a node's lock on an upload lasts unless renewed.",
+        "DURATION",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -355,12 +427,31 @@ class Config:
     hook_timeout: float
     hook_retries: int
     hook_callable: str
+    session_store: str
+    storage: str
+    s3_endpoint: str
+    s3_region: str
+    s3_access_key: str
+    s3_secret_key: str
+    s3_part_size: int
+    node_id: str
+    lease_ttl: float
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1 byte")
         if self.max_upload_size < 1:
             raise ValueError("max_upload_size must be at least 1 byte")
+        if self.shared and self.storage == "local":
+            raise ValueError(
+                "--session-store redis:// shares uploads between nodes, so their data must be "
+                "shared too: set --storage s3://bucket/prefix"
+            )
+
+    @property
+    def shared(self) -> bool:
+        """True when several nodes share the session records (cluster mode)."""
+        return self.session_store != "file"
 
     @classmethod
     def load(

@@ -66,6 +66,9 @@ class Metrics:
             ["method", "route", "status"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.s3_requests = Counter(
+            "upload_server_s3_requests", "S3 API calls made (storage s3://)", ["operation"]
+        )
         self.hook_deliveries = Counter(
             "upload_server_hook_deliveries", "Hook deliveries by outcome", ["event", "outcome"]
         )

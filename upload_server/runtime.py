@@ -4,6 +4,10 @@
 corrupt each other's uploads), starts the Manager, rebuilds the live view from the durable records,
 reconciles each session with the bytes actually stored, starts the writers, and lets every seed
 session whose spool survived carry on by itself. `close` stops them all and leaves no process behind.
+
+With a shared session store (cluster mode) the records in Redis belong to every node: this node
+recovers only those it was writing under the same `--node-id`, and joins the cluster (heartbeat,
+leases, control channel) once its writers run.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import os
 import time
 from multiprocessing.managers import SyncManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workers.pool import WriterPool
 from workers.writer import WriterSettings
 
 from . import processes
+from .backends import Backends
 from .config import Config
 from .hooks import Hooks
 from .layout import Layout
@@ -27,9 +33,12 @@ from .service import Uploads
 from .sessions import record as states
 from .sessions.live import LiveSessions
 from .sessions.record import Session
-from .sessions.store import FileSessionStore, SessionStore
-from .storage import LocalStorage, Storage
+from .sessions.store import SessionStore
+from .storage import Storage
 from .sweeper import Sweeper
+
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
 
 log = logging.getLogger("upload_server")
 
@@ -45,8 +54,10 @@ class Runtime:
         self.config = config
         self.hooks = hooks
         self.layout = Layout(Path(config.upload_dir).absolute())
-        self.store: SessionStore = FileSessionStore(self.layout.sessions)
-        self.storage: Storage = LocalStorage(self.layout)
+        self.backends = Backends.from_config(config)
+        self.store: SessionStore = self.backends.open_store(self.layout)
+        self.storage: Storage = self.backends.open_storage(self.layout)
+        self.cluster: ClusterNode | None = None
         self.manager: SyncManager | None = None
         self.pool: WriterPool | None = None
         self.uploads: Uploads | None = None
@@ -69,6 +80,7 @@ class Runtime:
             max_bytes_per_second=self.config.max_bytes_per_second,
             fsync=self.config.fsync,
             expiry=self.config.expiry,
+            backends=self.backends,
         )
         self.pool = WriterPool(
             ctx,
@@ -83,6 +95,8 @@ class Runtime:
         self.uploads = Uploads(
             self.config, self.layout, live, self.store, self.storage, self.pool, self.hooks
         )
+        if self.backends.node_id is not None:
+            self.cluster = self._join_cluster(self.backends.node_id, self.uploads)
         for session in recovered:
             self.pool.drain(session)
         self.sweeper = Sweeper(self.uploads, sweep_interval(self.config.expiry))
@@ -101,6 +115,9 @@ class Runtime:
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper = None
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         self.hooks.stop()
         if self.pool is not None:
             self.pool.shutdown()
@@ -125,6 +142,8 @@ class Runtime:
             leftover.unlink(missing_ok=True)
         resumable = []
         for session in self.store.all():
+            if session.node != self.backends.node_id:
+                continue  # another node's upload (cluster mode)
             session.writer %= self.config.writers
             if not session.is_final:
                 self._reconcile(session)
@@ -132,9 +151,18 @@ class Runtime:
                     if session.protocol == states.SEED and self._spool_whole(session):
                         resumable.append(session)
                     else:
-                        _wait_for_client(session)
+                        session.wait_for_client("the server restarted")
             live.put(session)
         return resumable
+
+    def _join_cluster(self, node_id: str, uploads: Uploads) -> ClusterNode:
+        from .cluster.node import ClusterNode
+        from .sessions.redis_store import connect
+
+        client = connect(self.config.session_store)
+        node = ClusterNode(client, node_id, self.config.lease_ttl, uploads.control_from_peer)
+        uploads.cluster = node
+        return node.start()
 
     def _reconcile(self, session: Session) -> None:
         """The durable offset never runs ahead of the data: trust the smaller of the two."""
@@ -174,15 +202,6 @@ class Runtime:
 def sweep_interval(expiry: float) -> float:
     """Often enough that an upload expires within about a quarter of its expiry time."""
     return max(0.5, min(60.0, expiry / 4)) if expiry else 60.0
-
-
-def _wait_for_client(session: Session) -> None:
-    session.state = states.WAITING
-    if session.protocol == states.SEED:
-        session.set_error(
-            "spool_missing",
-            "the server restarted without this upload's data; resume it by sending the file again",
-        )
 
 
 def _try_lock(fd: int) -> bool:

@@ -12,9 +12,9 @@ import logging
 import shutil
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.messages import Append, Concat, Event
+from workers.messages import RESUME, Append, Concat, Event
 from workers.pool import WriterPool, WriterUnavailable
 
 from . import errors, metrics
@@ -31,6 +31,9 @@ from .sessions.store import SessionStore
 from .spool import Spool
 from .status import status_of
 from .storage import Storage
+
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
 
 log = logging.getLogger("upload_server.service")
 
@@ -80,6 +83,7 @@ class Uploads:
         storage: Storage,
         pool: WriterPool,
         hooks: Hooks,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.config = config
         self.layout = layout
@@ -88,6 +92,7 @@ class Uploads:
         self.storage = storage
         self.pool = pool
         self.hooks = hooks
+        self.cluster = cluster
         self.spool = Spool(layout, sync=config.fsync == "always")
         self._active: dict[str | None, set[str]] = {}
         self._active_lock = threading.Lock()
@@ -105,10 +110,39 @@ class Uploads:
             raise errors.BadRequest(
                 "the sessionID parameter is required", code="missing_session_id"
             )
-        session = self.live.get(session_id) if is_session_id(session_id) else None
+        session = self._lookup(session_id) if is_session_id(session_id) else None
         if session is None or (principal is not None and session.owner != principal.id):
             raise errors.NotFound(f"no upload session {session_id!r}", code="unknown_session")
         return session
+
+    def _lookup(self, session_id: str) -> Session | None:
+        """One node: the live view. Several: the shared record, or this node's live view when
+        its own writer has newer news (a seed upload draining here checkpoints once a second)."""
+        if self.cluster is None:
+            return self.live.get(session_id)
+        stored = self.store.load(session_id)
+        if stored is not None and stored.node == self.cluster.node_id:
+            live = self.live.get(session_id)
+            if live is not None and live.updated_at >= stored.updated_at:
+                return live
+        return self._as_seen(stored) if stored is not None else None
+
+    def _as_seen(self, session: Session) -> Session:
+        """A record left `writing` by a node that is gone waits for its client."""
+        assert self.cluster is not None
+        if (
+            session.state in (states.QUEUED, states.WRITING)
+            and session.node
+            and not self.cluster.alive(session.node)
+        ):
+            session.wait_for_client("the node that was writing it stopped")
+        return session
+
+    def all_sessions(self) -> list[Session]:
+        """Every session this server answers for: its own, or with several nodes all of them."""
+        if self.cluster is None:
+            return self.live.all()
+        return [self._as_seen(s) for s in self.store.all()]
 
     # -- creation -----------------------------------------------------------------------------
 
@@ -140,6 +174,8 @@ class Uploads:
         check_upload(new.principal, new.total_bytes, new.filename, new.filetype)
         self._check_session_limits(new.owner)
         copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole first
+        if self.config.storage != "local":
+            copies -= 1  # the data itself goes to remote storage
         self.check_space((new.total_bytes or 0) * copies)
         self.hooks.pre_create(new.describe())
         session_id = new_session_id()
@@ -158,6 +194,7 @@ class Uploads:
             owner=new.owner,
             concat=new.concat,
             parts=list(new.parts),
+            node=self.cluster.node_id if self.cluster is not None else None,
         )
         if self.config.expiry:
             session.expires_at = session.created_at + self.config.expiry
@@ -228,18 +265,46 @@ class Uploads:
         if hook:
             self.hooks.emit(hook, status_of(session))
 
-    def _spool_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
+    def _spool_seed(
+        self, session: Session, body: RequestBody, start: int, end: int, skip: int = 0
+    ) -> None:
         try:
-            self.spool.write_seed(session.id, body, start, end, skip=session.bytes_written)
+            self.spool.write_seed(session.id, body, start, end, skip=skip)
         except OSError as exc:
             raise _storage_error(exc) from None
 
     # -- control ------------------------------------------------------------------------------
 
     def control(self, session: Session, action: str, **args: Any) -> Session:
-        """Have the session's writer apply a command; its refusal becomes an UploadError."""
+        """Have the session's writer apply a command; its refusal becomes an UploadError. With
+        several nodes, the writer of the node holding the upload (`ClusterNode.route`)."""
+        if self.cluster is not None:
+            return self.cluster.route(session, action, args, self.control_here)
+        return self.control_here(session, action, args)
+
+    def control_here(self, session: Session, action: str, args: dict[str, Any]) -> Session:
+        """Apply a command with this server's writer. A seed upload resumes from its spool, so
+        this server must have all of it."""
+        if (
+            action == RESUME
+            and session.protocol == states.SEED
+            and self.spool.seed_size(session.id) != session.total_bytes
+        ):
+            raise errors.Conflict(
+                "the server no longer holds this upload's data: resume it by sending the file again "
+                "as the 'file' field",
+                code="spool_missing",
+            )
         reply = self._call(lambda: self.pool.control(session, action, REPLY_TIMEOUT, **args))
         return self._result(reply)
+
+    def control_from_peer(self, session_id: str, action: str, args: dict[str, Any]) -> Session:
+        """A command another node sent here because this node holds the upload."""
+        assert self.cluster is not None
+        session = self.get(session_id)
+        return self.cluster.locks.run_held(
+            session_id, lambda: self.control_here(session, action, args), wait=10.0
+        )
 
     def resume(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
@@ -255,22 +320,37 @@ class Uploads:
                     "a tus upload takes its data by PATCH; resume it without a file",
                     code="tus_upload",
                 )
-        elif part is not None:
-            if part.size != session.total_bytes:
-                raise errors.Conflict(
-                    f"the file sent is {part.size} bytes but this upload is {session.total_bytes}; "
-                    "resume with the same file",
-                    code="size_mismatch",
-                )
-            self._spool_seed(session, body, part.start, part.end)
-            metrics.get().bytes_received.labels(states.SEED).inc(part.size - session.bytes_written)
-        elif self.spool.seed_size(session.id) != session.total_bytes:
+            return self.control(session, RESUME)
+        if part is None:
+            return self.control(session, RESUME)
+        if part.size != session.total_bytes:
             raise errors.Conflict(
-                "the server no longer holds this upload's data: resume it by sending the file again "
-                "as the 'file' field",
-                code="spool_missing",
+                f"the file sent is {part.size} bytes but this upload is {session.total_bytes}; "
+                "resume with the same file",
+                code="size_mismatch",
             )
-        return self.control(session, "resume")
+        if self.cluster is None:
+            return self._resume_with(session, body, part, skip=session.bytes_written)
+        if session.node == self.cluster.node_id:
+            skip = session.bytes_written
+        else:
+            try:  # the node that spooled it may still have all of it
+                return self.control(session, RESUME)
+            except errors.Conflict as exc:
+                if exc.code != "spool_missing":
+                    raise
+            skip = 0  # taken over: the stored offset may trail the record, so spool it all
+        return self.cluster.locks.run_held(
+            session.id, lambda: self._resume_with(session, body, part, skip), wait=10.0
+        )
+
+    def _resume_with(
+        self, session: Session, body: RequestBody | None, part: Any, skip: int
+    ) -> Session:
+        """Spool a re-sent file (the bytes past `skip`) and resume the upload from it here."""
+        self._spool_seed(session, body, part.start, part.end, skip)
+        metrics.get().bytes_received.labels(states.SEED).inc(part.size - skip)
+        return self.control_here(session, RESUME, {})
 
     # -- appends (tus) ------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ Every `interval` seconds, in a thread of the front end:
 - tombstones of terminated and expired sessions are dropped after a day (or the expiry, if longer);
 - spool and partial files with no live session behind them (left by a crash) are removed, and so are
   spool temporaries older than a minute.
-Completed files are never touched.
+Completed files are never touched. With several nodes every node sweeps the shared records (the
+record in Redis is the tombstone there, removed after the same retention) and its own local files;
+two nodes expiring one upload at once is harmless: its lease lets one do it, the other is told no.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Sweeper:
         now = time.time() if now is None else now
         uploads = self.uploads
         retention = max(uploads.config.expiry, TOMBSTONE_DAYS * 86400)
-        sessions = uploads.live.all()
+        sessions = uploads.all_sessions()
         for session in sessions:
             if session.state in EXPIRABLE and session.expires_at and session.expires_at < now:
                 self._expire(session)
@@ -75,7 +77,8 @@ class Sweeper:
         except errors.UploadError as exc:  # it moved on (resumed, completed) since we looked
             log.info("not expiring %s: %s", session.id, exc.message)
             return
-        self.uploads.store.delete(session.id)
+        if self.uploads.cluster is None:
+            self.uploads.store.delete(session.id)
         self.expired += 1
         log.info("expired abandoned upload %s (%s)", session.id, session.filename)
 

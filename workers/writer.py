@@ -30,12 +30,13 @@ from queue import Empty
 from typing import Any
 
 from upload_server import fileio, logs, metrics, processes
+from upload_server.backends import Backends
 from upload_server.layout import Layout
 from upload_server.sessions import record as states
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
-from upload_server.sessions.store import FileSessionStore, SessionStore
-from upload_server.storage import LocalStorage, Storage, UploadData
+from upload_server.sessions.store import SessionStore
+from upload_server.storage import CommittedData, ReadBack, Storage, UploadData
 
 from .messages import (
     EXPIRE,
@@ -107,6 +108,7 @@ class WriterSettings:
     max_bytes_per_second: int
     fsync: str
     expiry: float
+    backends: Backends
 
 
 class Writer:
@@ -131,6 +133,8 @@ class Writer:
         self.tasks: deque[Task] = deque()
         self.stopping = False
         self.bytes_written = metrics.get().bytes_written
+        self.node_id = settings.backends.node_id
+        self.shared = settings.backends.shared
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -233,44 +237,95 @@ class Writer:
     # -- sessions -------------------------------------------------------------------------
 
     def _hold(self, session_id: str) -> Held:
-        """The session as this writer knows it, reconciled with its data on first touch."""
+        """The session as this writer knows it, reconciled with its data on first touch.
+
+        With a shared store (several nodes), another node may have written the upload since this
+        writer last held it: unless one of its tasks is under way here, the shared record is read
+        and, if it moved on, the cached record, data handle and running SHA-256 are dropped."""
         held = self.held.get(session_id)
-        if held is not None:
+        if self.shared and not self._busy(session_id):
+            stored = self.store.load(session_id)
+            if stored is None:
+                if held is not None:
+                    self._release(held)
+                raise Refused(404, "not_found", f"no session {session_id}")
+            if held is not None and not _moved_on(held.session, stored):
+                return held
+            if held is not None:
+                self._release(held)
+            if stored.state in (states.QUEUED, states.WRITING) and stored.node != self.node_id:
+                stored.wait_for_client("the node that was writing it stopped")
+            held = None
+            session: Session | None = stored
+        elif held is not None:
             return held
-        session = self.live.get(session_id) or self.store.load(session_id)
+        else:
+            session = self.live.get(session_id) or self.store.load(session_id)
         if session is None:
             raise Refused(404, "not_found", f"no session {session_id}")
         held = Held(session)
         self.held[session_id] = held
         return held
 
+    def _busy(self, session_id: str) -> bool:
+        """A task of this session has started here (this writer's record is the newest)."""
+        return any(
+            inspect.getgeneratorstate(t.steps) == inspect.GEN_SUSPENDED
+            for t in self._tasks_of(session_id)
+        )
+
     def _data(self, held: Held) -> UploadData:
-        """Open the session's data; bytes past the recorded offset were never acknowledged."""
+        """Open the session's data and reconcile it with the record (see `_reconcile`)."""
         if held.data is None:
             held.data = self.storage.open(held.session.id)
-            size = held.data.size()
-            if size > held.session.bytes_written:
-                held.data.truncate(held.session.bytes_written)
-            elif size < held.session.bytes_written:
-                log.warning(
-                    "session %s: data has %d bytes, record says %d; continuing from the data",
-                    held.session.id,
-                    size,
-                    held.session.bytes_written,
-                )
-                held.session.bytes_written = size
-                held.sha256 = None
+            self._reconcile(held, held.data)
         return held.data
 
-    def _hasher(self, held: Held) -> Any:
-        """The running SHA-256; after a restart it is rebuilt by reading the data written so far."""
+    def _reconcile(self, held: Held, data: UploadData) -> None:
+        """Bytes past the recorded offset were never acknowledged: cut them, unless the storage
+        committed them (S3: an append whose record was lost), which makes them the offset. Data
+        shorter than the record (lost by the OS, or a node that died between checkpoints) lowers
+        the offset. With a shared store the new offset is saved at once, for other nodes' HEAD."""
+        session = held.session
+        size = data.size()
+        if size > session.bytes_written:
+            try:
+                data.truncate(session.bytes_written)
+                return
+            except CommittedData:
+                log.warning(
+                    "session %s: storage holds %d committed bytes, record says %d; keeping them",
+                    session.id,
+                    size,
+                    session.bytes_written,
+                )
+        elif size < session.bytes_written:
+            log.warning(
+                "session %s: data has %d bytes, record says %d; continuing from the data",
+                session.id,
+                size,
+                session.bytes_written,
+            )
+        else:
+            return
+        session.bytes_written = size
+        held.sha256 = None
+        if self.shared:
+            self._publish(held, STATE)
+
+    def _hasher(self, held: Held) -> Any | None:
+        """The running SHA-256. After a restart it is rebuilt by reading the data written so far;
+        storage that cannot be read back (S3) gets None, and `_finish` hashes the finished file."""
         if held.sha256 is None:
             data = self._data(held)
-            digest = hashlib.sha256()
-            for off, n in fileio.windows(0, held.session.bytes_written):
-                with data.view(off, n) as view:
-                    digest.update(view)
-            held.sha256 = digest
+            if held.session.bytes_written == 0:
+                held.sha256 = hashlib.sha256()
+            elif isinstance(data, ReadBack):
+                digest = hashlib.sha256()
+                for off, n in fileio.windows(0, held.session.bytes_written):
+                    with data.view(off, n) as view:
+                        digest.update(view)
+                held.sha256 = digest
         return held.sha256
 
     def _publish(self, held: Held, level: int = PROGRESS) -> None:
@@ -278,15 +333,21 @@ class Writer:
 
         PROGRESS: durable when a checkpoint is due. COMMIT: durable now (bytes were acknowledged).
         STATE: durable now and synced unless the policy is `never`. Under `fsync=always` data is
-        synced before every durable record, so a record never counts unsynced bytes."""
+        synced before every durable record, so a record never counts unsynced bytes. Data is
+        committed to its storage before the record: whole at COMMIT and STATE, its full parts at
+        a PROGRESS checkpoint (a seed drain; only this node can continue it from its spool)."""
         session = held.session
         session.updated_at = time.time()
+        if self.shared:
+            session.node = self.node_id
         if not session.is_final and self.settings.expiry:
             session.expires_at = session.updated_at + self.settings.expiry
         policy = self.settings.fsync
         now = time.monotonic()
         due = now - held.last_checkpoint >= CHECKPOINT_INTERVAL
         if level > PROGRESS or due or policy == "always":
+            if held.data is not None:
+                held.data.commit(whole=level > PROGRESS)
             if policy == "always" and held.data is not None:
                 held.data.sync()
             synced = policy == "always" or (level == STATE and policy != "never")
@@ -325,7 +386,9 @@ class Writer:
     ) -> int:
         """Copy one chunk from a spool file into the data, hashing it on the way."""
         with fileio.mapped(src_fd, src_offset, length) as view:
-            self._hasher(held).update(view)
+            hasher = self._hasher(held)
+            if hasher is not None:
+                hasher.update(view)
             if extra is not None:
                 extra.update(view)
             self._data(held).write(view, dst_offset)
@@ -390,7 +453,7 @@ class Writer:
             if self._already_applied(session, msg):
                 self._reply(msg.request_id, session)
                 return
-            self._check_appendable(session, msg)
+            self._check_appendable(held, msg)
         except Refused as exc:
             self._discard_segment(msg)
             self._refuse(msg.request_id, msg.session_id, exc)
@@ -398,7 +461,8 @@ class Writer:
         if msg.declare_length is not None:
             session.total_bytes = msg.declare_length
         checksum = hashlib.new(msg.checksum[0]) if msg.checksum else None
-        rollback = self._hasher(held).copy()
+        hasher = self._hasher(held)
+        rollback = hasher.copy() if hasher is not None else None
         start = session.bytes_written
         fd = fileio.open_for_read(msg.segment) if msg.length else -1
         try:
@@ -444,7 +508,13 @@ class Writer:
                 self._finish(held)
             else:
                 session.state = states.WAITING
-                self._publish(held, COMMIT)
+                try:
+                    self._publish(held, COMMIT)
+                except OSError as exc:  # the storage refused the commit: nothing is counted
+                    session.bytes_written = start
+                    held.sha256 = rollback
+                    self._io_failure(held, exc, msg.request_id)
+                    return
             self._reply(msg.request_id, session)
         finally:
             if fd >= 0:
@@ -470,13 +540,20 @@ class Writer:
             message=exc.message,
         )
 
-    def _check_appendable(self, session: Session, msg: Append) -> None:
+    def _check_appendable(self, held: Held, msg: Append) -> None:
+        session = held.session
         if session.state in (states.TERMINATED, states.EXPIRED):
             raise Refused(410, "gone", f"the upload was {session.state}")
         if session.state == states.PAUSED:
             raise Refused(423, "paused", "the upload is paused; resume it first")
         if session.state == states.COMPLETED:
             raise Refused(409, "completed", "the upload is already complete")
+        try:
+            self._data(held)  # the record's offset is trusted once reconciled with the data
+        except OSError as exc:
+            raise Refused(
+                503, "storage_unavailable", f"the upload's storage failed: {exc}; try again"
+            ) from None
         if msg.offset != session.bytes_written:
             raise Refused(
                 409,
@@ -510,54 +587,60 @@ class Writer:
         held.sha256 = hashlib.sha256()
         session.state = states.WRITING
         for part_id in msg.parts:
-            part = self.storage.open(part_id)
             try:
-                size = part.size()
-                for off, n in fileio.windows(0, size, self.settings.chunk_size):
-                    with part.view(off, n) as view:
-                        held.sha256.update(view)
-                        data.write(view, session.bytes_written)
-                    self.bytes_written.inc(n)
-                    session.bytes_written += n
-                    yield n
+                handle, size = self.storage.open_published(None, part_id)
             except OSError as exc:
                 self._io_failure(held, exc, msg.request_id)
                 return
-            finally:
-                part.close()
+            try:
+                with handle:
+                    for _, n in fileio.windows(0, size, self.settings.chunk_size):
+                        block = handle.read(n)
+                        if len(block) != n:
+                            raise OSError(errno.EIO, f"partial upload {part_id} ended early")
+                        held.sha256.update(block)
+                        data.write(memoryview(block), session.bytes_written)
+                        self.bytes_written.inc(n)
+                        session.bytes_written += n
+                        yield n
+            except OSError as exc:
+                self._io_failure(held, exc, msg.request_id)
+                return
         session.total_bytes = session.bytes_written
         self._finish(held)
         self._reply(msg.request_id, session)
 
     def _finish(self, held: Held) -> None:
-        """Complete the upload: sync, check the declared digest, publish under its filename."""
+        """Complete the upload: commit and sync, check the declared digest, publish it.
+
+        Without a running SHA-256 (storage that cannot be read back, once the upload moved between
+        nodes or its writer restarted) the digest comes from streaming the published file once:
+        the price of not being able to read an unfinished S3 multipart upload. A partial upload
+        (concatenation) is published only where that is the only way to read it back."""
         session = held.session
-        digest = self._hasher(held).hexdigest()
-        if self.settings.fsync != "never":
-            self._data(held).sync()
-        session.sha256 = digest
-        if session.expected_sha256 and session.expected_sha256 != digest:
-            session.state = states.FAILED
-            session.set_error(
-                "digest_mismatch",
-                f"the file's SHA-256 is {digest}, not the "
-                f"declared {session.expected_sha256}; it was discarded",
-            )
-            self._discard_data(held)
-            self._remove_spool(session.id)
-            self._publish(held, STATE)
-            self._emit("failed", session)
-            self._release(held)
+        hasher = self._hasher(held)
+        data = self._data(held)
+        try:
+            data.commit(whole=True)
+            if self.settings.fsync != "never":
+                data.sync()
+        except OSError as exc:
+            self._io_failure(held, exc)
+            return
+        if hasher is not None and not self._digest_ok(held, hasher.hexdigest()):
             return
         try:
-            if session.concat != "partial":
-                held.data.close()
+            if session.concat != "partial" or not isinstance(data, ReadBack):
+                data.close()
                 held.data = None
                 session.location = self.storage.publish(
                     session.id, session.filename, durable=self.settings.fsync != "never"
                 )
+            digest = hasher.hexdigest() if hasher is not None else self._published_digest(session)
         except OSError as exc:
             self._io_failure(held, exc)
+            return
+        if hasher is None and not self._digest_ok(held, digest):
             return
         session.state = states.COMPLETED
         session.error = None
@@ -566,6 +649,36 @@ class Writer:
         self._emit("completed", session)
         self._remove_spool(session.id)
         self._release(held)
+
+    def _published_digest(self, session: Session) -> str:
+        handle, _ = self.storage.open_published(session.location, session.id)
+        digest = hashlib.sha256()
+        with handle:
+            for block in iter(lambda: handle.read(fileio.WINDOW), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def _digest_ok(self, held: Held, digest: str) -> bool:
+        """Record the digest; a file that does not match the declared one is failed and removed."""
+        session = held.session
+        session.sha256 = digest
+        if not session.expected_sha256 or session.expected_sha256 == digest:
+            return True
+        session.state = states.FAILED
+        session.set_error(
+            "digest_mismatch",
+            f"the file's SHA-256 is {digest}, not the "
+            f"declared {session.expected_sha256}; it was discarded",
+        )
+        if session.location:
+            self.storage.remove(session.location)
+            session.location = None
+        self._discard_data(held)
+        self._remove_spool(session.id)
+        self._publish(held, STATE)
+        self._emit("failed", session)
+        self._release(held)
+        return False
 
     def _discard_data(self, held: Held) -> None:
         if held.data is not None:
@@ -584,6 +697,10 @@ class Writer:
         log.error("session %s: %s", session.id, message)
         with contextlib.suppress(OSError):
             self._data(held).truncate(session.bytes_written)
+        if held.data is not None:  # reopened from what the storage holds when work resumes
+            with contextlib.suppress(OSError):
+                held.data.close()
+            held.data = None
         held.sha256 = None
         session.state = states.FAILED
         session.set_error(code, message)
@@ -647,8 +764,7 @@ class Writer:
             self._discard_data(held)
             self._remove_spool(session.id)
             if session.location and command.args.get("completed_too"):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.layout.root / session.location).unlink()
+                self.storage.remove(session.location)
             session.state = states.TERMINATED if action == TERMINATE else states.EXPIRED
             self._publish(held, STATE)
             self._emit(session.state, session)
@@ -697,8 +813,14 @@ def main(
         inbox,
         replies,
         LiveSessions(sessions_proxy),
-        FileSessionStore(layout.sessions),
-        LocalStorage(layout),
+        settings.backends.open_store(layout),
+        settings.backends.open_storage(layout),
         layout,
     )
     writer.serve()
+
+
+def _moved_on(held: Session, stored: Session) -> bool:
+    """The shared record was written by someone else since this writer last saved it."""
+    mine = (held.updated_at, held.bytes_written, held.state, held.node)
+    return (stored.updated_at, stored.bytes_written, stored.state, stored.node) != mine

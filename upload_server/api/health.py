@@ -38,6 +38,8 @@ class ReadyResource:
         except Exception as exc:  # the Manager is gone or wedged
             sessions = None
             problems.append(f"the session Manager is unreachable: {exc}")
+        if runtime.cluster is not None:
+            problems += runtime.cluster.problems()
         free = shutil.disk_usage(runtime.layout.root).free
         if free < runtime.config.chunk_size:
             problems.append("the upload disk is full")

@@ -281,9 +281,7 @@ class TusUpload(_TusResource):
             ) from None
         resp.set_header("Accept-Ranges", "bytes")
         resp.set_header("Content-Type", _content_type(session.filetype))
-        resp.set_header(
-            "Content-Disposition", content_disposition(session.location or session.filename)
-        )
+        resp.set_header("Content-Disposition", content_disposition(_download_name(session)))
         resp.set_header("X-Content-Type-Options", "nosniff")
         if session.sha256:
             resp.set_header("Repr-Digest", repr_digest(session.sha256))
@@ -326,6 +324,13 @@ class _Slice:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _download_name(session: Session) -> str:
+    """The stored file's name, or the client's filename when the location is an object URL
+    (s3://bucket/prefix/<id>) rather than a name."""
+    location = session.location
+    return location if location and "://" not in location else session.filename
 
 
 def _is_offset_stream(req: falcon.Request) -> bool:

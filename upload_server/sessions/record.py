@@ -5,7 +5,8 @@ replaced whole wherever it is stored (the Manager dict does not proxy nested val
 record is rewritten atomically), so a reader never sees half an update.
 
 Who writes it: the front end creates it; from then on only the session's writer process changes it
-(progress, pause, resume, completion, termination), so two processes never race on one record.
+(progress, pause, resume, completion, termination), so two processes never race on one record. With
+several nodes (cluster mode), the writer is the one on the node holding the upload's lease.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Session:
     owner: str | None = None
     concat: str | None = None
     parts: list[str] = field(default_factory=list)
+    node: str | None = None  # cluster mode: the node that last wrote it (a seed's spool is there)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     expires_at: float | None = None
@@ -85,6 +87,16 @@ class Session:
 
     def set_error(self, code: str, message: str) -> None:
         self.error = {"code": code, "message": message}
+
+    def wait_for_client(self, why: str) -> None:
+        """The process that was writing this session is gone (`why` says how): it now waits for
+        its client, and a seed upload, whose spool went with that process, for the file again."""
+        self.state = WAITING
+        if self.protocol == SEED:
+            self.set_error(
+                "spool_missing",
+                f"{why} without this upload's data; resume it by sending the file again",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
-"""Where upload data is written and published: an interface and its local-filesystem default."""
+"""Where upload data is written and published: an interface and its backends (local files by
+default; S3 in `storage.s3`, imported only when configured since boto3 is an optional extra)."""
 
-from .base import Storage, UploadData
+from .base import CommittedData, ReadBack, Storage, UploadData
 from .local import LocalStorage
 
-__all__ = ["LocalStorage", "Storage", "UploadData"]
+__all__ = ["CommittedData", "LocalStorage", "ReadBack", "Storage", "UploadData"]

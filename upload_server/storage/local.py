@@ -33,6 +33,9 @@ class LocalUploadData:
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
 
+    def commit(self, *, whole: bool) -> None:
+        """Nothing to do: every process on this machine sees the file as written."""
+
     def sync(self) -> None:
         os.fsync(self.fd)
 
@@ -80,12 +83,21 @@ class LocalStorage:
         with contextlib.suppress(FileNotFoundError):
             self.layout.partial(session_id).unlink()
 
+    def remove(self, location: str) -> None:
+        path = self._published(location)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
     def open_published(self, location: str | None, session_id: str) -> tuple[BinaryIO, int]:
-        path = self.layout.root / location if location else self.layout.partial(session_id)
-        if not filenames.is_inside(self.layout.root, path):
-            raise FileNotFoundError(location)
+        path = self._published(location) if location else self.layout.partial(session_id)
         handle = open(path, "rb")  # noqa: SIM115 - the caller streams and closes it
         return handle, os.fstat(handle.fileno()).st_size
+
+    def _published(self, location: str) -> Path:
+        path = self.layout.root / location
+        if not filenames.is_inside(self.layout.root, path):
+            raise FileNotFoundError(location)
+        return path
 
 
 def _link_or_reserve(source: Path, target: Path) -> None:

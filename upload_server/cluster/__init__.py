@@ -1,0 +1,1 @@
+"""Running several upload_server nodes as one service (cluster mode)."""

@@ -1,0 +1,100 @@
+"""Session records in Redis, shared by every node of a cluster.
+
+Each record is one JSON string at `us:session:<id>`, replaced whole by `SET`, so a reader on any node
+sees the old or the new record, never a mix. In cluster mode this record is the truth across nodes:
+the writer holding an upload saves it at the end of every tus PATCH, at every state change and at
+least once a second while a seed upload drains.
+
+`durable` is Redis's business, not ours: a record is as durable as the server's persistence settings
+make it (`appendonly yes` with `appendfsync everysec` loses at most a second on a power cut).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from .. import errors
+from .record import Session, is_session_id
+
+log = logging.getLogger("upload_server.store")
+
+PREFIX = "us:session:"
+_BATCH = 500
+
+
+def connect(url: str) -> Any:
+    """A Redis client for `url` (imported here: redis is the optional `cluster` extra)."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+@contextlib.contextmanager
+def unavailable_on_error() -> Iterator[None]:
+    """A Redis failure becomes a 503 for the client (retry), never a 500 with a traceback."""
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise errors.Unavailable(
+            f"the session store (Redis) failed: {exc}",
+            code="store_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+class RedisSessionStore:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    @staticmethod
+    def _key(session_id: str) -> str:
+        if not is_session_id(session_id):
+            raise ValueError(f"not a session id: {session_id!r}")
+        return PREFIX + session_id
+
+    def save(self, session: Session, *, durable: bool) -> None:
+        data = json.dumps(session.to_dict(), separators=(",", ":"))
+        with unavailable_on_error():
+            self.client.set(self._key(session.id), data)
+
+    def load(self, session_id: str) -> Session | None:
+        if not is_session_id(session_id):
+            return None
+        with unavailable_on_error():
+            raw = self.client.get(self._key(session_id))
+        return _parse(session_id, raw)
+
+    def delete(self, session_id: str) -> None:
+        if is_session_id(session_id):
+            with unavailable_on_error():
+                self.client.delete(self._key(session_id))
+
+    def all(self) -> Iterator[Session]:
+        with unavailable_on_error():
+            keys = list(self.client.scan_iter(match=PREFIX + "*", count=_BATCH))
+        for start in range(0, len(keys), _BATCH):
+            yield from self._load_many(keys[start : start + _BATCH])
+
+    def _load_many(self, keys: list[bytes]) -> Iterator[Session]:
+        with unavailable_on_error():
+            values = self.client.mget(keys)
+        for key, raw in zip(keys, values, strict=True):
+            session = _parse(key.decode()[len(PREFIX) :], raw)
+            if session is not None:
+                yield session
+
+
+def _parse(session_id: str, raw: bytes | None) -> Session | None:
+    if raw is None:
+        return None
+    try:
+        return Session.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        log.warning("skipping unreadable session record %s in Redis: %s", session_id, exc)
+        return None

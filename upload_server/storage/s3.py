@@ -1,0 +1,506 @@
+"""Upload data in S3 (AWS S3, MinIO, SeaweedFS...): one multipart upload per unfinished upload.
+
+Layout, for an upload `<id>` under `s3://bucket/prefix`:
+
+    prefix/<id>        the multipart upload while incomplete; the finished object once published
+    prefix/<id>.part   the commit marker: the bytes past the last full part (any size, maybe none),
+                       with metadata `base` (bytes in the committed parts) and `upload-id`
+
+Writes go to a local buffer file (`.upload_server/partial/<id>`), never to memory. `commit` makes the
+buffer durable in S3: each full `part_size` of it becomes the next part (`UploadPart` from the file),
+and the rest is PUT as `<id>.part`, as tusd's s3store does. That PUT is the commit: a part uploaded
+after the marker it would belong to was written (a crash in between) is past the marker's `base` and
+is ignored, then overwritten. Any node can therefore `open` the upload from S3 alone: GET the marker
+(base, upload id, tail bytes into the buffer) and ListParts for the sizes and ETags of the parts
+below `base`. A rollback (`truncate`) only cuts into the buffer: parts are never sent in the middle
+of an append, only when the writer commits a checked one.
+
+An unfinished multipart upload cannot be read back, so this data is not `ReadBack`: a writer that
+lost the running SHA-256 (the upload moved between nodes, or a writer restarted) hashes the finished
+object once, streaming it from S3, after publishing it.
+
+Part size: `s3_part_size` (at least 5 MiB, S3's minimum for every part but the last), raised so that
+10,000 parts (S3's maximum) cover `max_upload_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import fileio, metrics
+from ..layout import Layout
+from .base import CommittedData
+
+log = logging.getLogger("upload_server.s3")
+
+MAX_PARTS = 10_000
+MiB = 1024 * 1024
+_COPY_BLOCK = MiB
+_MISSING = {"NoSuchKey", "NoSuchUpload", "NotFound", "404"}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where and how to reach the bucket; `part_size` is already raised to cover the largest
+    upload in 10,000 parts."""
+
+    bucket: str
+    prefix: str
+    endpoint: str
+    region: str
+    access_key: str
+    secret_key: str
+    part_size: int
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        endpoint: str = "",
+        region: str = "",
+        access_key: str = "",
+        secret_key: str = "",
+        part_size: int = 8 * MiB,
+        max_upload_size: int = 0,
+    ) -> S3Settings:
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        prefix = prefix.strip("/")
+        return cls(
+            bucket=bucket,
+            prefix=prefix + "/" if prefix else "",
+            endpoint=endpoint,
+            region=region or ("us-east-1" if endpoint else ""),
+            access_key=access_key,
+            secret_key=secret_key,
+            part_size=part_size_for(part_size, max_upload_size),
+        )
+
+
+def part_size_for(configured: int, max_upload_size: int) -> int:
+    """The configured part size, raised to a whole MiB that fits the largest upload in 10,000."""
+    needed = math.ceil(max_upload_size / MAX_PARTS / MiB) * MiB
+    return max(configured, needed, 5 * MiB)
+
+
+def make_client(settings: S3Settings) -> Any:
+    """A boto3 S3 client whose every call is counted in `upload_server_s3_requests_total`."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    config = BotoConfig(
+        s3={"addressing_style": "path" if settings.endpoint else "auto"},
+        retries={"max_attempts": 5, "mode": "standard"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=32,
+    )
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint or None,
+        region_name=settings.region or None,
+        aws_access_key_id=settings.access_key or None,
+        aws_secret_access_key=settings.secret_key or None,
+        config=config,
+    )
+    counter = metrics.get().s3_requests
+    client.meta.events.register(
+        "before-call.s3", lambda model, **_: counter.labels(model.name).inc()
+    )
+    return client
+
+
+class _S3Errors(contextlib.AbstractContextManager):
+    """Turn botocore's errors into the OSErrors writers already handle (missing: FileNotFound)."""
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if exc is None or isinstance(exc, OSError):
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING:
+                raise FileNotFoundError(errno.ENOENT, str(exc)) from exc
+            raise OSError(errno.EIO, f"S3: {exc}") from exc
+        if isinstance(exc, BotoCoreError):
+            raise OSError(errno.EIO, f"S3: {exc}") from exc
+
+
+_s3_errors = _S3Errors()
+
+
+@dataclass
+class _Part:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass
+class _Committed:
+    """What S3 holds for an unfinished upload, as the marker says."""
+
+    upload_id: str | None = None
+    parts: list[_Part] | None = None
+    tail: int = 0
+    marker: bool = False
+
+    @property
+    def base(self) -> int:
+        return sum(p.size for p in self.parts or ())
+
+
+class S3Storage:
+    def __init__(self, settings: S3Settings, layout: Layout, client: Any | None = None) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.client = client if client is not None else make_client(settings)
+
+    @property
+    def bucket(self) -> str:
+        return self.settings.bucket
+
+    def key(self, session_id: str) -> str:
+        return self.settings.prefix + session_id
+
+    def location(self, session_id: str) -> str:
+        return f"s3://{self.bucket}/{self.key(session_id)}"
+
+    # -- Storage --------------------------------------------------------------------------------
+
+    def open(self, session_id: str) -> S3UploadData:
+        return S3UploadData(self, session_id)
+
+    def size(self, session_id: str) -> int | None:
+        committed = self._committed(self.key(session_id), with_tail=False)
+        return committed.base + committed.tail if committed.marker else None
+
+    def publish(self, session_id: str, filename: str, *, durable: bool) -> str:
+        """Complete the multipart upload (the marker's tail becomes its last part, copied inside
+        S3), or copy a small upload's marker into place when it never needed a part."""
+        key = self.key(session_id)
+        marker = key + ".part"
+        committed = self._committed(key, with_tail=False)
+        parts = list(committed.parts or [])
+        with _s3_errors:
+            if not parts:
+                source = {"Bucket": self.bucket, "Key": marker}
+                if committed.marker:
+                    self.client.copy_object(
+                        Bucket=self.bucket, Key=key, CopySource=source, MetadataDirective="REPLACE"
+                    )
+                else:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
+                if committed.upload_id:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=committed.upload_id
+                    )
+            else:
+                if committed.tail:
+                    copied = self.client.upload_part_copy(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=committed.upload_id,
+                        PartNumber=len(parts) + 1,
+                        CopySource={"Bucket": self.bucket, "Key": marker},
+                    )
+                    etag = copied["CopyPartResult"]["ETag"]
+                    parts.append(_Part(len(parts) + 1, etag, committed.tail))
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=committed.upload_id,
+                    MultipartUpload={
+                        "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
+                    },
+                )
+            if committed.marker:
+                self.client.delete_object(Bucket=self.bucket, Key=marker)
+        self._remove_buffer(session_id)
+        return self.location(session_id)
+
+    def discard(self, session_id: str) -> None:
+        key = self.key(session_id)
+        with _s3_errors:
+            listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            for upload in listing.get("Uploads", []):
+                if upload["Key"] == key:
+                    with contextlib.suppress(FileNotFoundError), _s3_errors:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
+                        )
+            self.client.delete_object(Bucket=self.bucket, Key=key + ".part")
+        self._remove_buffer(session_id)
+
+    def remove(self, location: str) -> None:
+        with _s3_errors:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key_of(location))
+
+    def open_published(self, location: str | None, session_id: str) -> tuple[S3Reader, int]:
+        key = self._key_of(location) if location else self.key(session_id)
+        with _s3_errors:
+            size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        return S3Reader(self, key, size), size
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _key_of(self, location: str) -> str:
+        prefix = f"s3://{self.bucket}/"
+        if not location.startswith(prefix):
+            raise FileNotFoundError(errno.ENOENT, f"not in this bucket: {location}")
+        return location[len(prefix) :]
+
+    def _committed(self, key: str, *, with_tail: bool, into: int = -1) -> _Committed:
+        """Read the marker (downloading its bytes into the file `into` when `with_tail`) and the
+        parts below its base. No marker: nothing was ever committed."""
+        committed = _Committed()
+        read = self.client.get_object if with_tail else self.client.head_object
+        try:
+            with _s3_errors:
+                answer = read(Bucket=self.bucket, Key=key + ".part")
+        except FileNotFoundError:
+            return committed
+        with _s3_errors:
+            committed.marker = True
+            committed.tail = answer["ContentLength"]
+            meta = answer.get("Metadata", {})
+            base = int(meta.get("base", "0"))
+            committed.upload_id = meta.get("upload-id") or None
+            if with_tail:
+                _download(answer["Body"], into)
+            if committed.upload_id is None:
+                committed.parts = []
+                return committed
+            committed.parts = self._parts_below(key, committed.upload_id, base)
+        return committed
+
+    def _parts_below(self, key: str, upload_id: str, base: int) -> list[_Part]:
+        parts: list[_Part] = []
+        total = 0
+        marker = 0
+        while total < base:
+            page = self.client.list_parts(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
+            )
+            for item in page.get("Parts", []):
+                if total >= base:
+                    break
+                part = _Part(item["PartNumber"], item["ETag"], item["Size"])
+                if part.number != len(parts) + 1:
+                    raise OSError(errno.EIO, f"S3: part {len(parts) + 1} of {key} is missing")
+                parts.append(part)
+                total += part.size
+            if not page.get("IsTruncated") or total >= base:
+                break
+            marker = page["NextPartNumberMarker"]
+        if total != base:
+            raise OSError(errno.EIO, f"S3: the parts of {key} hold {total} bytes, not {base}")
+        return parts
+
+    def _remove_buffer(self, session_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.partial(session_id).unlink()
+
+
+class S3UploadData:
+    """One upload's data: the committed parts in S3 and a local buffer of the bytes past them."""
+
+    def __init__(self, storage: S3Storage, session_id: str) -> None:
+        self.storage = storage
+        self.session_id = session_id
+        self.key = storage.key(session_id)
+        self.part_size = storage.settings.part_size
+        self.buffer = storage.layout.partial(session_id)
+        self.fd = _open_buffer(self.buffer)
+        try:
+            committed = storage._committed(self.key, with_tail=True, into=self.fd)
+        except BaseException:
+            self.close()
+            raise
+        self.upload_id = committed.upload_id
+        self.parts = committed.parts or []
+        self.base = committed.base
+        self.marker = committed.marker
+        self.changed = False  # bytes written or cut since the marker was last written
+
+    def size(self) -> int:
+        return self.base + fileio.file_size(self.fd)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        if offset != self.size():
+            raise OSError(errno.EINVAL, f"S3 data is appended only: {offset} != {self.size()}")
+        fileio.pwrite_all(self.fd, data, offset - self.base)
+        self.changed = True
+
+    def truncate(self, size: int) -> None:
+        if size < self.base:
+            raise CommittedData(f"bytes below {self.base} of {self.key} are committed parts")
+        os.ftruncate(self.fd, size - self.base)
+        self.changed = True
+
+    def commit(self, *, whole: bool) -> None:
+        buffered = fileio.file_size(self.fd)
+        sent = 0
+        while buffered - sent >= self.part_size:
+            self._upload_part(sent)
+            sent += self.part_size
+        if sent:
+            self._drop_front(sent, buffered)
+        if not (sent or (whole and self.changed)):
+            return
+        tail = buffered - sent if whole else 0
+        with _s3_errors:
+            self.storage.client.put_object(
+                Bucket=self.storage.bucket,
+                Key=self.key + ".part",
+                Body=_FileSlice(self.fd, 0, tail),
+                ContentLength=tail,
+                Metadata={"base": str(self.base), "upload-id": self.upload_id or ""},
+            )
+        self.marker = True
+        self.changed = not whole
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            with contextlib.suppress(FileNotFoundError):
+                self.buffer.unlink()
+
+    def _upload_part(self, start: int) -> None:
+        client, bucket = self.storage.client, self.storage.bucket
+        with _s3_errors:
+            if self.upload_id is None:
+                created = client.create_multipart_upload(Bucket=bucket, Key=self.key)
+                self.upload_id = created["UploadId"]
+            number = len(self.parts) + 1
+            answer = client.upload_part(
+                Bucket=bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=_FileSlice(self.fd, start, self.part_size),
+                ContentLength=self.part_size,
+            )
+        self.parts.append(_Part(number, answer["ETag"], self.part_size))
+        self.base += self.part_size
+
+    def _drop_front(self, sent: int, buffered: int) -> None:
+        """Keep only the buffer's bytes past the parts just sent, in a fresh file."""
+        fresh = self.buffer.with_name(self.buffer.name + ".tmp")
+        fd = _open_buffer(fresh)
+        try:
+            fileio.copy_range(self.fd, sent, fd, 0, buffered - sent)
+            os.replace(fresh, self.buffer)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self.fd)
+        self.fd = fd
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of a file, for boto3 to stream (and rewind on a retry)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + offset))
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.length - self.pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self.fd, n, self.start + self.pos)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class S3Reader(io.RawIOBase):
+    """A published object as a seekable stream: each run of reads is one ranged GET from where
+    the last seek left it, so a Range download fetches only its range."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int) -> None:
+        super().__init__()
+        self.storage, self.key, self.length = storage, key, size
+        self.pos = 0
+        self.body: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        target = max(0, base + offset)
+        if target != self.pos:
+            self._drop_body()
+            self.pos = target
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        if self.pos >= self.length or len(buffer) == 0:
+            return 0
+        if self.body is None:
+            with _s3_errors:
+                self.body = self.storage.client.get_object(
+                    Bucket=self.storage.bucket, Key=self.key, Range=f"bytes={self.pos}-"
+                )["Body"]
+        with _s3_errors:
+            data = self.body.read(len(buffer))
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+    def _drop_body(self) -> None:
+        if self.body is not None:
+            with contextlib.suppress(Exception):
+                self.body.close()
+            self.body = None
+
+
+def _open_buffer(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+
+
+def _download(body: Any, fd: int) -> None:
+    offset = 0
+    with _s3_errors:
+        for block in body.iter_chunks(_COPY_BLOCK):
+            fileio.pwrite_all(fd, block, offset)
+            offset += len(block)
