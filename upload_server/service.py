@@ -230,7 +230,13 @@ class Uploads:
 
     def _spool_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
         try:
-            self.spool.write_seed(session.id, body, start, end, skip=session.bytes_written)
+            # bytes already in the upload data need not be spooled again (they stay a hole)
+            stored = (
+                0
+                if session.spooled
+                else min(self.storage.size(session.id) or 0, session.bytes_written)
+            )
+            self.spool.write_seed(session.id, body, start, end, skip=stored)
         except OSError as exc:
             raise _storage_error(exc) from None
 

@@ -263,13 +263,23 @@ class Writer:
         return held.data
 
     def _hasher(self, held: Held) -> Any:
-        """The running SHA-256; after a restart it is rebuilt by reading the data written so far."""
+        """The running SHA-256; after a restart it is rebuilt by reading what was counted so far
+        (from the data, or from the spool while the spool is to become the data)."""
         if held.sha256 is None:
-            data = self._data(held)
             digest = hashlib.sha256()
-            for off, n in fileio.windows(0, held.session.bytes_written):
-                with data.view(off, n) as view:
-                    digest.update(view)
+            if held.session.spooled:
+                fd = fileio.open_for_read(self.layout.spool(held.session.id))
+                try:
+                    for off, n in fileio.windows(0, held.session.bytes_written):
+                        with fileio.mapped(fd, off, n) as view:
+                            digest.update(view)
+                finally:
+                    os.close(fd)
+            else:
+                data = self._data(held)
+                for off, n in fileio.windows(0, held.session.bytes_written):
+                    with data.view(off, n) as view:
+                        digest.update(view)
             held.sha256 = digest
         return held.sha256
 
@@ -355,6 +365,16 @@ class Writer:
         try:
             session.state = states.WRITING
             session.error = None
+            if session.spooled or (
+                session.bytes_written == 0 and not self.storage.size(session_id)
+            ):
+                session.spooled = True
+                self._publish(held, STATE)
+                if (yield from self._verify(held, fd)):
+                    os.close(fd)
+                    fd = -1  # closed before the rename, which Windows refuses on an open file
+                    self._adopt(held, str(spool))
+                return
             self._data(held)
             self._publish(held, STATE)
             total = session.total_bytes or 0
@@ -367,12 +387,7 @@ class Writer:
                     return
                 except ValueError:  # the spool is shorter than the file: it was cut short
                     self._data(held).truncate(session.bytes_written)
-                    session.state = states.WAITING
-                    session.set_error(
-                        "spool_incomplete",
-                        "the spooled data ends early; resume by sending the file again",
-                    )
-                    self._publish(held, STATE)
+                    self._spool_cut_short(held)
                     return
                 session.bytes_written += n
                 self._publish(held)
@@ -381,7 +396,52 @@ class Writer:
                     return
             self._finish(held)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+    def _verify(self, held: Held, fd: int) -> Generator[int, None, bool]:
+        """A seed upload whose spool holds the whole file: hash it chunk by chunk (pause, progress
+        and the rate limit work as for a copy); True once all of it is hashed. The spool then
+        becomes the data by a rename, so the file is written once, by the front end, and the
+        writer only reads it from the page cache."""
+        session = held.session
+        total = session.total_bytes or 0
+        hasher = self._hasher(held)
+        while session.bytes_written < total:
+            n = min(self.settings.chunk_size, total - session.bytes_written)
+            try:
+                with fileio.mapped(fd, session.bytes_written, n) as view:
+                    hasher.update(view)
+            except ValueError:  # the spool is shorter than the file: it was cut short
+                self._spool_cut_short(held)
+                return False
+            session.bytes_written += n
+            self._publish(held)
+            yield n
+            if session.state != states.WRITING:
+                return False
+        return True
+
+    def _adopt(self, held: Held, spool: str) -> None:
+        session = held.session
+        total = session.total_bytes or 0
+        if not self.storage.adopt(session.id, spool):
+            session.spooled = False  # this storage cannot take the file: copy it after all
+            session.bytes_written = 0
+            held.sha256 = None
+            self._publish(held, STATE)
+            self._start_drain(session.id)
+            return
+        session.spooled = False
+        self.bytes_written.inc(total)
+        self._finish(held)
+
+    def _spool_cut_short(self, held: Held) -> None:
+        held.session.state = states.WAITING
+        held.session.set_error(
+            "spool_incomplete", "the spooled data ends early; resume by sending the file again"
+        )
+        self._publish(held, STATE)
 
     def _append(self, msg: Append) -> Generator[int, None, None]:
         try:

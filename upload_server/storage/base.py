@@ -43,6 +43,10 @@ class Storage(Protocol):
         """Make complete data visible under `filename` (never overwriting another file) and
         return its location."""
 
+    def adopt(self, session_id: str, path: str) -> bool:
+        """Make the complete file at `path` the upload's data without copying it (a rename),
+        or return False when this storage cannot, and the writer copies instead."""
+
     def discard(self, session_id: str) -> None:
         """Remove an unpublished upload's data; a missing one is not an error."""
 

@@ -80,6 +80,15 @@ class LocalStorage:
             return name
         raise AssertionError("unreachable: candidates() is infinite")
 
+    def adopt(self, session_id: str, path: str) -> bool:
+        try:
+            os.replace(path, self.layout.partial(session_id))
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return False
+            raise
+        return True
+
     def discard(self, session_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.layout.partial(session_id).unlink()
