@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from . import errors, waitress_patches
-from .api import health, middleware, seed, tus
+from .api import health, middleware, seed, tus, web
 from .config import Config
 from .runtime import Runtime
 
@@ -54,6 +54,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
     app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks))
     app.add_route("/healthz", health.HealthResource())
     app.add_route("/readyz", health.ReadyResource(runtime))
+    if config.web:
+        web.add_routes(app, config)
     return app
 
 

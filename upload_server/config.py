@@ -129,6 +129,11 @@ def _url_path(text: str) -> str:
     return path
 
 
+def _web_path(text: str) -> str:
+    """A URL path like `_url_path`'s, where the site root `/` is allowed too."""
+    return "/" if not text.strip().strip("/") else _url_path(text)
+
+
 def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(text, tuple):
         return text
@@ -207,6 +212,8 @@ SETTINGS: tuple[Setting, ...] = (
         "DURATION",
     ),
     Setting("max_metadata_size", parse_size, 4096, "Largest tus Upload-Metadata header.", "SIZE"),
+    Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
+    Setting("web_path", _web_path, "/", "Where the upload page lives.", "PATH"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -232,12 +239,16 @@ class Config:
     cors_origins: tuple[str, ...]
     expiry: float
     max_metadata_size: int
+    web: bool
+    web_path: str
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1 byte")
         if self.max_upload_size < 1:
             raise ValueError("max_upload_size must be at least 1 byte")
+        if self.web and self.web_path in (self.tus_path, "/upload/"):
+            raise ValueError(f"web_path {self.web_path} is taken by an API")
 
     @classmethod
     def load(
