@@ -143,14 +143,15 @@
       value /= 1024;
       unit += 1;
     }
-    return `${value.toFixed(unit && value < 10 ? 1 : 0)} ${units[unit]}`;
+    return `${value.toFixed(unit && value < 10 ? 1 : 0)}\u00a0${units[unit]}`;
   }
 
   function formatDuration(seconds) {
     const s = Math.max(1, Math.round(seconds));
-    if (s < 60) return `${s} s`;
-    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
-    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    const text = s < 60 ? `${s} s`
+      : s < 3600 ? `${Math.floor(s / 60)} min ${s % 60} s`
+        : `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    return text.replaceAll(' ', '\u00a0'); // wrap between figures, never inside one
   }
 
   // Speed over the last few seconds, so one slow or fast chunk does not swing it.
@@ -231,7 +232,7 @@
       let figures = `${formatBytes(this.sent)} of ${formatBytes(total)}`;
       const rate = this.meter.rate();
       if (this.state === 'uploading' && rate > 0) {
-        figures += ` · ${formatBytes(rate)}/s · ${formatDuration((total - this.sent) / rate)} left`;
+        figures += ` · ${formatBytes(rate)}/s · ${formatDuration((total - this.sent) / rate)}\u00a0left`;
       }
       $('.figures', row).textContent = figures;
       const show = (action, visible, enabled = true) => {
