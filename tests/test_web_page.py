@@ -77,6 +77,7 @@ def screenshot(page, name: str, tmp_path: Path) -> None:
     target = os.environ.get("UPLOAD_SERVER_SCREENSHOTS")
     folder = (ROOT / target) if target else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(400)  # let the bars' transitions finish
     page.screenshot(path=str(folder / f"{name}.png"))
 
 
@@ -160,8 +161,9 @@ def test_two_dropped_files_complete_byte_identical(make_server, open_page, tmp_p
 def test_pause_holds_and_resume_completes(make_server, open_page, tmp_path):
     server = make_server(SLOW)
     source = make_file(tmp_path / "video.bin", 6 * MiB, seed=73)
+    other = make_file(tmp_path / "slides.pdf", 3 * MiB, seed=78)
     page = open_page(server.url("/"), chunk_mib=1)
-    page.set_input_files("#picker", [str(source)])
+    page.set_input_files("#picker", [str(source), str(other)])
     session_id = upload_id(page, "video.bin")
     wait_for(lambda: server.status(session_id)["bytesWritten"] >= MiB, timeout=30)
     screenshot(page, "page-uploading", tmp_path)
@@ -178,6 +180,8 @@ def test_pause_holds_and_resume_completes(make_server, open_page, tmp_path):
     row(page, "video.bin").locator("button[data-action=resume]").click()
     page.locator("#finished li", has_text="video.bin").wait_for(timeout=60_000)
     assert sha256_file(stored_file(server, session_id)) == sha256_file(source)
+    other_id = finished_urls(page)["slides.pdf"].rsplit("/", 1)[1]
+    assert sha256_file(stored_file(server, other_id)) == sha256_file(other)
 
 
 def test_reload_mid_upload_resumes_without_resending_the_finished_part(

@@ -97,6 +97,8 @@ class Server:
         response = self.request(
             http, "HEAD", self.upload_url(upload_id), headers={"Tus-Resumable": tus.VERSION}
         )
+        if response.status_code in (404, 410):  # a HEAD answer has no body to explain it
+            raise ServerError(response.status_code, "unknown_upload", f"no upload {upload_id}")
         if not response.ok:
             raise ServerError.from_response(response)
         return response
