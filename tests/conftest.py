@@ -118,7 +118,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url("/upload/status"), timeout=1).status_code == 400:
+                if requests.get(self.url("/healthz"), timeout=1).status_code == 200:
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")

@@ -210,40 +210,46 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_fails_the_session_cleanly(small_disk, make_server, files):
-    server = make_server(upload_dir=small_disk / "uploads")
-    tus = Tus(server.base)
-    data = random.Random(5).randbytes(32 * MiB)
-    url = tus.new(len(data), filename="toobig.bin")
-    offset, failure = 0, None
-    while offset < len(data):
-        response = tus.patch(url, offset, data[offset : offset + 4 * MiB])
-        if response.status_code != 204:
-            failure = response
-            break
-        offset = int(response.headers["Upload-Offset"])
-    assert failure is not None and failure.status_code == 507, failure.text + server.log()
-    assert failure.json()["error"]["code"] == "disk_full"
-    session_id = url.rsplit("/", 1)[1]
-    status = server.status(session_id)
-    assert status["state"] == "failed" and status["error"]["code"] == "disk_full"
-    assert status["completed"] is False
-    head = int(tus.head(url).headers["Upload-Offset"])
+    # --min-free-space 0: no reserve check, so the writer itself runs into ENOSPC
+    server = make_server(["--min-free-space", "0"], upload_dir=small_disk / "uploads")
+    source = files(14 * MiB, seed=60)  # fits in the spool, not a second time as data
+    response = server.post_file(source)
+    assert response.status_code == 201, response.text
+    session_id = response.json()["sessionID"]
+    status = server.wait_state(session_id, "failed", "completed")
+    assert status["state"] == "failed", status
+    assert status["error"]["code"] == "disk_full"
+    assert status["completed"] is False and status["storedAs"] is None
     partial = server.upload_dir / ".upload_server" / "partial" / session_id
-    if partial.exists():
-        assert partial.stat().st_size == head
-        assert partial.read_bytes() == data[:head]
-    assert not (server.upload_dir / "toobig.bin").exists()
+    written = status["bytesWritten"]
+    assert 0 < written < source.stat().st_size
+    assert partial.stat().st_size == written  # no byte counted that was not written
+    assert partial.read_bytes() == source.read_bytes()[:written]
+    assert [p.name for p in server.upload_dir.iterdir()] == [".upload_server"]
 
-    # a seed upload that cannot be spooled is refused before anything is recorded
-    big = files(30 * MiB)
-    assert server.post_file(big).status_code == 507
+    # a body that cannot even be spooled is refused, and nothing is left behind
+    assert server.post_file(files(12 * MiB, seed=61)).status_code == 507
 
-    # the server goes on: free the space and upload something else
-    assert tus.delete(url).status_code == 204
+    # the server goes on: terminate the failed upload to free its space, upload something else
+    terminate = requests.post(
+        server.url("/upload/terminate"), params={"sessionID": session_id}, timeout=10
+    )
+    assert terminate.status_code == 200
+    tus = Tus(server.base)
     small = random.Random(6).randbytes(MiB)
     small_url = tus.upload(small, filename="fits.bin")
     assert server.status(small_url.rsplit("/", 1)[1])["completed"] is True
     assert (server.upload_dir / "fits.bin").read_bytes() == small
+
+
+def test_free_space_reserve_refuses_uploads_up_front(make_server, files):
+    server = make_server(["--min-free-space", "1000TB"])
+    tus = Tus(server.base)
+    refused = tus.create(MiB)
+    assert refused.status_code == 507
+    assert refused.json()["error"]["code"] == "insufficient_storage"
+    assert server.post_file(files(1000)).status_code == 507
+    assert not list((server.upload_dir / ".upload_server" / "sessions").iterdir())
 
 
 @pytest.mark.parametrize("policy", ["always", "never"])

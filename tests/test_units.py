@@ -191,3 +191,13 @@ def test_config_defaults_match_the_seed():
     assert str(config.upload_dir) == "uploads"
     assert config.writers >= 1
     assert config.max_bytes_per_second == 0
+
+
+def test_readme_lists_every_setting():
+    from pathlib import Path
+
+    from upload_server.config import SETTINGS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [s.flag for s in SETTINGS if f"`{s.flag}`" not in readme]
+    assert not missing, f"README's settings table lacks {missing}"

@@ -21,6 +21,7 @@ from workers.writer import WriterSettings
 
 from . import processes
 from .config import Config
+from .hooks import Hooks
 from .layout import Layout
 from .service import Uploads
 from .sessions import record as states
@@ -40,8 +41,9 @@ class DirectoryLocked(RuntimeError):
 
 
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hooks: Hooks) -> None:
         self.config = config
+        self.hooks = hooks
         self.layout = Layout(Path(config.upload_dir).absolute())
         self.store: SessionStore = FileSessionStore(self.layout.sessions)
         self.storage: Storage = LocalStorage(self.layout)
@@ -69,10 +71,18 @@ class Runtime:
             expiry=self.config.expiry,
         )
         self.pool = WriterPool(
-            ctx, self.manager, live, settings, self.config.writers, self.config.log_level
+            ctx,
+            self.manager,
+            live,
+            settings,
+            self.config.writers,
+            self.config.log_level,
+            self.config.log_format,
         )
         self.pool.start()
-        self.uploads = Uploads(self.config, self.layout, live, self.store, self.storage, self.pool)
+        self.uploads = Uploads(
+            self.config, self.layout, live, self.store, self.storage, self.pool, self.hooks
+        )
         for session in recovered:
             self.pool.drain(session)
         self.sweeper = Sweeper(self.uploads, sweep_interval(self.config.expiry))
@@ -91,6 +101,7 @@ class Runtime:
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper = None
+        self.hooks.stop()
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
