@@ -17,6 +17,7 @@ import pexpect
 import pytest
 import requests
 
+from upload_server.auth import hash_key
 from upload_server.client.api import Server, resolve
 from upload_server.client.state import StateError, StateFile
 from upload_server.client.transfer import FileUploader, Job, Run
@@ -282,6 +283,24 @@ def test_cancel_and_errors_from_the_server(server, env):
     assert unknown.returncode == 1 and "unknown_session" in unknown.stderr
     terminated = client("resume", url, env=env)
     assert terminated.returncode == 1 and "terminated" in terminated.stderr
+
+
+def test_the_token_opens_a_server_with_auth(make_server, env, tmp_path):
+    server = make_server(["--auth", "true", "--api-keys", f"alice={hash_key('s3cret-key')}"])
+    source = make_file(tmp_path / "private.bin", 200_000, seed=90)
+    refused = client("upload", str(source), "--server", server.base, env=env)
+    assert refused.returncode == 1 and "credential" in refused.stdout
+
+    with_token = {**env, "UPLOAD_CLIENT_TOKEN": "s3cret-key"}
+    uploaded = client("upload", str(source), "--server", server.base, env=with_token)
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    url = uploaded.stdout.split()[2]
+    status = client("status", url, "--token", "s3cret-key", env=env)
+    assert "state     completed" in status.stdout
+    assert client("status", url, env=env).returncode == 1
+    fetched = client("download", url, "-o", str(tmp_path / "copy.bin"), env=with_token)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
 
 
 # -- download ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from upload_server.auth import hash_key
 from upload_server.config import Config
 
 from .conftest import ROOT, MiB, make_file, sha256_file, wait_for
@@ -252,25 +253,33 @@ def test_narrow_screen_and_cancel(make_server, open_page, tmp_path):
 
 
 def test_access_token_goes_on_every_request(make_server, open_page, tmp_path):
-    server = make_server()
+    server = make_server(["--auth", "true", "--api-keys", f"alice={hash_key('s3cret-key')}"])
     source = make_file(tmp_path / "secret.bin", 300_000, seed=76)
-    page = open_page(server.url("/"))
+    page = open_page(server.url("/"))  # the page itself needs no credential
+    page.set_input_files("#picker", [str(source)])
+    failed = row(page, "secret.bin")
+    page.locator("li.upload[data-state=failed]").wait_for(timeout=30_000)
+    assert "access token" in failed.locator(".state").inner_text()
+
     page.click("#settings-toggle")
-    page.fill("#token", "s3cret-token")
-    seen: list[tuple[str, str, str | None]] = []
+    page.fill("#token", "s3cret-key")
+    seen: list[tuple[str, str | None]] = []
 
     def record(request) -> None:
         if "/files/" in request.url or "/upload/" in request.url:
-            seen.append((request.method, request.url, request.headers.get("authorization")))
+            seen.append((request.method, request.headers.get("authorization")))
 
     page.on("request", record)
-    page.set_input_files("#picker", [str(source)])
+    failed.locator("button[data-action=resume]").click()  # "Retry"
     page.locator("#finished li", has_text="secret.bin").wait_for(timeout=30_000)
-    methods = {method for method, _, _ in seen}
-    assert {"POST", "PATCH", "GET"} <= methods, seen
-    assert all(auth == "Bearer s3cret-token" for _, _, auth in seen), seen
+    assert {"POST", "PATCH", "GET"} <= {method for method, _ in seen}, seen
+    assert all(auth == "Bearer s3cret-key" for _, auth in seen), seen
+
+    link = page.locator("#finished li a").get_attribute("href")
+    assert "access_token=s3cret-key" in link
+    assert requests.get(link, timeout=30).content == source.read_bytes()
     page.reload()
-    assert page.input_value("#token") == "s3cret-token"
+    assert page.input_value("#token") == "s3cret-key"
 
 
 # -- serving the page --------------------------------------------------------------------------

@@ -68,6 +68,7 @@
       if (value) localStorage.setItem(KEYS.token, value);
       else localStorage.removeItem(KEYS.token);
       applyToken();
+      finished.render(); // download links carry the token
     });
     chunkInput.addEventListener('change', () => {
       const mib = Math.round(Number(chunkInput.value));
@@ -502,11 +503,10 @@
         const li = document.createElement('li');
         li.className = 'done';
         const link = document.createElement('a');
-        link.href = entry.url;
+        link.href = downloadUrl(entry.url);
         link.textContent = entry.name;
         link.title = `Download ${entry.name}`;
         link.setAttribute('download', entry.name);
-        link.addEventListener('click', (event) => download(event, entry));
         const figures = document.createElement('span');
         figures.className = 'figures';
         figures.textContent = `${formatBytes(entry.size)} · ${new Date(entry.at).toLocaleString()}`;
@@ -524,21 +524,12 @@
     },
   };
 
-  // A link cannot carry an Authorization header: with a token, fetch the file and save it.
-  async function download(event, entry) {
-    if (!headers.Authorization) return;
-    event.preventDefault();
-    const response = await fetch(entry.url, { headers: { ...headers } });
-    if (!response.ok) {
-      notice(`Download failed: the server answered ${response.status}`);
-      return;
-    }
-    const href = URL.createObjectURL(await response.blob());
-    const link = document.createElement('a');
-    link.href = href;
-    link.download = entry.name;
-    link.click();
-    setTimeout(() => URL.revokeObjectURL(href), 60000);
+  // A link cannot carry an Authorization header; the server takes the token as ?access_token=.
+  function downloadUrl(url) {
+    if (!token()) return url;
+    const withToken = new URL(url);
+    withToken.searchParams.set('access_token', token());
+    return withToken.href;
   }
 
   // -- page ----------------------------------------------------------------------------------
