@@ -153,6 +153,11 @@ def _url_path(text: str) -> str:
     return path
 
 
+def _web_path(text: str) -> str:
+    """A URL path like `_url_path`'s, where the site root `/` is allowed too."""
+    return "/" if not text.strip().strip("/") else _url_path(text)
+
+
 def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(text, tuple):
         return text
@@ -311,6 +316,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "hook_callable", str, "", "module:function called with every event (for embedders).", "NAME"
     ),
+    Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
+    Setting("web_path", _web_path, "/", "Where the upload page lives.", "PATH"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -355,12 +362,16 @@ class Config:
     hook_timeout: float
     hook_retries: int
     hook_callable: str
+    web: bool
+    web_path: str
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1 byte")
         if self.max_upload_size < 1:
             raise ValueError("max_upload_size must be at least 1 byte")
+        if self.web and self.web_path in (self.tus_path, "/upload/"):
+            raise ValueError(f"web_path {self.web_path} is taken by an API")
 
     @classmethod
     def load(
