@@ -13,8 +13,8 @@ from typing import Any
 
 import falcon
 
-from . import errors, waitress_errors
-from .api import health, seed
+from . import errors, waitress_patches
+from .api import health, middleware, seed, tus
 from .config import Config
 from .runtime import Runtime
 
@@ -28,10 +28,16 @@ class UploadApp(falcon.App):
 def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
     config = config if config is not None else Config.load(**overrides)
     _configure_logging(config.log_level)
-    waitress_errors.install()
+    waitress_patches.install()
     runtime = Runtime(config).start()
     atexit.register(runtime.close)
-    app = UploadApp(cors_enable=False)
+    app = UploadApp(
+        middleware=[
+            middleware.Cors(config.cors_origins),
+            middleware.MethodOverride(),
+            middleware.TusVersion(config.tus_path),
+        ]
+    )
     app.runtime = runtime
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = False
@@ -42,6 +48,10 @@ def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
     app.add_route("/upload/pause", seed.PauseResource(uploads))
     app.add_route("/upload/resume", seed.ResumeResource(uploads))
     app.add_route("/upload/terminate", seed.TerminateResource(uploads))
+    locks = tus.UploadLocks()
+    app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
+    app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
+    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks))
     app.add_route("/healthz", health.HealthResource())
     app.add_route("/readyz", health.ReadyResource(runtime))
     return app

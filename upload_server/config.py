@@ -122,6 +122,23 @@ def _log_level(text: str) -> str:
     return value
 
 
+def _url_path(text: str) -> str:
+    path = "/" + text.strip().strip("/") + "/"
+    if path == "//" or not re.fullmatch(r"[A-Za-z0-9._~/-]+", path):
+        raise ValueError(f"not a URL path: {text!r}")
+    return path
+
+
+def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(text, tuple):
+        return text
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
+    return origins
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table."""
@@ -180,6 +197,16 @@ SETTINGS: tuple[Setting, ...] = (
         "POLICY",
     ),
     Setting("log_level", _log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
+    Setting("tus_path", _url_path, "/files/", "Where the tus endpoint lives.", "PATH"),
+    Setting("cors_origins", _origins, "*", "Origins allowed by CORS: * or a comma list.", "LIST"),
+    Setting(
+        "expiry",
+        parse_duration,
+        "24h",
+        "Incomplete uploads expire after this long without progress (0 = never).",
+        "DURATION",
+    ),
+    Setting("max_metadata_size", parse_size, 4096, "Largest tus Upload-Metadata header.", "SIZE"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -201,6 +228,10 @@ class Config:
     start_method: str
     fsync: str
     log_level: str
+    tus_path: str
+    cors_origins: tuple[str, ...]
+    expiry: float
+    max_metadata_size: int
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

@@ -64,6 +64,7 @@ class Runtime:
             chunk_size=self.config.chunk_size,
             max_bytes_per_second=self.config.max_bytes_per_second,
             fsync=self.config.fsync,
+            expiry=self.config.expiry,
         )
         self.pool = WriterPool(
             ctx, self.manager, live, settings, self.config.writers, self.config.log_level

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from workers.messages import Append, Concat
 from workers.pool import WriterPool, WriterUnavailable
 
 from . import errors
@@ -105,6 +106,8 @@ class Uploads:
             concat=new.concat,
             parts=list(new.parts),
         )
+        if self.config.expiry:
+            session.expires_at = session.created_at + self.config.expiry
         self.store.save(session, durable=self.config.fsync != "never")
         self.live.put(session)
         return session
@@ -130,11 +133,21 @@ class Uploads:
             self.pool.forget(session.id)
         return result
 
-    def resume_seed(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
-        """Resume a seed upload, from a re-sent file if one came, else from the spool."""
-        if session.state not in (states.PAUSED, states.WAITING, states.FAILED):
+    def resume(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
+        """Resume an upload. A seed upload continues from a re-sent file if one came, else from
+        its spool; a tus upload is released for PATCH requests again."""
+        resumable = (states.PAUSED, states.FAILED)
+        if session.protocol == states.SEED:
+            resumable += (states.WAITING,)  # its spool was lost: the client sends the file again
+        if session.state not in resumable:
             raise errors.Conflict(f"the upload is {session.state}, not paused", code="not_paused")
-        if part is not None:
+        if session.protocol == states.TUS:
+            if part is not None:
+                raise errors.Conflict(
+                    "a tus upload takes its data by PATCH; resume it without a file",
+                    code="tus_upload",
+                )
+        elif part is not None:
             if part.size != session.total_bytes:
                 raise errors.Conflict(
                     f"the file sent is {part.size} bytes but this upload is {session.total_bytes}; "
@@ -152,13 +165,35 @@ class Uploads:
 
     # -- appends (tus) ------------------------------------------------------------------------
 
-    def append(self, session: Session, message_factory: Any) -> Session:
-        """Send an Append built by `message_factory(request_id)` and wait until it is stored."""
-        message = message_factory(self.pool.next_request_id())
+    def append(
+        self,
+        session: Session,
+        body: RequestBody,
+        offset: int,
+        checksum: tuple[str, bytes] | None = None,
+        declare_length: int | None = None,
+    ) -> Session:
+        """Spool a request body for `offset` and wait until the writer has stored (or refused) it."""
+        segment = ""
+        if body.length:
+            try:
+                segment = str(self.spool.write_segment(session.id, offset, body, 0, body.length))
+            except OSError as exc:
+                raise _storage_error(exc) from None
+        message = Append(
+            self.pool.next_request_id(),
+            session.id,
+            segment,
+            offset,
+            body.length,
+            checksum,
+            declare_length,
+        )
         return self._result(self._call(lambda: self.pool.append(session, message, REPLY_TIMEOUT)))
 
-    def concat(self, session: Session, message_factory: Any) -> Session:
-        message = message_factory(self.pool.next_request_id())
+    def concat(self, session: Session) -> Session:
+        """Have the writer build a final upload from its (complete) partial uploads."""
+        message = Concat(self.pool.next_request_id(), session.id, tuple(session.parts))
         return self._result(self._call(lambda: self.pool.concat(session, message, REPLY_TIMEOUT)))
 
     # -- helpers ------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class WriterSettings:
     chunk_size: int
     max_bytes_per_second: int
     fsync: str
+    expiry: float
 
 
 class Writer:
@@ -273,6 +274,8 @@ class Writer:
         synced before every durable record, so a record never counts unsynced bytes."""
         session = held.session
         session.updated_at = time.time()
+        if not session.is_final and self.settings.expiry:
+            session.expires_at = session.updated_at + self.settings.expiry
         policy = self.settings.fsync
         now = time.monotonic()
         due = now - held.last_checkpoint >= CHECKPOINT_INTERVAL
@@ -386,7 +389,9 @@ class Writer:
         fd = fileio.open_for_read(msg.segment) if msg.length else -1
         try:
             done = 0
-            session.state = states.WRITING
+            if msg.length:
+                session.state = states.WRITING
+                self.live.put(session)
             while done < msg.length:
                 n = min(self.settings.chunk_size, msg.length - done)
                 try:

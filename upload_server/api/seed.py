@@ -150,7 +150,7 @@ class ResumeResource(_SeedResource):
         if session.state in (states.COMPLETED, states.TERMINATED):
             raise errors.Conflict(f"the upload is already {session.state}", code=session.state)
         if not req.content_length and not req.content_type:
-            self._answer(resp, self.uploads.resume_seed(session, None, None))
+            self._answer(resp, self.uploads.resume(session, None, None))
             return
         with open_body(
             req, self.uploads, limit=self.uploads.config.max_upload_size + 1024**2
@@ -159,7 +159,7 @@ class ResumeResource(_SeedResource):
             if len(files) > 1:
                 raise errors.BadRequest("resume takes one 'file' field", code="too_many_files")
             part = files[0] if files else None
-            self._answer(resp, self.uploads.resume_seed(session, body, part))
+            self._answer(resp, self.uploads.resume(session, body, part))
 
 
 class TerminateResource(_SeedResource):

@@ -1,0 +1,127 @@
+"""Cross-cutting HTTP behaviour: method override, tus version headers, CORS.
+
+Each is a small Falcon middleware so resources stay free of it.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from .. import errors
+from ..protocol import tus
+
+_OVERRIDABLE = {"PATCH", "DELETE", "HEAD", "GET", "OPTIONS", "PUT"}
+
+EXPOSED_HEADERS = ", ".join(
+    (
+        "Location",
+        "Upload-Offset",
+        "Upload-Length",
+        "Upload-Defer-Length",
+        "Upload-Expires",
+        "Upload-Metadata",
+        "Upload-Concat",
+        "Tus-Resumable",
+        "Tus-Version",
+        "Tus-Max-Size",
+        "Tus-Extension",
+        "Tus-Checksum-Algorithm",
+        "Repr-Digest",
+        "Content-Disposition",
+        "Content-Range",
+        "Content-Length",
+        "X-Request-ID",
+    )
+)
+ALLOWED_HEADERS = ", ".join(
+    (
+        "Authorization",
+        "Content-Type",
+        "Origin",
+        "X-Requested-With",
+        "X-Request-ID",
+        "X-HTTP-Method-Override",
+        "Tus-Resumable",
+        "Upload-Length",
+        "Upload-Offset",
+        "Upload-Metadata",
+        "Upload-Defer-Length",
+        "Upload-Concat",
+        "Upload-Checksum",
+        "Repr-Digest",
+        "Range",
+    )
+)
+ALLOWED_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
+
+
+class MethodOverride:
+    """`X-HTTP-Method-Override` on a POST, for clients and proxies that cannot send PATCH."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        override = req.get_header("X-HTTP-Method-Override")
+        if override and req.method == "POST" and override.upper() in _OVERRIDABLE:
+            req.method = override.upper()
+
+
+class TusVersion:
+    """Every tus response says `Tus-Resumable`; every tus request but OPTIONS (and a plain GET
+    download) must send `Tus-Resumable: 1.0.0`, or gets 412 with the versions this server speaks."""
+
+    def __init__(self, tus_path: str) -> None:
+        self.prefix = tus_path.rstrip("/")
+
+    def _is_tus(self, req: falcon.Request) -> bool:
+        return req.path == self.prefix or req.path.startswith(self.prefix + "/")
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self._is_tus(req) or req.method in ("OPTIONS", "GET"):
+            return
+        version = req.get_header("Tus-Resumable")
+        if version != tus.VERSION:
+            raise errors.UploadError(
+                f"this server speaks tus {tus.VERSION}; send Tus-Resumable: {tus.VERSION}",
+                code="unsupported_version",
+                status=412,
+                headers={"Tus-Version": tus.VERSION},
+            )
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
+    ) -> None:
+        if self._is_tus(req):
+            resp.set_header("Tus-Resumable", tus.VERSION)
+
+
+class Cors:
+    """CORS for browsers on other origins: preflights answered before anything else runs
+    (authentication included), and the tus headers a client must read exposed."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.any = "*" in origins
+        self.origins = set(origins)
+
+    def _allowed(self, origin: str | None) -> bool:
+        return bool(origin) and (self.any or origin in self.origins)
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        origin = req.get_header("Origin")
+        preflight = req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method")
+        if not preflight or not self._allowed(origin):
+            return
+        resp.status = falcon.HTTP_204
+        resp.set_header("Access-Control-Allow-Methods", ALLOWED_METHODS)
+        resp.set_header("Access-Control-Allow-Headers", ALLOWED_HEADERS)
+        resp.set_header("Access-Control-Max-Age", "86400")
+        resp.complete = True
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
+    ) -> None:
+        origin = req.get_header("Origin")
+        if not self._allowed(origin):
+            return
+        resp.set_header("Access-Control-Allow-Origin", "*" if self.any else origin)
+        resp.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
+        if not self.any:
+            resp.append_header("Vary", "Origin")
