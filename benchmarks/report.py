@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from client import MiB
 from targets import Target, UploadServer
 from workloads import Context, Metric, Sizes, Workload, describe
 
@@ -162,72 +163,61 @@ class Verdict:
     detail: str
 
 
-def verdicts(results: Results, ctx: Context) -> list[Verdict]:
-    """The issue's targets, met or missed, for each upload_server set-up."""
-    found: list[Verdict] = []
-    for target in _upload_servers(results):
-        key = target.key
-
-        def verdict(goal: str, misses: list[str], checked: int) -> None:
-            if checked or misses:
-                detail = "; ".join(misses) if misses else f"all {checked} figures"
-                found.append(Verdict(target.label, goal, not misses, detail))  # noqa: B023
-
-        misses, checked = [], 0
-        for row in results.rows:
-            if TUS_NODE not in row.cells or row.median(TUS_NODE) is None:
-                continue
-            ratio = row.vs_tus(key)
-            checked += 1
-            if ratio is None or ratio < 1.0:
-                misses.append(f"{row.metric.label.strip()}: {_ratio(ratio)}")
-        verdict("every workload >= 1.0x @tus/server (aim 1.5x)", misses, checked)
-
-        misses, checked = [], 0
-        for row in results.rows:
-            if row.metric.key == "seed" or row.metric.key.startswith("tus-"):
-                ratio = row.vs_ceiling(key)
-                checked += 1
-                if ratio is None or ratio < 0.5:
-                    misses.append(f"{row.metric.label}: {_ratio(ratio)}")
-        verdict("single-stream seed and tus >= 50% of min(loopback, disk)", misses, checked)
-
-        largest = results.sizes.memory[-1]
-        smallest = results.sizes.memory[0]
-        misses, checked, flat_misses, flat_checked = [], 0, [], 0
-        for api in ("seed", "tus"):
-            peak = _find(results, f"rss-{api}-{largest}", key)
-            first = _find(results, f"rss-{api}-{smallest}", key)
-            if peak is None:
-                continue
-            checked += 1
-            if peak >= RSS_LIMIT_MIB:
-                misses.append(f"{api}: {peak:.0f} MiB")
+def _goals(results: Results, key: str) -> list[tuple[str, list[tuple[bool, str]]]]:
+    """Each goal of the issue with the figures it judges for one target: (met, description)."""
+    vs_tus = [
+        (row.metric.label.strip(), row.vs_tus(key))
+        for row in results.rows
+        if row.median(TUS_NODE) is not None
+    ]
+    single = [
+        (row.metric.label, row.vs_ceiling(key))
+        for row in results.rows
+        if row.metric.key == "seed" or row.metric.key.startswith("tus-")
+    ]
+    smallest, largest = results.sizes.memory[0] // MiB, results.sizes.memory[-1] // MiB
+    peaks, growth = [], []
+    for api in ("seed", "tus"):
+        peak = _find(results, f"rss-{api}-{largest}", key)
+        first = _find(results, f"rss-{api}-{smallest}", key)
+        if peak is not None:
+            peaks.append((peak < RSS_LIMIT_MIB, f"{api}: {peak:.0f} MiB"))
             if first is not None and largest != smallest:
-                flat_checked += 1
-                if peak > FLAT_GROWTH * first:
-                    flat_misses.append(f"{api}: {first:.0f} → {peak:.0f} MiB")
-        verdict(f"peak RSS during the largest upload < {RSS_LIMIT_MIB} MiB", misses, checked)
-        verdict("peak RSS flat as the file grows (within 25%)", flat_misses, flat_checked)
+                growth.append(
+                    (peak <= FLAT_GROWTH * first, f"{api}: {first:.0f} -> {peak:.0f} MiB")
+                )
+    latencies = [
+        (value < LATENCY_LIMIT_MS, f"{metric}: {value:.1f} ms")
+        for metric in ("status-p99", "head-p99")
+        if (value := _find(results, metric, key)) is not None
+    ]
+    return [
+        (
+            "every workload >= 1.0x @tus/server (aim 1.5x)",
+            [(r is not None and r >= 1.0, f"{label}: {_ratio(r)}") for label, r in vs_tus],
+        ),
+        (
+            "single-stream seed and tus >= 50% of min(loopback, disk)",
+            [(r is not None and r >= 0.5, f"{label}: {_ratio(r)}") for label, r in single],
+        ),
+        (f"peak RSS during the largest upload < {RSS_LIMIT_MIB} MiB", peaks),
+        ("peak RSS flat as the file grows (largest within 25% of smallest)", growth),
+        (f"status and HEAD p99 under load < {LATENCY_LIMIT_MS} ms", latencies),
+    ]
 
-        misses, checked = [], 0
-        for metric in ("status-p99", "head-p99"):
-            value = _find(results, metric, key)
-            if value is not None:
-                checked += 1
-                if value >= LATENCY_LIMIT_MS:
-                    misses.append(f"{metric}: {value:.0f} ms")
-        verdict(f"status and HEAD p99 under load < {LATENCY_LIMIT_MS} ms", misses, checked)
 
+def verdicts(results: Results, ctx: Context) -> list[Verdict]:
+    """The issue's goals, met or missed, for each upload_server set-up, then for the whole run."""
+    found = []
+    for target in _upload_servers(results):
+        for goal, figures in _goals(results, target.key):
+            if figures:
+                misses = [text for ok, text in figures if not ok]
+                detail = "; ".join(misses) or "; ".join(text for _, text in figures)
+                found.append(Verdict(target.label, goal, not misses, detail))
     problems = [f"{f['target']}: {f['problem']}" for f in ctx.failures]
-    found.append(
-        Verdict(
-            "all",
-            "zero failed or corrupt uploads",
-            not problems,
-            "; ".join(problems) or f"{ctx.verified} uploads verified byte-identical",
-        )
-    )
+    detail = "; ".join(problems) or f"{ctx.verified} uploads verified byte-identical"
+    found.append(Verdict("all", "zero failed or corrupt uploads", not problems, detail))
     return found
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def run_workloads(
             for target in order:
                 if not workload.applies(target):
                     continue
+                os.sync()  # start each measurement with no dirty pages left by the one before
                 began = time.monotonic()
                 try:
                     figures = workload.run(ctx, target)

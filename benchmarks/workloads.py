@@ -363,29 +363,38 @@ def _small(ctx: Context, target: Target) -> dict[str, float]:
 
 
 class Monitor:
-    """Peak RSS summed over a target's process tree (sampled every 50 ms) and its CPU seconds."""
+    """Peak memory summed over a target's process tree (sampled every 50 ms) and its CPU seconds.
+
+    RSS is what the issue asks for; it counts pages that forked processes share once per process.
+    PSS splits each shared page between the processes that map it, so it adds up to what the tree
+    really holds.
+    """
 
     def __init__(self, target: Target, interval: float = 0.05) -> None:
         self.target = target
         self.interval = interval
         self.peak_rss = 0
+        self.peak_pss = 0
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._stop_event = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
-        rss = 0
+        rss = pss = 0
         for process in self.target.processes():
             try:
                 with process.oneshot():
-                    rss += process.memory_info().rss
+                    memory = process.memory_full_info()
                     times = process.cpu_times()
             except psutil.Error:
                 continue
+            rss += memory.rss
+            pss += memory.pss
             self._cpu_first.setdefault(process.pid, times.user + times.system)
             self._cpu_last[process.pid] = times.user + times.system
         self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
 
     def _loop(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -408,12 +417,17 @@ class Monitor:
 
 def _memory_metrics(api: str) -> Callable[[Sizes], list[Metric]]:
     def metrics(s: Sizes) -> list[Metric]:
-        rows = [
-            Metric(f"rss-{api}-{size}", f"peak RSS, {api} 1x{size_text(size)}", "MiB", False)
-            for size in s.memory
+        largest = size_text(s.memory[-1])
+        return [
+            *(
+                Metric(
+                    f"rss-{api}-{size // MiB}", f"peak RSS, {api} 1x{size_text(size)}", "MiB", False
+                )
+                for size in s.memory
+            ),
+            Metric(f"pss-{api}", f"peak PSS, {api} 1x{largest}", "MiB", False),
+            Metric(f"cpu-{api}", f"CPU per GiB, {api} 1x{largest}", "s/GiB", False),
         ]
-        label = f"CPU per GiB, {api} 1x{size_text(s.memory[-1])}"
-        return [*rows, Metric(f"cpu-{api}", label, "s/GiB", False)]
 
     return metrics
 
@@ -446,8 +460,10 @@ def _memory(api: str) -> Callable[[Context, Target], dict[str, float]]:
             finally:
                 server.stop()
                 shutil.rmtree(workdir, ignore_errors=True)
-            figures[f"rss-{api}-{size}"] = monitor.peak_rss / MiB
-            figures[f"cpu-{api}"] = monitor.cpu_seconds / (size / GiB)  # the largest size's stays
+            # The largest size's PSS and CPU figures are the ones that stay.
+            figures[f"rss-{api}-{size // MiB}"] = monitor.peak_rss / MiB
+            figures[f"pss-{api}"] = monitor.peak_pss / MiB
+            figures[f"cpu-{api}"] = monitor.cpu_seconds / (size / GiB)
         return figures
 
     return run
