@@ -50,12 +50,14 @@ class Pattern:
         head = os.urandom(PATTERN_LENGTH)
         self.view = memoryview(head + head[:MAX_PIECE])
         self._next_phase = 0
+        self._count = 0
         self._digests: dict[tuple[int, int], str] = {}
 
     def payload(self, size: int) -> Payload:
         """The content of a new upload of `size` bytes, different from the previous ones."""
         self._next_phase = (self._next_phase + 7_340_033) % PATTERN_LENGTH
-        return Payload(self, self._next_phase, size)
+        self._count += 1
+        return Payload(self, self._next_phase, size, self._count)
 
     def digest(self, payload: Payload) -> str:
         key = (payload.phase, payload.size)
@@ -74,6 +76,11 @@ class Payload:
     pattern: Pattern
     phase: int
     size: int
+    index: int  # names the upload: like distinct files, uploads have distinct names
+
+    @property
+    def filename(self) -> str:
+        return f"bench-{self.index}.bin"
 
     def views(self, start: int, end: int, piece: int = MAX_PIECE) -> Iterator[memoryview]:
         """Bytes [start, end) as memoryviews of at most `piece` bytes, without copying."""
@@ -157,12 +164,12 @@ def expect(response: Response, statuses: tuple[int, ...], what: str) -> Response
 # -- the seed API -------------------------------------------------------------------------------
 
 
-def seed_post(conn: Connection, payload: Payload, filename: str) -> str:
+def seed_post(conn: Connection, payload: Payload) -> str:
     """POST /upload with the file as multipart field `file`, streamed; returns the session id."""
     boundary = "bench-" + secrets.token_hex(12)
     head = (
         f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        f'Content-Disposition: form-data; name="file"; filename="{payload.filename}"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
@@ -257,13 +264,12 @@ def tus_upload(
     endpoint: str,
     payload: Payload,
     patch_size: int,
-    filename: str,
     on_created: Callable[[str], None] | None = None,
 ) -> TusTimings:
     """Create an upload and PATCH it whole. Like any tus client, a PATCH the server ended early
     (204 with a smaller offset) is followed by one from the offset the server reported."""
     start = time.perf_counter()
-    location = tus_create(conn, endpoint, payload.size, filename)
+    location = tus_create(conn, endpoint, payload.size, payload.filename)
     timings = TusTimings(location, time.perf_counter() - start, [])
     if on_created is not None:
         on_created(location)

@@ -186,7 +186,7 @@ def _seed(ctx: Context, target: Target) -> dict[str, float]:
     conn = target.connect()
     try:
         start = time.perf_counter()
-        session_id = seed_post(conn, payload, "bench-seed.bin")
+        session_id = seed_post(conn, payload)
         wait_completed(conn, session_id, completion_timeout(payload.size))
         elapsed = time.perf_counter() - start
     finally:
@@ -205,7 +205,7 @@ def _tus_single(patch: int) -> Callable[[Context, Target], dict[str, float]]:
         conn = target.connect()
         try:
             start = time.perf_counter()
-            timings = tus_upload(conn, TUS_ENDPOINT, payload, patch, "bench-single.bin")
+            timings = tus_upload(conn, TUS_ENDPOINT, payload, patch)
             elapsed = time.perf_counter() - start
         finally:
             conn.close()
@@ -294,9 +294,7 @@ def _concurrent(ctx: Context, target: Target) -> dict[str, float]:
     def one(payload: Payload) -> str:
         conn = target.connect()
         try:
-            return tus_upload(
-                conn, TUS_ENDPOINT, payload, DEFAULT_PATCH, "bench-concurrent.bin", created
-            ).location
+            return tus_upload(conn, TUS_ENDPOINT, payload, DEFAULT_PATCH, created).location
         finally:
             conn.close()
 
@@ -335,7 +333,7 @@ def _small(ctx: Context, target: Target) -> dict[str, float]:
         if not hasattr(local, "conn"):
             local.conn = target.connect()
             connections.append(local.conn)
-        timings = tus_upload(local.conn, TUS_ENDPOINT, payload, size, "bench-small.bin")
+        timings = tus_upload(local.conn, TUS_ENDPOINT, payload, size)
         return timings.location, timings.create_seconds, timings.patch_seconds
 
     try:
@@ -448,12 +446,10 @@ def _memory(api: str) -> Callable[[Context, Target], dict[str, float]]:
                 conn = server.connect()
                 with Monitor(server) as monitor:
                     if api == "seed":
-                        handle = seed_post(conn, payload, "bench-memory.bin")
+                        handle = seed_post(conn, payload)
                         wait_completed(conn, handle, completion_timeout(size))
                     else:
-                        handle = tus_upload(
-                            conn, TUS_ENDPOINT, payload, DEFAULT_PATCH, "bench-memory.bin"
-                        ).location
+                        handle = tus_upload(conn, TUS_ENDPOINT, payload, DEFAULT_PATCH).location
                 conn.close()
                 ctx.check_later(server, f"memory {api}", api, handle, payload)
                 ctx.verify()
