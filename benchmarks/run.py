@@ -159,4 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("run.py: interrupted; everything it started has been stopped", file=sys.stderr)
+        sys.exit(130)

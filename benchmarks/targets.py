@@ -135,7 +135,10 @@ class Target(ABC):
         try:
             self.proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            print(f"warning: {self.label} did not stop in {STOP_TIMEOUT:.0f}s; killing it")
+            print(
+                f"warning: {self.label} did not stop in {STOP_TIMEOUT:.0f}s; killing it",
+                file=sys.stderr,
+            )
         _, alive = psutil.wait_procs(tree, timeout=5)
         for process in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -209,7 +212,7 @@ class TusNode(Target):
             raise Skipped("node and npm are not installed: @tus/server is left out of this run")
         if (TUS_NODE_DIR / "node_modules" / "@tus" / "server").is_dir():
             return
-        print("installing @tus/server: npm ci in benchmarks/tus-node", flush=True)
+        print("installing @tus/server: npm ci in benchmarks/tus-node", file=sys.stderr, flush=True)
         try:
             done = subprocess.run(
                 ["npm", "ci", "--no-audit", "--no-fund"],
