@@ -28,7 +28,7 @@ from workloads import FULL, QUICK, Context, Workload, workloads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    names = [w.name for w in workloads(FULL)]
+    names = [f"{w.name} ({w.title})" for w in workloads(FULL)]
     keys = [t.key for t in all_targets()]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (CI)")
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         metavar="WORKLOAD,...",
-        help=f"workloads to run, by name or prefix: {', '.join(names)} (default: all)",
+        help=f"workloads to run, by name or prefix: {'; '.join(names)} (default: all)",
     )
     parser.add_argument(
         "--targets", metavar="TARGET,...", help=f"targets to run: {', '.join(keys)} (default: all)"

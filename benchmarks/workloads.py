@@ -109,7 +109,9 @@ class Context:
     verified: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check_later(self, target: Target, workload: str, api: str, handle: str, payload: Payload):
+    def check_later(
+        self, target: Target, workload: str, api: str, handle: str, payload: Payload
+    ) -> None:
         if target.verifiable:
             with self._lock:
                 self.pending.append(Check(target, workload, api, handle, payload))
@@ -465,7 +467,12 @@ def _memory(api: str) -> Callable[[Context, Target], dict[str, float]]:
     return run
 
 
+def _needs(api: str) -> Callable[[Target], bool]:
+    return lambda target: api in target.apis
+
+
 def _throughput_target(api: str) -> Callable[[Target], bool]:
+    """Targets that speak `api`, and the disk ceiling (same bytes, written sequentially)."""
     return lambda target: api in target.apis or "disk" in target.apis
 
 
@@ -510,10 +517,6 @@ def workloads(sizes: Sizes) -> list[Workload]:
             for api in ("seed", "tus")
         ),
     ]
-
-
-def _needs(api: str) -> Callable[[Target], bool]:
-    return lambda target: api in target.apis
 
 
 def describe(sizes: Sizes) -> dict[str, Any]:
