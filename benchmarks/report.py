@@ -1,8 +1,8 @@
 """Medians, ratios, the table, the issue's targets met or missed, and the JSON document.
 
-Ratios are of medians measured in the same run. "xtus" is how many times better an upload_server
+Ratios are of medians measured in the same run. "vs tus" is how many times better an upload_server
 set-up did than @tus/server (its figure over @tus/server's for rates, the inverse for latencies
-and memory), so above 1.0 is better either way. "xceiling" is a rate over min(loopback, disk).
+and memory), so above 1.0 is better either way. "vs ceiling" is a rate over min(loopback, disk).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def table(results: Results) -> str:
     """The Markdown table: rows are metrics, columns targets, then the ratio columns."""
     ours = _upload_servers(results)
     heading = ["metric", "unit", *(t.label for t in results.targets)]
-    heading += [f"{t.key} xtus" for t in ours] + [f"{t.key} xceiling" for t in ours]
+    heading += [f"{t.key} vs tus" for t in ours] + [f"{t.key} vs ceiling" for t in ours]
     lines = [heading]
     for row in results.rows:
         line = [row.metric.label, row.metric.unit]

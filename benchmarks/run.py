@@ -53,7 +53,7 @@ def _select(items: list[Any], spec: str | None, name: str, what: str) -> list[An
     unknown = [w for w in wanted if not any(getattr(i, name).startswith(w) for i in items)]
     if unknown or not chosen:
         choices = ", ".join(getattr(i, name) for i in items)
-        raise SystemExit(f"run.py: unknown {what} {', '.join(unknown)} (choose from {choices})")
+        raise ValueError(f"unknown {what} {', '.join(unknown)} (choose from {choices})")
     return chosen
 
 
@@ -61,7 +61,9 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def start_targets(ctx: Context, results: Results, targets: list[Target], started: list[Target]):
+def start_targets(
+    ctx: Context, results: Results, targets: list[Target], started: list[Target]
+) -> None:
     """Start each target into `started`. One that cannot run on this machine is left out with a
     message; one that fails to start counts as a failure; neither stops the run."""
     for target in targets:
@@ -117,12 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.reps:
         sizes = type(sizes)(**{**sizes.__dict__, "reps": args.reps})
-    chosen = _select(workloads(sizes), args.only, "name", "workload")
-    targets = _select(all_targets(), args.targets, "key", "target")
+    try:
+        chosen = _select(workloads(sizes), args.only, "name", "workload")
+        targets = _select(all_targets(), args.targets, "key", "target")
+    except ValueError as exc:
+        print(f"run.py: {exc}", file=sys.stderr)
+        return 2
     if any(isinstance(t, UploadServer) for t in targets) and not importlib.util.find_spec(
         "upload_server"
     ):
-        raise SystemExit("run.py: upload_server is not importable: pip install -e '.[test]' first")
+        print("run.py: upload_server is not importable: pip install -e '.[test]'", file=sys.stderr)
+        return 2
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
