@@ -7,6 +7,7 @@ temporary directory, and is stopped by its pid (then any process left in its tre
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import selectors
@@ -117,8 +118,8 @@ class Target(ABC):
             try:
                 if conn.request(method, path, {"Tus-Resumable": "1.0.0"}).status in ok:
                     return
-            except OSError:
-                pass
+            except (OSError, http.client.HTTPException):
+                pass  # not listening yet
             finally:
                 conn.close()
             if time.monotonic() > deadline:
