@@ -75,16 +75,18 @@ class Server:
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
+        port: int | None = None,
+        log_dir: Path | None = None,
     ) -> None:
         self.upload_dir = upload_dir
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.args = args or []
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("UPLOAD_SERVER_WRITERS", "2")
         self.env.setdefault("UPLOAD_SERVER_LOG_LEVEL", "WARNING")
         self.proc: subprocess.Popen | None = None
-        self.log_path = upload_dir.parent / f"server-{self.port}.log"
+        self.log_path = (log_dir or upload_dir.parent) / f"server-{self.port}.log"
 
     @property
     def base(self) -> str:
@@ -116,7 +118,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url("/upload/status"), timeout=1).status_code == 400:
+                if requests.get(self.url("/healthz"), timeout=1).status_code == 200:
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
@@ -192,8 +194,9 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         env: dict[str, str] | None = None,
         upload_dir: Path | None = None,
         host: str = "127.0.0.1",
+        port: int | None = None,
     ) -> Server:
-        server = Server(upload_dir or tmp_path / "uploads", args, env, host)
+        server = Server(upload_dir or tmp_path / "uploads", args, env, host, port, tmp_path)
         started.append(server)
         return server.start()
 

@@ -56,8 +56,9 @@ def test_sanitize_always_gives_one_safe_component(raw):
 
 
 def test_candidates_never_repeat():
-    names = [n for n, _ in zip(candidates("a.txt"), range(4), strict=False)]
+    names = [name for (_, name), _ in zip(candidates("a.txt"), range(4), strict=False)]
     assert names == ["a.txt", "a (1).txt", "a (2).txt", "a (3).txt"]
+    assert next(candidates("a.txt", 7)) == (7, "a (7).txt")
 
 
 def _body(data: bytes) -> RequestBody:
@@ -191,3 +192,13 @@ def test_config_defaults_match_the_seed():
     assert str(config.upload_dir) == "uploads"
     assert config.writers >= 1
     assert config.max_bytes_per_second == 0
+
+
+def test_readme_lists_every_setting():
+    from pathlib import Path
+
+    from upload_server.config import SETTINGS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [s.flag for s in SETTINGS if f"`{s.flag}`" not in readme]
+    assert not missing, f"README's settings table lacks {missing}"

@@ -8,14 +8,17 @@ stopped by `app.runtime.close()`, which also runs at interpreter exit.
 from __future__ import annotations
 
 import atexit
-import logging
+from collections.abc import Callable
 from typing import Any
 
 import falcon
 
-from . import errors, waitress_patches
-from .api import health, middleware, seed, tus
+from . import errors, logs, metrics, waitress_patches
+from .api import health, middleware, openapi, seed, tus
+from .auth import Authenticator
 from .config import Config
+from .hooks import Hooks
+from .layout import Layout
 from .runtime import Runtime
 
 
@@ -25,15 +28,26 @@ class UploadApp(falcon.App):
     runtime: Runtime
 
 
-def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
+def create_app(
+    config: Config | None = None,
+    *,
+    hook: Callable[[str, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> UploadApp:
+    """Build the app. `hook` is called with every upload event (see `hooks`); a pre-create hook
+    refuses an upload by raising `upload_server.hooks.HookRejected`."""
     config = config if config is not None else Config.load(**overrides)
-    _configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
+    metrics.setup(Layout(config.upload_dir.absolute()).internal / "metrics")
     waitress_patches.install()
-    runtime = Runtime(config).start()
+    authenticator = Authenticator(config)
+    runtime = Runtime(config, Hooks(config, hook)).start()
     atexit.register(runtime.close)
     app = UploadApp(
         middleware=[
+            middleware.RequestLog(),
             middleware.Cors(config.cors_origins),
+            middleware.Authenticate(authenticator, ("/upload", config.tus_path)),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
         ]
@@ -52,13 +66,8 @@ def create_app(config: Config | None = None, **overrides: Any) -> UploadApp:
     app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks))
+    app.add_route("/openapi.json", openapi.OpenApiResource(config))
+    app.add_route("/metrics", health.MetricsResource(runtime))
     app.add_route("/healthz", health.HealthResource())
     app.add_route("/readyz", health.ReadyResource(runtime))
     return app
-
-
-def _configure_logging(level: str) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("upload_server").setLevel(level)

@@ -71,8 +71,8 @@ class RequestBody:
         if end <= start:
             return
         if self._bytes is not None:
-            with memoryview(self._bytes) as view:
-                fileio.pwrite_all(fd, view[start:end], dest_offset)
+            with memoryview(self._bytes) as view, view[start:end] as part:
+                fileio.pwrite_all(fd, part, dest_offset)
         else:
             fileio.copy_range(self._fd, self._base + start, fd, dest_offset, end - start)
 

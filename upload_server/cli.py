@@ -17,6 +17,7 @@ from typing import Any
 
 import waitress
 
+from . import credentials
 from .app import create_app
 from .config import Config
 from .runtime import DirectoryLocked
@@ -28,26 +29,42 @@ MULTIPART_OVERHEAD = 1024**2  # room for multipart framing around the largest al
 
 def waitress_options(config: Config) -> dict[str, Any]:
     """The waitress settings that go with `config` (also used by the benchmark)."""
-    return {
+    options: dict[str, Any] = {
         "host": config.host,
         "port": config.port,
         "threads": config.threads,
         "recv_bytes": config.recv_bytes,
         "max_request_body_size": config.max_upload_size + MULTIPART_OVERHEAD,
+        "max_request_header_size": config.max_header_size,
+        "channel_timeout": config.idle_timeout,
+        "cleanup_interval": max(1.0, min(30.0, config.idle_timeout / 2)),
         "ident": "upload_server",
         "asyncore_use_poll": True,
         "clear_untrusted_proxy_headers": True,
     }
+    if config.trusted_proxy:
+        options.update(
+            trusted_proxy=config.trusted_proxy,
+            trusted_proxy_count=config.trusted_proxy_count,
+            trusted_proxy_headers=config.trusted_proxy_headers,
+        )
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in credentials.COMMANDS:
+        return credentials.main(args)
     try:
-        config = Config.load(sys.argv[1:] if argv is None else list(argv))
+        config = Config.load(args)
     except ValueError as exc:
         print(f"upload-server: {exc}", file=sys.stderr)
         return 2
     try:
         app = create_app(config)
+    except ValueError as exc:
+        print(f"upload-server: {exc}", file=sys.stderr)
+        return 2
     except DirectoryLocked as exc:
         print(f"upload-server: {exc}", file=sys.stderr)
         return 1

@@ -122,6 +122,30 @@ def _log_level(text: str) -> str:
     return value
 
 
+def parse_int(text: str | int) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
+def _optional_path(text: str | Path | None) -> Path | None:
+    return Path(text) if text else None
+
+
+HOOK_EVENTS = ("pre-create", "post-create", "progress", "post-finish", "post-terminate")
+
+
+def _hook_events(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(text, tuple):
+        return text
+    events = tuple(e.strip() for e in text.split(",") if e.strip())
+    unknown = set(events) - set(HOOK_EVENTS)
+    if unknown:
+        raise ValueError(f"unknown hook events {sorted(unknown)}; use {', '.join(HOOK_EVENTS)}")
+    return events
+
+
 def _url_path(text: str) -> str:
     path = "/" + text.strip().strip("/") + "/"
     if path == "//" or not re.fullmatch(r"[A-Za-z0-9._~/-]+", path):
@@ -137,6 +161,13 @@ def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
     return origins
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in {"auto", "json", "text"}:
+        raise ValueError(f"log format must be auto, json or text, not {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -197,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
         "POLICY",
     ),
     Setting("log_level", _log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
+    Setting(
+        "log_format", _log_format, "auto", "json, text, or auto (text on a terminal).", "FORMAT"
+    ),
     Setting("tus_path", _url_path, "/files/", "Where the tus endpoint lives.", "PATH"),
     Setting("cors_origins", _origins, "*", "Origins allowed by CORS: * or a comma list.", "LIST"),
     Setting(
@@ -207,6 +241,76 @@ SETTINGS: tuple[Setting, ...] = (
         "DURATION",
     ),
     Setting("max_metadata_size", parse_size, 4096, "Largest tus Upload-Metadata header.", "SIZE"),
+    Setting("auth", parse_bool, False, "Require a bearer API key or signed upload token.", "BOOL"),
+    Setting("api_keys", str, "", "API keys as name=sha256hex pairs, comma separated.", "LIST"),
+    Setting(
+        "api_keys_file",
+        _optional_path,
+        None,
+        "File of API keys: one 'name sha256hex' a line.",
+        "FILE",
+    ),
+    Setting("token_secret", str, "", "HMAC secret for signed upload tokens.", "SECRET"),
+    Setting("max_sessions", parse_int, 10000, "Most unfinished sessions in all (429 beyond).", "N"),
+    Setting(
+        "max_sessions_per_owner", parse_int, 1000, "Most unfinished sessions per credential.", "N"
+    ),
+    Setting(
+        "min_free_space",
+        parse_size,
+        256 * 1024**2,
+        "Refuse uploads that would leave less free disk (507).",
+        "SIZE",
+    ),
+    Setting(
+        "idle_timeout",
+        parse_duration,
+        120.0,
+        "Close connections idle this long (slow clients).",
+        "DURATION",
+    ),
+    Setting(
+        "max_header_size",
+        parse_size,
+        64 * 1024,
+        "Largest request header block (431 beyond).",
+        "SIZE",
+    ),
+    Setting(
+        "trusted_proxy",
+        str,
+        "",
+        "Address of a proxy whose X-Forwarded-* headers are trusted (* for any).",
+        "ADDR",
+    ),
+    Setting(
+        "trusted_proxy_count",
+        _positive_int,
+        1,
+        "Proxies in front of the server that add headers.",
+        "N",
+    ),
+    Setting(
+        "trusted_proxy_headers",
+        str,
+        "x-forwarded-for x-forwarded-host x-forwarded-proto x-forwarded-port",
+        "Proxy headers to trust.",
+        "LIST",
+    ),
+    Setting("hook_url", str, "", "Webhook receiver URL for upload events.", "URL"),
+    Setting("hook_secret", str, "", "HMAC-SHA256 key that signs webhook bodies.", "SECRET"),
+    Setting(
+        "hook_events",
+        _hook_events,
+        "pre-create,post-create,progress,post-finish,post-terminate",
+        "Events sent to the webhook.",
+        "LIST",
+    ),
+    Setting("hook_timeout", parse_duration, 5.0, "Webhook request timeout.", "DURATION"),
+    Setting("hook_retries", parse_int, 5, "Webhook delivery attempts after the first.", "N"),
+    Setting(
+        "hook_callable", str, "", "module:function called with every event (for embedders).", "NAME"
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -228,10 +332,29 @@ class Config:
     start_method: str
     fsync: str
     log_level: str
+    log_format: str
     tus_path: str
     cors_origins: tuple[str, ...]
     expiry: float
     max_metadata_size: int
+    auth: bool
+    api_keys: str
+    api_keys_file: Path | None
+    token_secret: str
+    max_sessions: int
+    max_sessions_per_owner: int
+    min_free_space: int
+    idle_timeout: float
+    max_header_size: int
+    trusted_proxy: str
+    trusted_proxy_count: int
+    trusted_proxy_headers: str
+    hook_url: str
+    hook_secret: str
+    hook_events: tuple[str, ...]
+    hook_timeout: float
+    hook_retries: int
+    hook_callable: str
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

@@ -20,16 +20,18 @@ _BINARY = getattr(os, "O_BINARY", 0)
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    """Write all of `data` at `offset` (loops over short writes; raises OSError on failure)."""
-    view = memoryview(data)
-    while view:
-        if hasattr(os, "pwrite"):
-            written = os.pwrite(fd, view, offset)
-        else:  # Windows: one writer per file, so seek + write is safe
-            os.lseek(fd, offset, os.SEEK_SET)
-            written = os.write(fd, view)
-        view = view[written:]
-        offset += written
+    """Write all of `data` at `offset` (loops over short writes; raises OSError on failure).
+
+    Every view taken here is released even when a write fails, so the caller's mmap can close."""
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                if hasattr(os, "pwrite"):
+                    done += os.pwrite(fd, rest, offset + done)
+                else:  # Windows: one writer per file, so seek + write is safe
+                    os.lseek(fd, offset + done, os.SEEK_SET)
+                    done += os.write(fd, rest)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from workers.writer import WriterSettings
 
 from . import processes
 from .config import Config
+from .hooks import Hooks
 from .layout import Layout
 from .service import Uploads
 from .sessions import record as states
@@ -28,6 +29,7 @@ from .sessions.live import LiveSessions
 from .sessions.record import Session
 from .sessions.store import FileSessionStore, SessionStore
 from .storage import LocalStorage, Storage
+from .sweeper import Sweeper
 
 log = logging.getLogger("upload_server")
 
@@ -39,14 +41,16 @@ class DirectoryLocked(RuntimeError):
 
 
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hooks: Hooks) -> None:
         self.config = config
+        self.hooks = hooks
         self.layout = Layout(Path(config.upload_dir).absolute())
         self.store: SessionStore = FileSessionStore(self.layout.sessions)
         self.storage: Storage = LocalStorage(self.layout)
         self.manager: SyncManager | None = None
         self.pool: WriterPool | None = None
         self.uploads: Uploads | None = None
+        self.sweeper: Sweeper | None = None
         self._lock_fd: int | None = None
         self.started = time.time()
 
@@ -67,12 +71,22 @@ class Runtime:
             expiry=self.config.expiry,
         )
         self.pool = WriterPool(
-            ctx, self.manager, live, settings, self.config.writers, self.config.log_level
+            ctx,
+            self.manager,
+            live,
+            settings,
+            self.config.writers,
+            self.config.log_level,
+            self.config.log_format,
         )
         self.pool.start()
-        self.uploads = Uploads(self.config, self.layout, live, self.store, self.storage, self.pool)
+        self.uploads = Uploads(
+            self.config, self.layout, live, self.store, self.storage, self.pool, self.hooks
+        )
         for session in recovered:
             self.pool.drain(session)
+        self.sweeper = Sweeper(self.uploads, sweep_interval(self.config.expiry))
+        self.sweeper.start()
         log.info(
             "upload_server: %d writers (%s), upload dir %s, %d sessions recovered",
             self.config.writers,
@@ -84,6 +98,10 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the writers (they checkpoint first), then the Manager. Safe to call twice."""
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper = None
+        self.hooks.stop()
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
@@ -96,7 +114,15 @@ class Runtime:
             self._lock_fd = None
 
     def _recover(self, live: LiveSessions) -> list[Session]:
-        """Rebuild the live view; return the seed sessions that can carry on from their spool."""
+        """Rebuild the live view; return the seed sessions that can carry on from their spool.
+
+        No request is in flight yet, so spooled PATCH bodies and half-written spool files are
+        leftovers of a crash: their clients were never answered and will send them again."""
+        for leftover in [
+            *self.layout.spool_dir.glob("*.seg"),
+            *self.layout.spool_dir.glob("*.tmp"),
+        ]:
+            leftover.unlink(missing_ok=True)
         resumable = []
         for session in self.store.all():
             session.writer %= self.config.writers
@@ -143,6 +169,11 @@ class Runtime:
                 )
             time.sleep(0.1)
         self._lock_fd = fd
+
+
+def sweep_interval(expiry: float) -> float:
+    """Often enough that an upload expires within about a quarter of its expiry time."""
+    return max(0.5, min(60.0, expiry / 4)) if expiry else 60.0
 
 
 def _wait_for_client(session: Session) -> None:

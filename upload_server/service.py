@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from workers.messages import Append, Concat
+from workers.messages import Append, Concat, Event
 from workers.pool import WriterPool, WriterUnavailable
 
-from . import errors
+from . import errors, metrics
+from .auth import Principal, check_upload
 from .body import RequestBody
 from .config import Config
 from .filenames import sanitize
+from .hooks import Hooks
 from .layout import Layout
 from .sessions import record as states
 from .sessions.live import LiveSessions
 from .sessions.record import Session, is_session_id, new_session_id
 from .sessions.store import SessionStore
 from .spool import Spool
+from .status import status_of
 from .storage import Storage
 
 log = logging.getLogger("upload_server.service")
@@ -44,9 +49,25 @@ class NewUpload:
     metadata: dict[str, str | None] | None = None
     metadata_header: str | None = None
     expected_sha256: str | None = None
-    owner: str | None = None
+    principal: Principal | None = None
     concat: str | None = None
     parts: tuple[str, ...] = ()
+
+    @property
+    def owner(self) -> str | None:
+        return self.principal.id if self.principal else None
+
+    def describe(self) -> dict[str, Any]:
+        """What a pre-create hook is told."""
+        return {
+            "protocol": self.protocol,
+            "filename": self.filename,
+            "totalBytes": self.total_bytes,
+            "filetype": self.filetype,
+            "metadata": self.metadata or {},
+            "owner": self.owner,
+            "concat": self.concat,
+        }
 
 
 class Uploads:
@@ -58,6 +79,7 @@ class Uploads:
         store: SessionStore,
         storage: Storage,
         pool: WriterPool,
+        hooks: Hooks,
     ) -> None:
         self.config = config
         self.layout = layout
@@ -65,30 +87,61 @@ class Uploads:
         self.store = store
         self.storage = storage
         self.pool = pool
+        self.hooks = hooks
         self.spool = Spool(layout, sync=config.fsync == "always")
+        self._active: dict[str | None, set[str]] = {}
+        self._active_lock = threading.Lock()
+        for session in live.all():
+            if not session.is_final:
+                self._active.setdefault(session.owner, set()).add(session.id)
+        pool.on_event = self._on_writer_event
 
     # -- lookup -------------------------------------------------------------------------------
 
-    def get(self, session_id: str | None) -> Session:
-        """The live record, or NotFound (also for ids that cannot be ours)."""
+    def get(self, session_id: str | None, principal: Principal | None = None) -> Session:
+        """The live record, or NotFound: also for ids that cannot be ours, and for a session that
+        belongs to another credential (as if it did not exist)."""
         if not session_id:
             raise errors.BadRequest(
                 "the sessionID parameter is required", code="missing_session_id"
             )
         session = self.live.get(session_id) if is_session_id(session_id) else None
-        if session is None:
+        if session is None or (principal is not None and session.owner != principal.id):
             raise errors.NotFound(f"no upload session {session_id!r}", code="unknown_session")
         return session
 
     # -- creation -----------------------------------------------------------------------------
 
     def create(self, new: NewUpload) -> Session:
-        """Record a new session (durably, then in the live view) and pin it to a writer."""
+        """Record a new session (durably, then in the live view) pinned to a writer."""
+        session = self._new_session(new)
+        self._save(session)
+        return session
+
+    def create_seed(self, new: NewUpload, body: RequestBody, start: int, end: int) -> Session:
+        """Spool a seed upload's file part, record the session, and hand it to its writer.
+
+        The spool is whole before the record exists, so a crash in between leaves only an orphan
+        spool file (swept later), never a session that claims data it does not have."""
+        session = self._new_session(new)
+        self._spool_seed(session, body, start, end)
+        self._save(session)
+        self.pool.drain(session)
+        metrics.get().bytes_received.labels(states.SEED).inc(end - start)
+        return session
+
+    def _new_session(self, new: NewUpload) -> Session:
+        """Check every limit and ask the pre-create hook; nothing is stored before both agree."""
         if new.total_bytes is not None and new.total_bytes > self.config.max_upload_size:
             raise errors.TooLarge(
                 f"the upload is {new.total_bytes} bytes; the limit is {self.config.max_upload_size}",
                 code="upload_too_large",
             )
+        check_upload(new.principal, new.total_bytes, new.filename, new.filetype)
+        self._check_session_limits(new.owner)
+        copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole first
+        self.check_space((new.total_bytes or 0) * copies)
+        self.hooks.pre_create(new.describe())
         session_id = new_session_id()
         session = Session(
             id=session_id,
@@ -108,14 +161,72 @@ class Uploads:
         )
         if self.config.expiry:
             session.expires_at = session.created_at + self.config.expiry
-        self.store.save(session, durable=self.config.fsync != "never")
-        self.live.put(session)
         return session
 
-    def start_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
-        """Spool a seed upload's file part and hand the session to its writer."""
-        self._spool_seed(session, body, start, end)
-        self.pool.drain(session)
+    def _save(self, session: Session) -> None:
+        self.store.save(session, durable=self.config.fsync != "never")
+        self.live.put(session)
+        with self._active_lock:
+            self._active.setdefault(session.owner, set()).add(session.id)
+        metrics.get().uploads_started.labels(session.protocol).inc()
+        self.hooks.emit("post-create", status_of(session))
+
+    def active_count(self) -> int:
+        """Unfinished sessions (those the session limits count)."""
+        with self._active_lock:
+            return sum(len(ids) for ids in self._active.values())
+
+    # -- limits -------------------------------------------------------------------------------
+
+    def _check_session_limits(self, owner: str | None) -> None:
+        with self._active_lock:
+            mine = len(self._active.get(owner, ()))
+            everyone = sum(len(ids) for ids in self._active.values())
+        if mine >= self.config.max_sessions_per_owner:
+            raise errors.UploadError(
+                f"this credential already has {mine} unfinished uploads; finish or terminate some",
+                code="too_many_sessions",
+                status=429,
+            )
+        if everyone >= self.config.max_sessions:
+            raise errors.UploadError(
+                "the server has too many unfinished uploads; try again later",
+                code="server_busy",
+                status=429,
+                headers={"Retry-After": "60"},
+            )
+
+    def check_space(self, needed: int) -> None:
+        """Refuse (507) bytes that would leave less than --min-free-space on the upload disk
+        (0 turns the check off: the writers then meet a full disk as ENOSPC)."""
+        if not self.config.min_free_space:
+            return
+        free = shutil.disk_usage(self.layout.root).free
+        if free - needed < self.config.min_free_space:
+            raise errors.InsufficientStorage(
+                f"the server cannot store {needed} more bytes (free {free}, reserve "
+                f"{self.config.min_free_space})",
+                code="insufficient_storage",
+            )
+
+    def _on_writer_event(self, event: Event) -> None:
+        """Called by the pool's monitor thread: keep the limits' index current, tell the hooks."""
+        session = Session.from_dict(event.session)
+        if session.is_final:
+            with self._active_lock:
+                self._active.get(session.owner, set()).discard(session.id)
+            self.pool.forget(session.id)
+        figures = metrics.get()
+        if event.kind == "completed":
+            figures.uploads_completed.labels(session.protocol).inc()
+        elif event.kind == "failed":
+            reason = session.error["code"] if session.error else "unknown"
+            figures.uploads_failed.labels(session.protocol, reason).inc()
+        elif event.kind in ("terminated", "expired"):
+            figures.uploads_ended.labels(event.kind).inc()
+        hook = _HOOK_OF_EVENT.get(event.kind)
+        if hook:
+            self.hooks.emit(hook, status_of(session))
 
     def _spool_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
         try:
@@ -128,10 +239,7 @@ class Uploads:
     def control(self, session: Session, action: str, **args: Any) -> Session:
         """Have the session's writer apply a command; its refusal becomes an UploadError."""
         reply = self._call(lambda: self.pool.control(session, action, REPLY_TIMEOUT, **args))
-        result = self._result(reply)
-        if result.is_final:
-            self.pool.forget(session.id)
-        return result
+        return self._result(reply)
 
     def resume(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
@@ -155,6 +263,7 @@ class Uploads:
                     code="size_mismatch",
                 )
             self._spool_seed(session, body, part.start, part.end)
+            metrics.get().bytes_received.labels(states.SEED).inc(part.size - session.bytes_written)
         elif self.spool.seed_size(session.id) != session.total_bytes:
             raise errors.Conflict(
                 "the server no longer holds this upload's data: resume it by sending the file again "
@@ -176,10 +285,12 @@ class Uploads:
         """Spool a request body for `offset` and wait until the writer has stored (or refused) it."""
         segment = ""
         if body.length:
+            self.check_space(body.length)
             try:
                 segment = str(self.spool.write_segment(session.id, offset, body, 0, body.length))
             except OSError as exc:
                 raise _storage_error(exc) from None
+            metrics.get().bytes_received.labels(states.TUS).inc(body.length)
         message = Append(
             self.pool.next_request_id(),
             session.id,
@@ -215,6 +326,14 @@ class Uploads:
             raise errors.UploadError(reply.message, code=reply.code, status=reply.status, **extra)
         assert session is not None
         return session
+
+
+_HOOK_OF_EVENT = {
+    "progress": "progress",
+    "completed": "post-finish",
+    "terminated": "post-terminate",
+    "expired": "post-terminate",
+}
 
 
 def _storage_error(exc: OSError) -> errors.UploadError:

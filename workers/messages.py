@@ -73,8 +73,24 @@ class Nudge:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """Answer at once: the readiness check's proof that a writer is alive and not stuck."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Finish the current chunk, checkpoint every session, and exit."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """News the front end did not ask for: `progress` (at most once a second per session) and the
+    end of a session (`completed`, `failed`, `terminated`, `expired`), for hooks and limits."""
+
+    kind: str
+    session: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,20 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from upload_server import metrics
 from upload_server.sessions import record as states
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 
 from . import writer
-from .messages import Append, Command, Concat, Drain, Nudge, Reply, Shutdown
+from .messages import Append, Command, Concat, Drain, Event, Nudge, Ping, Reply, Shutdown
 
 log = logging.getLogger("upload_server.pool")
 
@@ -62,6 +64,7 @@ class WriterPool:
         settings: writer.WriterSettings,
         count: int,
         log_level: str = "INFO",
+        log_format: str = "auto",
     ) -> None:
         self._ctx = ctx
         self._manager = manager
@@ -69,6 +72,7 @@ class WriterPool:
         self._settings = settings
         self._count = count
         self._log_level = log_level
+        self._log_format = log_format
         self._handles: list[_Handle] = []
         self._pending: dict[int, _Pending] = {}
         self._controls: dict[str, Any] = {}
@@ -78,6 +82,7 @@ class WriterPool:
         self._closing = False
         self._monitor: threading.Thread | None = None
         self.restarts = 0
+        self.on_event: Callable[[Event], None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -92,7 +97,14 @@ class WriterPool:
         settings = writer.WriterSettings(**{**self._settings.__dict__, "index": index})
         process = self._ctx.Process(
             target=writer.main,
-            args=(settings, inbox_recv, replies_send, self._live.proxy, self._log_level),
+            args=(
+                settings,
+                inbox_recv,
+                replies_send,
+                self._live.proxy,
+                self._log_level,
+                self._log_format,
+            ),
             name=f"upload-writer-{index}",
             daemon=True,
         )
@@ -129,6 +141,35 @@ class WriterPool:
 
     def pids(self) -> list[int]:
         return [h.process.pid for h in self._handles]
+
+    def ping(self, timeout: float = 1.0) -> int:
+        """How many writers answer within `timeout` (alive and not stuck)."""
+        futures = []
+        for handle in self._handles:
+            request_id = self.next_request_id()
+            future: Future = Future()
+            with self._lock:
+                self._pending[request_id] = _Pending(handle.index, None, future, False)
+            futures.append((request_id, future))
+            with contextlib.suppress(OSError, ValueError):
+                self._send(handle.index, Ping(request_id))
+        deadline = time.monotonic() + timeout
+        answered = 0
+        for request_id, future in futures:
+            with contextlib.suppress(FutureTimeout, WriterUnavailable):
+                future.result(max(0.0, deadline - time.monotonic()))
+                answered += 1
+            with self._lock:
+                self._pending.pop(request_id, None)
+        return answered
+
+    def queue_depths(self) -> list[int]:
+        """Requests waiting for an answer, per writer."""
+        depths = [0] * self._count
+        with self._lock:
+            for pending in self._pending.values():
+                depths[pending.index] += 1
+        return depths
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -239,7 +280,14 @@ class WriterPool:
         except (EOFError, OSError):
             self._restart(handle)
 
-    def _resolve(self, reply: Reply) -> None:
+    def _resolve(self, reply: Reply | Event) -> None:
+        if isinstance(reply, Event):
+            if self.on_event is not None:
+                try:
+                    self.on_event(reply)
+                except Exception:
+                    log.exception("handling a %s event failed", reply.kind)
+            return
         with self._lock:
             pending = self._pending.get(reply.request_id)
         if pending is not None and not pending.future.done():
@@ -259,6 +307,7 @@ class WriterPool:
             dead.inbox.close()
         with contextlib.suppress(OSError):
             dead.replies.close()
+        metrics.mark_dead(dead.process.pid)
         replacement = self._spawn(dead.index)
         replacement.restarts = dead.restarts + 1
         self._handles[dead.index] = replacement

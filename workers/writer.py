@@ -29,7 +29,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from upload_server import fileio, processes
+from upload_server import fileio, logs, metrics, processes
 from upload_server.layout import Layout
 from upload_server.sessions import record as states
 from upload_server.sessions.live import LiveSessions
@@ -46,7 +46,9 @@ from .messages import (
     Command,
     Concat,
     Drain,
+    Event,
     Nudge,
+    Ping,
     Reply,
     Shutdown,
 )
@@ -54,6 +56,7 @@ from .messages import (
 log = logging.getLogger("upload_server.writer")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between durable records while a drain runs
+PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 PROGRESS, COMMIT, STATE = 0, 1, 2
 
 
@@ -81,6 +84,7 @@ class Held:
     data: UploadData | None = None
     sha256: Any = None  # hashlib object over [0, bytes_written), None until needed
     last_checkpoint: float = 0.0
+    last_progress_event: float = 0.0
 
 
 @dataclass
@@ -126,6 +130,7 @@ class Writer:
         self.held: dict[str, Held] = {}
         self.tasks: deque[Task] = deque()
         self.stopping = False
+        self.bytes_written = metrics.get().bytes_written
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -166,6 +171,8 @@ class Writer:
             self.tasks.append(Task(message.session_id, self._concat(message), message))
         elif isinstance(message, Drain):
             self._start_drain(message.session_id)
+        elif isinstance(message, Ping):
+            self.replies.send(Reply(message.request_id))
         elif isinstance(message, Shutdown):
             self.stopping = True
         else:
@@ -286,6 +293,12 @@ class Writer:
             self.store.save(session, durable=synced)
             held.last_checkpoint = now
         self.live.put(session)
+        if level < STATE and now - held.last_progress_event >= PROGRESS_EVENT_INTERVAL:
+            held.last_progress_event = now
+            self._emit("progress", session)
+
+    def _emit(self, kind: str, session: Session) -> None:
+        self.replies.send(Event(kind, session.to_dict()))
 
     def _release(self, held: Held) -> None:
         if held.data is not None:
@@ -316,6 +329,7 @@ class Writer:
             if extra is not None:
                 extra.update(view)
             self._data(held).write(view, dst_offset)
+        self.bytes_written.inc(length)
         return length
 
     def _drain(self, session_id: str) -> Generator[int, None, None]:
@@ -503,6 +517,7 @@ class Writer:
                     with part.view(off, n) as view:
                         held.sha256.update(view)
                         data.write(view, session.bytes_written)
+                    self.bytes_written.inc(n)
                     session.bytes_written += n
                     yield n
             except OSError as exc:
@@ -531,6 +546,7 @@ class Writer:
             self._discard_data(held)
             self._remove_spool(session.id)
             self._publish(held, STATE)
+            self._emit("failed", session)
             self._release(held)
             return
         try:
@@ -547,6 +563,7 @@ class Writer:
         session.error = None
         session.expires_at = None
         self._publish(held, STATE)
+        self._emit("completed", session)
         self._remove_spool(session.id)
         self._release(held)
 
@@ -572,6 +589,7 @@ class Writer:
         session.set_error(code, message)
         with contextlib.suppress(OSError):
             self._publish(held, STATE)
+        self._emit("failed", session)
         self._reply(
             request_id, session, status=507 if disk_full else 500, code=code, message=message
         )
@@ -633,6 +651,7 @@ class Writer:
                     (self.layout.root / session.location).unlink()
             session.state = states.TERMINATED if action == TERMINATE else states.EXPIRED
             self._publish(held, STATE)
+            self._emit(session.state, session)
             self._release(held)
         else:
             raise Refused(400, "bad_command", f"unknown command {action!r}")
@@ -667,10 +686,11 @@ def main(
     replies: Connection,
     sessions_proxy: Any,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Entry point of a writer process (a top-level function, so `spawn` can import it)."""
     processes.become_child()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
     layout = Layout(Path(settings.upload_dir))
     writer = Writer(
         settings,

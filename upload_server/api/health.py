@@ -12,6 +12,7 @@ import time
 
 import falcon
 
+from .. import metrics
 from ..runtime import Runtime
 
 
@@ -28,10 +29,10 @@ class ReadyResource:
         runtime = self.runtime
         pool = runtime.pool
         problems = []
-        alive = pool.alive() if pool else 0
+        alive = pool.ping() if pool else 0
         count = pool.count if pool else 0
         if alive < count:
-            problems.append(f"{count - alive} of {count} writers are down")
+            problems.append(f"{count - alive} of {count} writers do not answer")
         try:
             sessions = len(runtime.uploads.live) if runtime.uploads else 0
         except Exception as exc:  # the Manager is gone or wedged
@@ -52,3 +53,23 @@ class ReadyResource:
             "diskFreeBytes": free,
             "uptimeSeconds": round(time.time() - runtime.started, 1),
         }
+
+
+class MetricsResource:
+    """GET /metrics in Prometheus text format, every process's figures together."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        figures = metrics.get()
+        pool, uploads = self.runtime.pool, self.runtime.uploads
+        if pool is not None:
+            figures.writers_alive.set(pool.alive())
+            for index, depth in enumerate(pool.queue_depths()):
+                figures.writer_queue_depth.labels(str(index)).set(depth)
+        if uploads is not None:
+            figures.active_sessions.set(uploads.active_count())
+        body, content_type = metrics.render()
+        resp.data = body
+        resp.content_type = content_type

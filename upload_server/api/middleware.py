@@ -5,9 +5,15 @@ Each is a small Falcon middleware so resources stay free of it.
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+import uuid
+
 import falcon
 
-from .. import errors
+from .. import errors, logs, metrics
+from ..auth import Authenticator
 from ..protocol import tus
 
 _OVERRIDABLE = {"PATCH", "DELETE", "HEAD", "GET", "OPTIONS", "PUT"}
@@ -53,6 +59,50 @@ ALLOWED_HEADERS = ", ".join(
     )
 )
 ALLOWED_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+access_log = logging.getLogger("upload_server.access")
+
+
+class RequestLog:
+    """A request id on every request (the client's X-Request-ID when sane), echoed in the
+    response and on every log line written meanwhile; one access log line and one latency
+    observation per request."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        given = req.get_header("X-Request-ID") or ""
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        req.context.request_id = rid
+        req.context.log_token = logs.request_id.set(rid)
+        req.context.started = time.perf_counter()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
+    ) -> None:
+        rid = req.context.get("request_id")
+        if rid is None:
+            return
+        resp.set_header("X-Request-ID", rid)
+        duration = time.perf_counter() - req.context.started
+        status = resp.status_code
+        route = req.uri_template or "unmatched"
+        metrics.get().request_duration.labels(req.method, route, str(status)).observe(duration)
+        access_log.info(
+            "%s %s %s",
+            req.method,
+            req.path,
+            status,
+            extra={
+                "method": req.method,
+                "path": req.path,
+                "status": status,
+                "duration_ms": round(duration * 1000, 2),
+                "bytes": req.content_length or 0,
+                "client": req.remote_addr,
+            },
+        )
+        logs.request_id.reset(req.context.log_token)
 
 
 class MethodOverride:
@@ -125,3 +175,25 @@ class Cors:
         resp.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
         if not self.any:
             resp.append_header("Vary", "Origin")
+
+
+class Authenticate:
+    """Puts the caller (`req.context.principal`) on every request to the upload APIs, or refuses
+    it with 401. Health checks, the OpenAPI document, the web page and preflights stay public;
+    `principal` is None wherever authentication is off."""
+
+    def __init__(self, authenticator: Authenticator, protected: tuple[str, ...]) -> None:
+        self.authenticator = authenticator
+        self.protected = tuple(p.rstrip("/") for p in protected)
+
+    def _is_protected(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.protected)
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.principal = None
+        if req.method == "OPTIONS" or not self._is_protected(req.path):
+            return
+        query = req.get_param("access_token") if req.method in ("GET", "HEAD") else None
+        req.context.principal = self.authenticator.authenticate(
+            req.get_header("Authorization"), query
+        )

@@ -10,7 +10,6 @@ DELETE /upload?sessionID=           the same as terminate
 
 from __future__ import annotations
 
-import datetime
 import re
 from typing import Any
 
@@ -21,39 +20,10 @@ from ..protocol import multipart
 from ..service import NewUpload, Uploads
 from ..sessions import record as states
 from ..sessions.record import Session
+from ..status import status_of
 from .bodies import open_body
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def status_of(session: Session) -> dict[str, Any]:
-    """The seed's status object, with the fields this server adds."""
-    return {
-        "sessionID": session.id,
-        "uploadedChunks": session.uploaded_chunks,
-        "totalChunks": session.total_chunks,
-        "paused": session.state == states.PAUSED,
-        "completed": session.state == states.COMPLETED,
-        "terminated": session.state == states.TERMINATED,
-        "bytesWritten": session.bytes_written,
-        "totalBytes": session.total_bytes,
-        "chunkSize": session.chunk_size,
-        "filename": session.filename,
-        "storedAs": session.location,
-        "state": session.state,
-        "error": session.error,
-        "protocol": session.protocol,
-        "sha256": session.sha256,
-        "createdAt": _iso(session.created_at),
-        "updatedAt": _iso(session.updated_at),
-        "expiresAt": _iso(session.expires_at),
-    }
 
 
 class _SeedResource:
@@ -61,7 +31,7 @@ class _SeedResource:
         self.uploads = uploads
 
     def _session(self, req: falcon.Request) -> Session:
-        session = self.uploads.get(req.get_param("sessionID"))
+        session = self.uploads.get(req.get_param("sessionID"), req.context.principal)
         if session.state == states.EXPIRED:
             raise errors.NotFound(
                 f"upload session {session.id} expired and was removed", code="session_expired"
@@ -104,17 +74,15 @@ class UploadResource(_SeedResource):
                     )
             sessions = []
             for part, digest in zip(files, digests, strict=True):
-                session = self.uploads.create(
-                    NewUpload(
-                        protocol=states.SEED,
-                        filename=part.filename,
-                        total_bytes=part.size,
-                        filetype=part.content_type,
-                        expected_sha256=digest,
-                    )
+                new = NewUpload(
+                    protocol=states.SEED,
+                    filename=part.filename,
+                    total_bytes=part.size,
+                    filetype=part.content_type,
+                    expected_sha256=digest,
+                    principal=req.context.principal,
                 )
-                self.uploads.start_seed(session, body, part.start, part.end)
-                sessions.append(session)
+                sessions.append(self.uploads.create_seed(new, body, part.start, part.end))
         resp.status = falcon.HTTP_201
         resp.media = {
             "sessionID": sessions[0].id,
@@ -130,8 +98,25 @@ class UploadResource(_SeedResource):
 
 
 class StatusResource(_SeedResource):
+    """One session's status, or a batch: `?sessionID=a&sessionID=b` or `?sessionIDs=a,b`."""
+
+    MAX_BATCH = 1000
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._answer(resp, self._session(req))
+        ids = req.get_param_as_list("sessionID") or []
+        ids += [i for i in (req.get_param("sessionIDs") or "").split(",") if i]
+        if len(ids) <= 1 and not req.get_param("sessionIDs"):
+            self._answer(resp, self._session(req))
+            return
+        if len(ids) > self.MAX_BATCH:
+            raise errors.BadRequest(f"at most {self.MAX_BATCH} ids at once", code="batch_too_large")
+        found, missing = [], []
+        for session_id in dict.fromkeys(ids):
+            try:
+                found.append(status_of(self.uploads.get(session_id, req.context.principal)))
+            except errors.NotFound:
+                missing.append(session_id)
+        resp.media = {"sessions": found, "notFound": missing}
 
 
 class PauseResource(_SeedResource):

@@ -27,6 +27,7 @@ from typing import BinaryIO
 import falcon
 
 from .. import errors
+from ..auth import Principal
 from ..filenames import sanitize
 from ..protocol import ranges, tus
 from ..service import NewUpload, Uploads
@@ -94,7 +95,7 @@ class TusCollection(_TusResource):
             raise errors.BadRequest(
                 "send exactly one of Upload-Length and Upload-Defer-Length: 1", code="bad_header"
             )
-        parts = self._final_parts(concat.parts) if final else []
+        parts = self._final_parts(concat.parts, req.context.principal) if final else []
         if final:
             length = sum(p.total_bytes or 0 for p in parts)
         if length is not None and length > config.max_upload_size:
@@ -111,6 +112,7 @@ class TusCollection(_TusResource):
                 metadata=metadata,
                 metadata_header=header,
                 expected_sha256=_declared_sha256(req, metadata),
+                principal=req.context.principal,
                 concat=concat.kind if concat else None,
                 parts=tuple(p.id for p in parts),
             )
@@ -129,11 +131,11 @@ class TusCollection(_TusResource):
         resp.set_header("Upload-Offset", str(session.bytes_written))
         self._expiry_headers(resp, session)
 
-    def _final_parts(self, part_ids: tuple[str, ...]) -> list[Session]:
+    def _final_parts(self, part_ids: tuple[str, ...], principal: Principal | None) -> list[Session]:
         parts = []
         for part_id in part_ids:
             try:
-                part = self.uploads.get(part_id)
+                part = self.uploads.get(part_id, principal)
             except errors.NotFound:
                 raise errors.BadRequest(
                     f"Upload-Concat names an unknown upload {part_id!r}", code="unknown_part"
@@ -158,8 +160,8 @@ class TusCollection(_TusResource):
 class TusUpload(_TusResource):
     """/files/{upload_id}: one upload."""
 
-    def _session(self, upload_id: str) -> Session:
-        session = self.uploads.get(upload_id)
+    def _session(self, req: falcon.Request, upload_id: str) -> Session:
+        session = self.uploads.get(upload_id, req.context.principal)
         if session.state in (states.TERMINATED, states.EXPIRED):
             raise errors.Gone(f"upload {upload_id} was {session.state}", code=session.state)
         return session
@@ -168,7 +170,7 @@ class TusUpload(_TusResource):
         self._capabilities(resp)
 
     def on_head(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        session = self._session(upload_id)
+        session = self._session(req, upload_id)
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Upload-Offset", str(session.bytes_written))
         if session.total_bytes is None:
@@ -201,7 +203,7 @@ class TusUpload(_TusResource):
         if offset is None:
             raise errors.BadRequest("PATCH needs an Upload-Offset header", code="bad_header")
         with self.locks.hold(upload_id):
-            session = self._session(upload_id)
+            session = self._session(req, upload_id)
             self._check_patchable(session, offset, declared, req.content_length or 0)
             limit = self.uploads.config.max_upload_size
             with open_body(req, self.uploads, limit=limit) as body:
@@ -258,13 +260,13 @@ class TusUpload(_TusResource):
             raise errors.TooLarge("the upload would exceed Tus-Max-Size", code="upload_too_large")
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        session = self._session(upload_id)
+        session = self._session(req, upload_id)
         with self.locks.hold(upload_id, wait=30.0):
             self.uploads.control(session, "terminate", completed_too=True)
         resp.status = falcon.HTTP_204
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        session = self._session(upload_id)
+        session = self._session(req, upload_id)
         if session.state != states.COMPLETED:
             raise errors.Conflict(
                 f"the upload is {session.state}; only a completed upload can be downloaded",

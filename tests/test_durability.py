@@ -1,0 +1,265 @@
+"""Lose nothing: SIGKILL of the server and of writers, expiry, full disks, graceful shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from tusclient import client as tus_client
+from tusclient.storage.filestorage import FileStorage
+
+from .conftest import MiB, Server, make_file, sha256_file, wait_for
+from .tus_http import Tus
+
+RATE = "4MiB"  # per session, so uploads are in flight when the kill comes
+
+
+class TusJob:
+    """A tuspy client that uploads chunk by chunk and remembers what the server acknowledged."""
+
+    def __init__(self, path: Path, urls: Path) -> None:
+        self.path = path
+        self.storage = FileStorage(str(urls))
+        self.acked = 0
+        self.url: str | None = None
+
+    def uploader(self, base: str):
+        return tus_client.TusClient(base + "/files/").uploader(
+            str(self.path),
+            chunk_size=MiB,
+            store_url=True,
+            url_storage=self.storage,
+            metadata={"filename": self.path.name},
+        )
+
+    def run(self, base: str) -> None:
+        with contextlib.suppress(Exception):  # the server is killed under it
+            uploader = self.uploader(base)
+            while uploader.offset < self.path.stat().st_size or not uploader.url:
+                uploader.upload_chunk()
+                self.url, self.acked = uploader.url, uploader.offset
+
+    def finish(self, server: Server) -> Path:
+        uploader = self.uploader(server.base)
+        if uploader.url:
+            # nothing the server acknowledged before the crash is lost
+            assert uploader.offset >= self.acked, (uploader.offset, self.acked)
+        uploader.upload()
+        status = server.wait_state(uploader.url.rsplit("/", 1)[1], "completed")
+        return server.upload_dir / status["storedAs"]
+
+
+class SeedJob:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.session_id: str | None = None
+
+    def run(self, base: str) -> None:
+        with contextlib.suppress(Exception), open(self.path, "rb") as handle:
+            response = requests.post(
+                base + "/upload", files={"file": (self.path.name, handle)}, timeout=60
+            )
+            if response.status_code == 201:
+                self.session_id = response.json()["sessionID"]
+
+    def finish(self, server: Server) -> Path:
+        if self.session_id is None:  # never acknowledged: the client starts again
+            self.run(server.base)
+        # acknowledged: the spool survived the crash, so the upload finishes by itself
+        status = server.wait_state(self.session_id, "completed", "waiting")
+        assert status["state"] == "completed", status
+        return server.upload_dir / status["storedAs"]
+
+
+@pytest.mark.parametrize("kill_point", range(10))
+def test_sigkill_of_the_server_loses_nothing(make_server, tmp_path, kill_point):
+    rng = random.Random(1000 + kill_point)
+    args = ["--max-bytes-per-second", RATE]
+    server = make_server(args)
+    jobs: list[TusJob | SeedJob] = []
+    for i in range(5):
+        path = make_file(tmp_path / f"crash-{i}.bin", rng.randint(2 * MiB, 9 * MiB), seed=i)
+        jobs.append(SeedJob(path) if i < 2 else TusJob(path, tmp_path / f"urls-{i}.json"))
+    threads = [threading.Thread(target=job.run, args=(server.base,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    time.sleep(rng.uniform(0.2, 2.0))
+    server.kill()
+    for thread in threads:
+        thread.join(60)
+
+    again = make_server(args, upload_dir=server.upload_dir, port=server.port)
+    for job in jobs:
+        assert sha256_file(job.finish(again)) == sha256_file(job.path)
+
+
+def test_paused_sessions_stay_paused_across_a_crash(make_server, files):
+    server = make_server(["--max-bytes-per-second", "1MiB"])
+    source = files(4 * MiB, seed=31)
+    session_id = server.post_file(source).json()["sessionID"]
+    wait_for(lambda: server.status(session_id)["uploadedChunks"] >= 1)
+    requests.get(server.url("/upload/pause"), params={"sessionID": session_id}, timeout=10)
+    written = server.status(session_id)["bytesWritten"]
+    server.kill()
+    again = make_server(upload_dir=server.upload_dir)
+    status = again.status(session_id)
+    assert status["paused"] is True and status["bytesWritten"] == written
+    time.sleep(1)
+    assert again.status(session_id)["bytesWritten"] == written
+    requests.post(again.url("/upload/resume"), params={"sessionID": session_id}, timeout=10)
+    status = again.wait_state(session_id, "completed")
+    assert sha256_file(again.upload_dir / status["storedAs"]) == sha256_file(source)
+
+
+def test_graceful_shutdown_resumes_exactly_where_it_stopped(make_server, files):
+    server = make_server(["--max-bytes-per-second", "2MiB"])
+    source = files(8 * MiB, seed=32)
+    session_id = server.post_file(source).json()["sessionID"]
+    wait_for(lambda: server.status(session_id)["uploadedChunks"] >= 2)
+    assert server.stop(signal.SIGTERM) == 0
+    record = server.upload_dir / ".upload_server" / "sessions" / f"{session_id}.json"
+    import json
+
+    saved = json.loads(record.read_text())
+    partial = server.upload_dir / ".upload_server" / "partial" / session_id
+    assert saved["bytes_written"] == partial.stat().st_size > 0
+    again = make_server(upload_dir=server.upload_dir)
+    assert again.status(session_id)["bytesWritten"] >= saved["bytes_written"]
+    status = again.wait_state(session_id, "completed")
+    assert sha256_file(again.upload_dir / status["storedAs"]) == sha256_file(source)
+
+
+def test_sigkill_of_a_writer(make_server, tmp_path):
+    server = make_server(["--max-bytes-per-second", RATE])
+    jobs = [
+        TusJob(
+            make_file(tmp_path / f"w{i}.bin", 6 * MiB, seed=40 + i), tmp_path / f"wurls-{i}.json"
+        )
+        for i in range(2)
+    ]
+    seed = SeedJob(make_file(tmp_path / "seed.bin", 6 * MiB, seed=49))
+    threads = [threading.Thread(target=j.run, args=(server.base,)) for j in [*jobs, seed]]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.8)
+    before = server.writer_pids()
+    os.kill(before[0], signal.SIGKILL)
+    for thread in threads:
+        thread.join(60)
+    ready = wait_for(
+        lambda: (r := requests.get(server.url("/readyz"), timeout=5).json())["ready"] and r
+    )
+    assert ready["writersAlive"] == ready["writers"] == 2
+    assert ready["writerRestarts"] >= 1
+    assert before[0] not in ready["writerPids"]
+    for job in [*jobs, seed]:
+        assert sha256_file(job.finish(server)) == sha256_file(job.path)
+
+
+def test_abandoned_uploads_expire_and_active_ones_do_not(make_server, files):
+    server = make_server(["--expiry", "2s"])
+    tus = Tus(server.base)
+    abandoned = tus.new(10 * MiB, filename="abandoned.bin")
+    assert tus.patch(abandoned, 0, b"x" * MiB).status_code == 204
+    abandoned_id = abandoned.rsplit("/", 1)[1]
+    internal = server.upload_dir / ".upload_server"
+    orphan = internal / "spool" / "orphan-from-a-crash.seg"
+    orphan.write_bytes(b"junk")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    assert (internal / "partial" / abandoned_id).exists()
+
+    active = tus.new(12, filename="active.bin")
+    for i in range(10):  # 5 seconds of activity, longer than the expiry
+        assert tus.patch(active, i, b"a").status_code == 204
+        time.sleep(0.5)
+    assert tus.patch(active, 10, b"bb").status_code == 204
+
+    assert tus.head(abandoned).status_code == 410
+    gone = requests.get(
+        server.url("/upload/status"), params={"sessionID": abandoned_id}, timeout=10
+    )
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] in ("session_expired", "unknown_session")
+    assert not (internal / "partial" / abandoned_id).exists()
+    assert not (internal / "sessions" / f"{abandoned_id}.json").exists()
+    assert not orphan.exists()
+    assert server.status(active.rsplit("/", 1)[1])["completed"] is True
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_fails_the_session_cleanly(small_disk, make_server, files):
+    # --min-free-space 0: no reserve check, so the writer itself runs into ENOSPC
+    server = make_server(["--min-free-space", "0"], upload_dir=small_disk / "uploads")
+    source = files(14 * MiB, seed=60)  # fits in the spool, not a second time as data
+    response = server.post_file(source)
+    assert response.status_code == 201, response.text
+    session_id = response.json()["sessionID"]
+    status = server.wait_state(session_id, "failed", "completed")
+    assert status["state"] == "failed", status
+    assert status["error"]["code"] == "disk_full"
+    assert status["completed"] is False and status["storedAs"] is None
+    partial = server.upload_dir / ".upload_server" / "partial" / session_id
+    written = status["bytesWritten"]
+    assert 0 < written < source.stat().st_size
+    assert partial.stat().st_size == written  # no byte counted that was not written
+    assert partial.read_bytes() == source.read_bytes()[:written]
+    assert [p.name for p in server.upload_dir.iterdir()] == [".upload_server"]
+
+    # a body that cannot even be spooled is refused, and nothing is left behind
+    assert server.post_file(files(12 * MiB, seed=61)).status_code == 507
+
+    # the server goes on: terminate the failed upload to free its space, upload something else
+    terminate = requests.post(
+        server.url("/upload/terminate"), params={"sessionID": session_id}, timeout=10
+    )
+    assert terminate.status_code == 200
+    tus = Tus(server.base)
+    small = random.Random(6).randbytes(MiB)
+    small_url = tus.upload(small, filename="fits.bin")
+    assert server.status(small_url.rsplit("/", 1)[1])["completed"] is True
+    assert (server.upload_dir / "fits.bin").read_bytes() == small
+
+
+def test_free_space_reserve_refuses_uploads_up_front(make_server, files):
+    server = make_server(["--min-free-space", "1000TB"])
+    tus = Tus(server.base)
+    refused = tus.create(MiB)
+    assert refused.status_code == 507
+    assert refused.json()["error"]["code"] == "insufficient_storage"
+    assert server.post_file(files(1000)).status_code == 507
+    assert not list((server.upload_dir / ".upload_server" / "sessions").iterdir())
+
+
+@pytest.mark.parametrize("policy", ["always", "never"])
+def test_fsync_policies_store_the_same_bytes(make_server, files, policy):
+    server = make_server(["--fsync", policy])
+    source = files(3 * MiB + 7, seed=50)
+    session_id = server.post_file(source).json()["sessionID"]
+    status = server.wait_state(session_id, "completed")
+    assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(source)
+    tus = Tus(server.base)
+    data = random.Random(7).randbytes(2 * MiB)
+    url = tus.upload(data)
+    assert requests.get(url, timeout=10).content == data

@@ -1,0 +1,93 @@
+"""Prometheus metrics, counted in every process and served together at GET /metrics.
+
+prometheus-client's multiprocess mode keeps each process's values in files of one directory, so
+what the writer processes count (bytes written) adds up with what the front end counts. The
+directory must be chosen before prometheus_client is imported anywhere, so this module imports it
+lazily: `setup()` runs first in the front end, and writers inherit the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def setup(directory: Path) -> None:
+    """Use `directory` for multiprocess values (unless the operator chose one), emptied of the
+    files of processes that no longer run."""
+    if ENV not in os.environ:
+        os.environ[ENV] = str(directory)
+    path = Path(os.environ[ENV])
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.uploads_started = Counter(
+            "upload_server_uploads_started", "Upload sessions created", ["protocol"]
+        )
+        self.uploads_completed = Counter(
+            "upload_server_uploads_completed", "Uploads completed and published", ["protocol"]
+        )
+        self.uploads_failed = Counter(
+            "upload_server_uploads_failed", "Uploads that failed", ["protocol", "reason"]
+        )
+        self.uploads_ended = Counter(
+            "upload_server_uploads_ended", "Uploads terminated or expired", ["how"]
+        )
+        self.bytes_received = Counter(
+            "upload_server_bytes_received", "Upload bytes accepted into the spool", ["protocol"]
+        )
+        self.bytes_written = Counter(
+            "upload_server_bytes_written", "Upload bytes written by the writers"
+        )
+        self.active_sessions = Gauge(
+            "upload_server_active_sessions", "Unfinished sessions", multiprocess_mode="livesum"
+        )
+        self.writer_queue_depth = Gauge(
+            "upload_server_writer_queue_depth",
+            "Requests waiting for each writer",
+            ["writer"],
+            multiprocess_mode="livesum",
+        )
+        self.writers_alive = Gauge(
+            "upload_server_writers_alive", "Writer processes alive", multiprocess_mode="livesum"
+        )
+        self.request_duration = Histogram(
+            "upload_server_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.hook_deliveries = Counter(
+            "upload_server_hook_deliveries", "Hook deliveries by outcome", ["event", "outcome"]
+        )
+
+
+@functools.cache
+def get() -> Metrics:
+    return Metrics()
+
+
+def render() -> tuple[bytes, str]:
+    """Every process's metrics, aggregated: (body, content type)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def mark_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (its counters keep counting in the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
