@@ -129,8 +129,12 @@ def test_graceful_shutdown_resumes_exactly_where_it_stopped(make_server, files):
     import json
 
     saved = json.loads(record.read_text())
-    partial = server.upload_dir / ".upload_server" / "partial" / session_id
-    assert saved["bytes_written"] == partial.stat().st_size > 0
+    assert saved["bytes_written"] > 0
+    internal = server.upload_dir / ".upload_server"
+    if saved["spooled"]:  # the spool, whole, is to become the data: it holds the counted bytes
+        assert (internal / "spool" / f"{session_id}.spool").stat().st_size == source.stat().st_size
+    else:
+        assert (internal / "partial" / session_id).stat().st_size == saved["bytes_written"]
     again = make_server(upload_dir=server.upload_dir)
     assert again.status(session_id)["bytesWritten"] >= saved["bytes_written"]
     status = again.wait_state(session_id, "completed")
@@ -212,34 +216,43 @@ def small_disk(tmp_path):
 def test_full_disk_fails_the_session_cleanly(small_disk, make_server, files):
     # --min-free-space 0: no reserve check, so the writer itself runs into ENOSPC
     server = make_server(["--min-free-space", "0"], upload_dir=small_disk / "uploads")
-    source = files(14 * MiB, seed=60)  # fits in the spool, not a second time as data
-    response = server.post_file(source)
-    assert response.status_code == 201, response.text
-    session_id = response.json()["sessionID"]
-    status = server.wait_state(session_id, "failed", "completed")
-    assert status["state"] == "failed", status
-    assert status["error"]["code"] == "disk_full"
+    tus = Tus(server.base)
+    data = random.Random(5).randbytes(30 * MiB)
+    created = tus.create(
+        headers={"Upload-Defer-Length": "1", "Upload-Metadata": "filename dG9vYmlnLmJpbg=="}
+    )
+    url = created.headers["Location"]
+    session_id = url.rsplit("/", 1)[1]
+    offset, failure = 0, None
+    while offset < len(data):
+        response = tus.patch(url, offset, data[offset : offset + 10 * MiB])
+        if response.status_code != 204:
+            failure = response
+            break
+        offset = int(response.headers["Upload-Offset"])
+    assert failure is not None and failure.status_code == 507, failure.text + server.log()
+    assert failure.json()["error"]["code"] == "disk_full"
+    status = server.status(session_id)
+    assert status["state"] == "failed" and status["error"]["code"] == "disk_full"
     assert status["completed"] is False and status["storedAs"] is None
+    written = int(tus.head(url).headers["Upload-Offset"])
+    assert written == status["bytesWritten"] == offset > 0
     partial = server.upload_dir / ".upload_server" / "partial" / session_id
-    written = status["bytesWritten"]
-    assert 0 < written < source.stat().st_size
     assert partial.stat().st_size == written  # no byte counted that was not written
-    assert partial.read_bytes() == source.read_bytes()[:written]
+    assert partial.read_bytes() == data[:written]
     assert [p.name for p in server.upload_dir.iterdir()] == [".upload_server"]
 
-    # a body that cannot even be spooled is refused, and nothing is left behind
-    assert server.post_file(files(12 * MiB, seed=61)).status_code == 507
+    # a seed body that cannot even be spooled is refused, and nothing is left behind
+    assert server.post_file(files(30 * MiB, seed=61)).status_code == 507
 
     # the server goes on: terminate the failed upload to free its space, upload something else
-    terminate = requests.post(
-        server.url("/upload/terminate"), params={"sessionID": session_id}, timeout=10
-    )
-    assert terminate.status_code == 200
-    tus = Tus(server.base)
+    assert tus.delete(url).status_code == 204
     small = random.Random(6).randbytes(MiB)
     small_url = tus.upload(small, filename="fits.bin")
     assert server.status(small_url.rsplit("/", 1)[1])["completed"] is True
     assert (server.upload_dir / "fits.bin").read_bytes() == small
+    seed = server.post_file(files(2 * MiB, seed=62))
+    assert server.wait_state(seed.json()["sessionID"], "completed")["completed"] is True
 
 
 def test_free_space_reserve_refuses_uploads_up_front(make_server, files):

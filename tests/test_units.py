@@ -56,8 +56,9 @@ def test_sanitize_always_gives_one_safe_component(raw):
 
 
 def test_candidates_never_repeat():
-    names = [n for n, _ in zip(candidates("a.txt"), range(4), strict=False)]
+    names = [name for (_, name), _ in zip(candidates("a.txt"), range(4), strict=False)]
     assert names == ["a.txt", "a (1).txt", "a (2).txt", "a (3).txt"]
+    assert next(candidates("a.txt", 7)) == (7, "a (7).txt")
 
 
 def _body(data: bytes) -> RequestBody:

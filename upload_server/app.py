@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from . import errors, logs, metrics, waitress_patches
-from .api import health, middleware, openapi, seed, tus
+from .api import health, middleware, openapi, seed, tus, web
 from .auth import Authenticator
 from .config import Config
 from .hooks import Hooks
@@ -70,4 +70,6 @@ def create_app(
     app.add_route("/metrics", health.MetricsResource(runtime))
     app.add_route("/healthz", health.HealthResource())
     app.add_route("/readyz", health.ReadyResource(runtime))
+    if config.web:
+        web.add_routes(app, config)
     return app

@@ -153,6 +153,11 @@ def _url_path(text: str) -> str:
     return path
 
 
+def _web_path(text: str) -> str:
+    """A URL path like `_url_path`'s, where the site root `/` is allowed too."""
+    return "/" if not text.strip().strip("/") else _url_path(text)
+
+
 def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
     if isinstance(text, tuple):
         return text
@@ -383,6 +388,8 @@ SETTINGS: tuple[Setting, ...] = (
         "How long a node's lock on an upload lasts unless renewed.",
         "DURATION",
     ),
+    Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
+    Setting("web_path", _web_path, "/", "Where the upload page lives.", "PATH"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -436,6 +443,8 @@ class Config:
     s3_part_size: int
     node_id: str
     lease_ttl: float
+    web: bool
+    web_path: str
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -452,6 +461,8 @@ class Config:
     def shared(self) -> bool:
         """True when several nodes share the session records (cluster mode)."""
         return self.session_store != "file"
+        if self.web and self.web_path in (self.tus_path, "/upload/"):
+            raise ValueError(f"web_path {self.web_path} is taken by an API")
 
     @classmethod
     def load(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 MAX_NAME_BYTES = 200
@@ -53,15 +54,19 @@ def _truncate(name: str) -> str:
     return stem + ext
 
 
-def candidates(name: str):
-    """Yield `name`, `name (1).ext`, `name (2).ext`, ... so that no existing file is overwritten."""
-    yield name
+def candidates(name: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """Yield (n, candidate): `name`, `name (1).ext`, `name (2).ext`, ... from the `start`-th on, so
+    that no existing file is overwritten."""
     stem, ext = os.path.splitext(name)
-    n = 1
+    n = start
     while True:
-        suffix = f" ({n})"
-        yield _truncate_with_suffix(stem, suffix, ext)
+        yield n, name if n == 0 else _truncate_with_suffix(stem, f" ({n})", ext)
         n += 1
+
+
+def is_component(name: str) -> bool:
+    """A single, ordinary path component (what `sanitize` and `candidates` produce)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 def _truncate_with_suffix(stem: str, suffix: str, ext: str) -> str:

@@ -165,7 +165,11 @@ class Runtime:
         return node.start()
 
     def _reconcile(self, session: Session) -> None:
-        """The durable offset never runs ahead of the data: trust the smaller of the two."""
+        """The durable offset never runs ahead of the data: trust the smaller of the two. (For a
+        seed upload whose spool is to become its data, the spool is what holds the counted bytes.)"""
+        if session.spooled and self._spool_whole(session):
+            return
+        session.spooled = False
         stored = self.storage.size(session.id) or 0
         if stored < session.bytes_written:
             log.warning(

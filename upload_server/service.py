@@ -265,11 +265,15 @@ class Uploads:
         if hook:
             self.hooks.emit(hook, status_of(session))
 
-    def _spool_seed(
-        self, session: Session, body: RequestBody, start: int, end: int, skip: int = 0
-    ) -> None:
+    def _spool_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
         try:
-            self.spool.write_seed(session.id, body, start, end, skip=skip)
+            # bytes already in the upload data need not be spooled again (they stay a hole)
+            stored = (
+                0
+                if session.spooled
+                else min(self.storage.size(session.id) or 0, session.bytes_written)
+            )
+            self.spool.write_seed(session.id, body, start, end, skip=stored)
         except OSError as exc:
             raise _storage_error(exc) from None
 
@@ -329,27 +333,21 @@ class Uploads:
                 "resume with the same file",
                 code="size_mismatch",
             )
-        if self.cluster is None:
-            return self._resume_with(session, body, part, skip=session.bytes_written)
-        if session.node == self.cluster.node_id:
-            skip = session.bytes_written
-        else:
+        if self.cluster is not None and session.node != self.cluster.node_id:
             try:  # the node that spooled it may still have all of it
                 return self.control(session, RESUME)
             except errors.Conflict as exc:
                 if exc.code != "spool_missing":
                     raise
-            skip = 0  # taken over: the stored offset may trail the record, so spool it all
-        return self.cluster.locks.run_held(
-            session.id, lambda: self._resume_with(session, body, part, skip), wait=10.0
-        )
+            return self.cluster.locks.run_held(
+                session.id, lambda: self._resume_with(session, body, part), wait=10.0
+            )
+        return self._resume_with(session, body, part)
 
-    def _resume_with(
-        self, session: Session, body: RequestBody | None, part: Any, skip: int
-    ) -> Session:
-        """Spool a re-sent file (the bytes past `skip`) and resume the upload from it here."""
-        self._spool_seed(session, body, part.start, part.end, skip)
-        metrics.get().bytes_received.labels(states.SEED).inc(part.size - skip)
+    def _resume_with(self, session: Session, body: RequestBody | None, part: Any) -> Session:
+        """Spool a re-sent file (but the bytes the storage has) and resume the upload from it."""
+        self._spool_seed(session, body, part.start, part.end)
+        metrics.get().bytes_received.labels(states.SEED).inc(part.size - session.bytes_written)
         return self.control_here(session, RESUME, {})
 
     # -- appends (tus) ------------------------------------------------------------------------

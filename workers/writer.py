@@ -22,7 +22,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,7 +37,7 @@ from upload_server.sessions import record as states
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 from upload_server.sessions.store import SessionStore
-from upload_server.storage import CommittedData, ReadBack, Storage, UploadData
+from upload_server.storage import Adopting, CommittedData, ReadBack, Storage, UploadData
 
 from .messages import (
     EXPIRE,
@@ -314,18 +315,25 @@ class Writer:
             self._publish(held, STATE)
 
     def _hasher(self, held: Held) -> Any | None:
-        """The running SHA-256. After a restart it is rebuilt by reading the data written so far;
-        storage that cannot be read back (S3) gets None, and `_finish` hashes the finished file."""
+        """The running SHA-256. After a restart it is rebuilt by reading what was counted so far
+        (from the data, or from the spool while the spool is to become the data); storage that
+        cannot be read back (S3) gets None, and `_finish` hashes the finished file instead."""
+        session = held.session
         if held.sha256 is None:
-            data = self._data(held)
-            if held.session.bytes_written == 0:
+            if session.bytes_written == 0:
                 held.sha256 = hashlib.sha256()
-            elif isinstance(data, ReadBack):
-                digest = hashlib.sha256()
-                for off, n in fileio.windows(0, held.session.bytes_written):
-                    with data.view(off, n) as view:
-                        digest.update(view)
-                held.sha256 = digest
+            elif session.spooled:
+                fd = fileio.open_for_read(self.layout.spool(session.id))
+                try:
+                    held.sha256 = _digest(
+                        lambda off, n: fileio.mapped(fd, off, n), session.bytes_written
+                    )
+                finally:
+                    os.close(fd)
+            else:
+                data = self._data(held)
+                if isinstance(data, ReadBack):
+                    held.sha256 = _digest(data.view, session.bytes_written)
         return held.sha256
 
     def _publish(self, held: Held, level: int = PROGRESS) -> None:
@@ -418,6 +426,17 @@ class Writer:
         try:
             session.state = states.WRITING
             session.error = None
+            if isinstance(self.storage, Adopting) and (
+                session.spooled
+                or (session.bytes_written == 0 and not self.storage.size(session_id))
+            ):
+                session.spooled = True
+                self._publish(held, STATE)
+                if (yield from self._verify(held, fd)):
+                    os.close(fd)
+                    fd = -1  # closed before the rename, which Windows refuses on an open file
+                    self._adopt(held, str(spool))
+                return
             self._data(held)
             self._publish(held, STATE)
             total = session.total_bytes or 0
@@ -430,12 +449,7 @@ class Writer:
                     return
                 except ValueError:  # the spool is shorter than the file: it was cut short
                     self._data(held).truncate(session.bytes_written)
-                    session.state = states.WAITING
-                    session.set_error(
-                        "spool_incomplete",
-                        "the spooled data ends early; resume by sending the file again",
-                    )
-                    self._publish(held, STATE)
+                    self._spool_cut_short(held)
                     return
                 session.bytes_written += n
                 self._publish(held)
@@ -444,7 +458,53 @@ class Writer:
                     return
             self._finish(held)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+    def _verify(self, held: Held, fd: int) -> Generator[int, None, bool]:
+        """A seed upload whose spool holds the whole file: hash it chunk by chunk (pause, progress
+        and the rate limit work as for a copy); True once all of it is hashed. The spool then
+        becomes the data by a rename, so the file is written once, by the front end, and the
+        writer only reads it from the page cache."""
+        session = held.session
+        total = session.total_bytes or 0
+        hasher = self._hasher(held)
+        while session.bytes_written < total:
+            n = min(self.settings.chunk_size, total - session.bytes_written)
+            try:
+                with fileio.mapped(fd, session.bytes_written, n) as view:
+                    hasher.update(view)
+            except ValueError:  # the spool is shorter than the file: it was cut short
+                self._spool_cut_short(held)
+                return False
+            session.bytes_written += n
+            self._publish(held)
+            yield n
+            if session.state != states.WRITING:
+                return False
+        return True
+
+    def _adopt(self, held: Held, spool: str) -> None:
+        assert isinstance(self.storage, Adopting)
+        session = held.session
+        total = session.total_bytes or 0
+        if not self.storage.adopt(session.id, spool):
+            session.spooled = False  # this storage cannot take the file: copy it after all
+            session.bytes_written = 0
+            held.sha256 = None
+            self._publish(held, STATE)
+            self._start_drain(session.id)
+            return
+        session.spooled = False
+        self.bytes_written.inc(total)
+        self._finish(held)
+
+    def _spool_cut_short(self, held: Held) -> None:
+        held.session.state = states.WAITING
+        held.session.set_error(
+            "spool_incomplete", "the spooled data ends early; resume by sending the file again"
+        )
+        self._publish(held, STATE)
 
     def _append(self, msg: Append) -> Generator[int, None, None]:
         try:
@@ -824,3 +884,12 @@ def _moved_on(held: Session, stored: Session) -> bool:
     """The shared record was written by someone else since this writer last saved it."""
     mine = (held.updated_at, held.bytes_written, held.state, held.node)
     return (stored.updated_at, stored.bytes_written, stored.state, stored.node) != mine
+
+
+def _digest(view: Callable[[int, int], AbstractContextManager[memoryview]], length: int) -> Any:
+    """The SHA-256 of bytes [0, length) read through `view`, one window at a time."""
+    digest = hashlib.sha256()
+    for off, n in fileio.windows(0, length):
+        with view(off, n) as window:
+            digest.update(window)
+    return digest

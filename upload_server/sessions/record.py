@@ -64,6 +64,9 @@ class Session:
     owner: str | None = None
     concat: str | None = None
     parts: list[str] = field(default_factory=list)
+    # True while a seed upload's counted bytes are verified in its spool, which becomes its data
+    # when whole (a rename instead of a copy); False once they are in the upload data.
+    spooled: bool = False
     node: str | None = None  # cluster mode: the node that last wrote it (a seed's spool is there)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)

@@ -2,8 +2,8 @@
 
 Backends know nothing of HTTP or sessions' states: a writer opens an upload's data, writes bytes at
 offsets it has already checked, commits them, and publishes the data when the upload is complete.
-An optional capability is its own tiny protocol (`ReadBack`), checked with `isinstance`, like tusd's
-optional extension interfaces.
+An optional capability is its own tiny protocol (`ReadBack`, `Adopting`), checked with `isinstance`,
+like tusd's optional extension interfaces.
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ class ReadBack(Protocol):
 
     def view(self, offset: int, length: int) -> AbstractContextManager[memoryview]:
         """A read-only view of bytes [offset, offset + length)."""
+
+
+@runtime_checkable
+class Adopting(Protocol):
+    """Optional: storage that can take a seed upload's whole spool as its data without copying
+    it (local files: a rename). Writers then only hash the spool; others copy it chunk by chunk."""
+
+    def adopt(self, session_id: str, path: str) -> bool:
+        """Make the complete file at `path` the upload's data without copying it (a rename),
+        or return False when this storage cannot, and the writer copies instead."""
 
 
 class Storage(Protocol):

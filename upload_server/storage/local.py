@@ -53,6 +53,7 @@ class LocalUploadData:
 class LocalStorage:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
+        self._next_suffix: dict[str, int] = {}  # sanitized name -> first suffix not known taken
 
     def open(self, session_id: str) -> LocalUploadData:
         return LocalUploadData(self.layout.partial(session_id))
@@ -66,18 +67,30 @@ class LocalStorage:
     def publish(self, session_id: str, filename: str, *, durable: bool) -> str:
         source = self.layout.partial(session_id)
         root = self.layout.root
-        for name in filenames.candidates(filenames.sanitize(filename)):
-            target = root / name
-            if not filenames.is_inside(root, target):
+        wanted = filenames.sanitize(filename)
+        # Many clients send the same name ("blob", "image.jpg"): start where the last one ended,
+        # so publishing stays one or two link attempts however many came before.
+        for n, name in filenames.candidates(wanted, self._next_suffix.get(wanted, 0)):
+            if not filenames.is_component(name):
                 raise OSError(errno.EINVAL, f"refusing to publish outside {root}: {name!r}")
             try:
-                _link_or_reserve(source, target)
+                _link_or_reserve(source, root / name)
             except FileExistsError:
                 continue
+            self._next_suffix[wanted] = n + 1
             if durable:
                 fsync_dir(root)
             return name
         raise AssertionError("unreachable: candidates() is infinite")
+
+    def adopt(self, session_id: str, path: str) -> bool:
+        try:
+            os.replace(path, self.layout.partial(session_id))
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return False
+            raise
+        return True
 
     def discard(self, session_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
