@@ -129,6 +129,7 @@ def start_seaweedfs(
         f"-volume.port={ports['volume']}",
         f"-volume.port.grpc={grpc['volume']}",
         "-volume.max=0",
+        "-volume.preStopSeconds=0",
         "-filer",
         f"-filer.port={ports['filer']}",
         f"-filer.port.grpc={grpc['filer']}",
