@@ -115,13 +115,13 @@ class Runtime:
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper = None
-        if self.cluster is not None:
-            self.cluster.stop()
-            self.cluster = None
         self.hooks.stop()
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+        if self.cluster is not None:  # after the writers: no lease is let go while one writes
+            self.cluster.stop()
+            self.cluster = None
         if self.manager is not None:
             with contextlib.suppress(Exception):
                 self.manager.shutdown()

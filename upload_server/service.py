@@ -270,7 +270,7 @@ class Uploads:
             # bytes already in the upload data need not be spooled again (they stay a hole)
             stored = (
                 0
-                if session.spooled
+                if session.spooled or not session.bytes_written
                 else min(self.storage.size(session.id) or 0, session.bytes_written)
             )
             self.spool.write_seed(session.id, body, start, end, skip=stored)

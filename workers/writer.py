@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from queue import Empty
@@ -58,6 +58,10 @@ from .messages import (
 log = logging.getLogger("upload_server.writer")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between durable records while a drain runs
+# Cluster mode: an upload untouched this long is let go (record, data handle and its local buffer),
+# since its next request may well go to another node; without this, every upload that ever passed
+# through a node would keep a buffer file there.
+IDLE_RELEASE = 30.0
 PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 PROGRESS, COMMIT, STATE = 0, 1, 2
 
@@ -87,6 +91,7 @@ class Held:
     sha256: Any = None  # hashlib object over [0, bytes_written), None until needed
     last_checkpoint: float = 0.0
     last_progress_event: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -136,6 +141,7 @@ class Writer:
         self.bytes_written = metrics.get().bytes_written
         self.node_id = settings.backends.node_id
         self.shared = settings.backends.shared
+        self.idle_checked = 0.0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -153,13 +159,26 @@ class Writer:
                     return
             if not self.stopping:
                 self._run_one_step()
+                if self.shared:
+                    self._release_idle()
         self._checkpoint_all()
 
     def _idle_timeout(self) -> float | None:
-        if not self.tasks:
-            return None
+        timeout = None
+        if self.tasks:
+            timeout = max(0.0, min(t.next_time for t in self.tasks) - time.monotonic())
+        if self.shared and self.held:
+            timeout = IDLE_RELEASE if timeout is None else min(timeout, IDLE_RELEASE)
+        return timeout
+
+    def _release_idle(self) -> None:
         now = time.monotonic()
-        return max(0.0, min(t.next_time for t in self.tasks) - now)
+        if now - self.idle_checked < IDLE_RELEASE / 4:
+            return
+        self.idle_checked = now
+        for held in list(self.held.values()):
+            if now - held.last_used > IDLE_RELEASE and not self._tasks_of(held.session.id):
+                self._release(held)
 
     def _receive_all(self) -> None:
         while self.inbox.poll(0):
@@ -251,6 +270,7 @@ class Writer:
                     self._release(held)
                 raise Refused(404, "not_found", f"no session {session_id}")
             if held is not None and not _moved_on(held.session, stored):
+                held.last_used = time.monotonic()
                 return held
             if held is not None:
                 self._release(held)
@@ -259,6 +279,7 @@ class Writer:
             held = None
             session: Session | None = stored
         elif held is not None:
+            held.last_used = time.monotonic()
             return held
         else:
             session = self.live.get(session_id) or self.store.load(session_id)

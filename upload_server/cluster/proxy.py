@@ -93,8 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in answer.getheaders():
                 if name.lower() not in HOP_BY_HOP:
                     self.send_header(name, value)
-            if answer.getheader("Content-Length") is None and self.command != "HEAD":
-                self.close_connection = True  # the body ends when the connection does
+            if answer.length is None:  # no length (nor 204, 304, HEAD): the body ends at close
+                self.close_connection = True
             self.end_headers()
             if self.command != "HEAD":
                 while block := answer.read(BLOCK):
