@@ -317,3 +317,46 @@ def test_concatenation_of_partial_uploads_written_on_different_nodes(nodes, back
     assert final.status_code == 201, final.text
     whole = requests.get(node_url(servers[0], final.headers["Location"]), timeout=60)
     assert whole.content == b"".join(pieces)
+
+
+def test_s3_data_reopens_from_its_marker_and_ignores_parts_sent_after_it(backends, tmp_path):
+    from upload_server.layout import Layout
+    from upload_server.storage import CommittedData
+    from upload_server.storage.s3 import S3Settings, S3Storage
+
+    settings = S3Settings.from_url(
+        f"s3://{BUCKET}/unit",
+        endpoint=backends.s3.url,
+        access_key=backends.key,
+        secret_key=backends.secret,
+        part_size=5 * MiB,
+    )
+    layout = Layout(tmp_path / "uploads")
+    layout.create()
+    storage = S3Storage(settings, layout)
+    data = os.urandom(13 * MiB + 5)
+    session_id = "s3-unit-test-0123456789"
+    first = storage.open(session_id)
+    first.write(memoryview(data[: 7 * MiB]), 0)
+    first.truncate(6 * MiB)  # a rollback cuts only the local buffer
+    first.write(memoryview(data[6 * MiB : 7 * MiB]), 6 * MiB)
+    first.commit(whole=True)  # one part of 5 MiB, the marker holds the other 2 MiB
+    with pytest.raises(CommittedData):
+        first.truncate(4 * MiB)
+    first.write(memoryview(data[7 * MiB : 11 * MiB]), 7 * MiB)
+    first._upload_part(0)  # a crash after sending a part, before the marker that counts it
+    first.close()
+    assert storage.size(session_id) == 7 * MiB
+    second = storage.open(session_id)
+    assert second.size() == 7 * MiB  # the stray part is past the marker's base: ignored
+    second.write(memoryview(data[7 * MiB :]), 7 * MiB)
+    second.commit(whole=True)
+    second.close()
+    location = storage.publish(session_id, "unit.bin", durable=True)
+    reader, size = storage.open_published(location, session_id)
+    with reader:
+        assert size == len(data)
+        reader.seek(6 * MiB - 10)
+        assert reader.read(20) == data[6 * MiB - 10 : 6 * MiB + 10]
+    assert backends.object_sha256(location) == hashlib.sha256(data).hexdigest()
+    assert backends.keys(settings.prefix + session_id) == [settings.prefix + session_id]

@@ -202,3 +202,12 @@ def test_readme_lists_every_setting():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [s.flag for s in SETTINGS if f"`{s.flag}`" not in readme]
     assert not missing, f"README's settings table lacks {missing}"
+
+
+def test_a_shared_session_store_needs_shared_storage():
+    with pytest.raises(ValueError, match="--storage s3://"):
+        Config.load(session_store="redis://127.0.0.1:6379/0")
+    with pytest.raises(ValueError, match="5MiB"):
+        Config.load(s3_part_size="4MiB")
+    config = Config.load(session_store="redis://127.0.0.1:6379/0", storage="s3://bucket/prefix")
+    assert config.shared and config.storage == "s3://bucket/prefix"

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,13 @@ class Service:
     process: subprocess.Popen
     url: str
     log: Path
-    extra: dict[str, Any] = field(default_factory=dict)
+    grace: float = 10.0  # seconds between SIGTERM and SIGKILL
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout)
+                self.process.wait(self.grace)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -145,7 +145,8 @@ def start_seaweedfs(
     with open(log, "ab") as output:
         process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT, cwd=directory)
     url = f"http://{LOOPBACK}:{s3_port}"
-    service = Service("seaweedfs", process, url, log, {"bucket": bucket})
+    # `weed server` takes 15 s to stop gracefully; its files here are scratch, so 3 s will do.
+    service = Service("seaweedfs", process, url, log, grace=3.0)
     client = s3_client(url, access_key, secret_key)
     _wait(service, lambda: _bucket_ready(client, bucket), timeout)
     return service
