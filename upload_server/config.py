@@ -456,13 +456,13 @@ class Config:
                 "--session-store redis:// shares uploads between nodes, so their data must be "
                 "shared too: set --storage s3://bucket/prefix"
             )
+        if self.web and self.web_path in (self.tus_path, "/upload/"):
+            raise ValueError(f"web_path {self.web_path} is taken by an API")
 
     @property
     def shared(self) -> bool:
         """True when several nodes share the session records (cluster mode)."""
         return self.session_store != "file"
-        if self.web and self.web_path in (self.tus_path, "/upload/"):
-            raise ValueError(f"web_path {self.web_path} is taken by an API")
 
     @classmethod
     def load(

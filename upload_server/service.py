@@ -213,6 +213,14 @@ class Uploads:
         with self._active_lock:
             return sum(len(ids) for ids in self._active.values())
 
+    def forget_ended(self, sessions: list[Session]) -> None:
+        """Cluster mode: an upload created here may end on another node, whose writer tells only
+        its own front end; the sweep's view of the shared records takes it off this node's count."""
+        ended = {s.id for s in sessions if s.is_final}
+        with self._active_lock:
+            for ids in self._active.values():
+                ids -= ended
+
     # -- limits -------------------------------------------------------------------------------
 
     def _check_session_limits(self, owner: str | None) -> None:

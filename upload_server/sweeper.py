@@ -58,6 +58,8 @@ class Sweeper:
         uploads = self.uploads
         retention = max(uploads.config.expiry, TOMBSTONE_DAYS * 86400)
         sessions = uploads.all_sessions()
+        if uploads.cluster is not None:
+            uploads.forget_ended(sessions)
         for session in sessions:
             if session.state in EXPIRABLE and session.expires_at and session.expires_at < now:
                 self._expire(session)
