@@ -611,8 +611,9 @@ class Writer:
             return
         try:
             if session.concat != "partial":
-                held.data.close()
-                held.data = None
+                if held.data is not None:
+                    held.data.close()
+                    held.data = None
                 session.location = self.storage.publish(
                     session.id, session.filename, durable=self.settings.fsync != "never"
                 )
