@@ -202,3 +202,11 @@ def test_readme_lists_every_setting():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [s.flag for s in SETTINGS if f"`{s.flag}`" not in readme]
     assert not missing, f"README's settings table lacks {missing}"
+
+
+def test_session_ids_are_long_and_start_with_a_letter_or_digit():
+    from upload_server.sessions.record import is_session_id, new_session_id
+
+    ids = {new_session_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(len(i) >= 22 and i[0].isalnum() and is_session_id(i) for i in ids)
