@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import pytest
 import requests
@@ -173,3 +174,20 @@ def test_operational_endpoints_are_public_with_auth_on(make_server, path):
 
     server = make_server(["--auth", "true", "--api-keys", f"a={hash_key('k')}"])
     assert requests.get(server.url(path), timeout=10).status_code == 200
+
+
+def test_a_writer_that_keeps_dying_is_restarted_with_a_delay(make_server):
+    server = make_server(env={"UPLOAD_SERVER_WRITERS": "1"})
+
+    def ready() -> dict:
+        return requests.get(server.url("/readyz"), timeout=10).json()
+
+    for kill in range(4):
+        pid = wait_for(lambda: (r := ready())["ready"] and r["writerPids"][0])
+        os.kill(pid, signal.SIGKILL)
+        if kill < 3:
+            continue
+        time.sleep(0.5)
+        assert ready()["ready"] is False  # the fourth death in a row: replaced after a delay
+    assert wait_for(lambda: ready()["ready"], timeout=30)
+    assert ready()["writerRestarts"] == 4

@@ -211,3 +211,11 @@ def test_a_shared_session_store_needs_shared_storage():
         Config.load(s3_part_size="4MiB")
     config = Config.load(session_store="redis://127.0.0.1:6379/0", storage="s3://bucket/prefix")
     assert config.shared and config.storage == "s3://bucket/prefix"
+
+
+def test_session_ids_are_long_and_start_with_a_letter_or_digit():
+    from upload_server.sessions.record import is_session_id, new_session_id
+
+    ids = {new_session_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(len(i) >= 22 and i[0].isalnum() and is_session_id(i) for i in ids)

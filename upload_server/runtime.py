@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("upload_server")
 
-LOCK_WAIT = 15.0
+LOCK_WAIT = 5.0  # long enough for a killed server's children to die with it
 
 
 class DirectoryLocked(RuntimeError):

@@ -33,6 +33,11 @@ from .messages import Append, Command, Concat, Drain, Event, Nudge, Ping, Reply,
 log = logging.getLogger("upload_server.pool")
 
 
+CRASH_WINDOW = 10.0  # seconds over which a writer's deaths are counted
+CRASHES_BEFORE_DELAY = 3  # deaths in the window before restarts are delayed
+MAX_RESTART_DELAY = 30.0
+
+
 class WriterUnavailable(Exception):
     """No answer from the writer in time, or it died while holding the request."""
 
@@ -45,6 +50,7 @@ class _Handle:
     replies: Connection
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     restarts: int = 0
+    replacing: bool = False
 
 
 @dataclass
@@ -82,6 +88,7 @@ class WriterPool:
         self._closing = False
         self._monitor: threading.Thread | None = None
         self.restarts = 0
+        self._restart_times: dict[int, list[float]] = {}
         self.on_event: Callable[[Event], None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -182,8 +189,10 @@ class WriterPool:
         return next(self._ids)
 
     def drain(self, session: Session) -> None:
-        """Start (or continue) copying a seed session's spool; nothing waits for it."""
-        self._send(self._handle_for(session).index, Drain(session.id))
+        """Start (or continue) copying a seed session's spool; nothing waits for it. A writer
+        being replaced gets it with the replacement (see `_replace`)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._send(self._handle_for(session).index, Drain(session.id))
 
     def append(self, session: Session, message: Append, timeout: float) -> Reply:
         return self._request(session, message, timeout, resend=True)
@@ -258,8 +267,9 @@ class WriterPool:
 
     def _watch(self) -> None:
         while not self._closing:
-            handles = {h.replies: h for h in self._handles}
-            sentinels = {h.process.sentinel: h for h in self._handles}
+            live = [h for h in self._handles if not h.replacing]
+            handles = {h.replies: h for h in live}
+            sentinels = {h.process.sentinel: h for h in live}
             try:
                 ready = wait([*handles, *sentinels], timeout=0.5)
             except OSError:
@@ -294,20 +304,40 @@ class WriterPool:
             pending.future.set_result(reply)
 
     def _restart(self, dead: _Handle) -> None:
-        if self._closing or self._handles[dead.index] is not dead:
-            return  # already replaced
+        """Replace a dead writer: at once, or after a growing delay when it keeps dying (a crash
+        loop, such as a writer that cannot start), so the monitor never spins."""
+        if self._closing or self._handles[dead.index] is not dead or dead.replacing:
+            return  # already being replaced
+        dead.replacing = True
         dead.process.join(1)
-        log.error(
-            "writer %d (pid %s) died with exit code %s; starting a replacement",
-            dead.index,
-            dead.process.pid,
-            dead.process.exitcode,
-        )
         with contextlib.suppress(OSError):
             dead.inbox.close()
         with contextlib.suppress(OSError):
             dead.replies.close()
         metrics.mark_dead(dead.process.pid)
+        now = time.monotonic()
+        recent = [t for t in self._restart_times.get(dead.index, []) if now - t < CRASH_WINDOW]
+        self._restart_times[dead.index] = [*recent, now]
+        delay = min(MAX_RESTART_DELAY, 2.0 ** (len(recent) - CRASHES_BEFORE_DELAY + 1))
+        if len(recent) < CRASHES_BEFORE_DELAY:
+            delay = 0.0
+        log.error(
+            "writer %d (pid %s) died with exit code %s; starting a replacement%s",
+            dead.index,
+            dead.process.pid,
+            dead.process.exitcode,
+            f" in {delay:.0f}s (it keeps dying)" if delay else "",
+        )
+        if delay:
+            timer = threading.Timer(delay, self._replace, (dead,))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._replace(dead)
+
+    def _replace(self, dead: _Handle) -> None:
+        if self._closing:
+            return
         replacement = self._spawn(dead.index)
         replacement.restarts = dead.restarts + 1
         self._handles[dead.index] = replacement

@@ -36,8 +36,12 @@ TUS = "tus"
 
 
 def new_session_id() -> str:
-    """128 random bits, URL-safe, no padding: unguessable and safe in paths and URLs."""
-    return secrets.token_urlsafe(16)
+    """More than 128 random bits, URL-safe, no padding: unguessable and safe in paths and URLs.
+    It starts with a letter or digit, so no command line mistakes it for an option."""
+    while True:
+        session_id = secrets.token_urlsafe(17)
+        if session_id[0].isalnum():
+            return session_id
 
 
 def is_session_id(text: str) -> bool:
