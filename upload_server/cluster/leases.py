@@ -9,8 +9,11 @@ node is refused at once with 423, which tus clients retry; waitress hands a requ
 when its body is whole, so a connection that died mid-body never holds a lease.
 
 Leases are not the only guard: the writer re-reads the shared record before it appends and refuses
-an offset that does not match it, so even a lease lost to a partition cannot write twice at one
-offset.
+an offset that does not match it, so a request that reaches a node after another node committed is
+refused. The case no guard here closes: a node cut off from Redis (not from S3) for longer than the
+heartbeat's TTL while it is in the middle of a PATCH finishes that PATCH's S3 commit while another
+node may already have taken the upload over; S3 has no compare-and-set on multipart parts that could
+fence it off.
 """
 
 from __future__ import annotations
@@ -120,7 +123,10 @@ class LeaseLocks:
         with self._guard:
             held = list(self._held.items())
         for upload_id, value in held:
-            if not self._renew(keys=[LOCK_PREFIX + upload_id], args=[value, self.ttl_ms]):
+            renewed = self._renew(keys=[LOCK_PREFIX + upload_id], args=[value, self.ttl_ms])
+            with self._guard:
+                still_held = self._held.get(upload_id) == value
+            if not renewed and still_held:
                 log.error("lost the lease of upload %s while holding it", upload_id)
 
     def release_all(self) -> None:
