@@ -45,7 +45,7 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
-class Backends:
+class Services:
     """The shared services, and what a node or a test needs to reach them."""
 
     def __init__(self, redis: services.Service, s3: services.Service, key: str, secret: str):
@@ -80,7 +80,7 @@ class Backends:
 
 
 @pytest.fixture(scope="session")
-def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     directory = tmp_path_factory.mktemp("cluster-services")
     key, secret = "cluster-tests", "cluster-tests-secret"
     redis = services.start_redis(directory / "redis")
@@ -89,7 +89,7 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
     except BaseException:
         redis.stop()
         raise
-    yield Backends(redis, s3, key, secret)
+    yield Services(redis, s3, key, secret)
     s3.stop()
     redis.stop()
     shutil.rmtree(directory, ignore_errors=True)
@@ -97,7 +97,7 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
 
 @pytest.fixture
 def nodes(
-    backends: Backends, make_server: Callable[..., Server], tmp_path: Path, request: Any
+    backends: Services, make_server: Callable[..., Server], tmp_path: Path, request: Any
 ) -> Callable[..., list[Server]]:
     """Start `count` nodes of one cluster (own upload directories, shared Redis and bucket)."""
     prefix = request.node.name[:40]

@@ -314,9 +314,7 @@ class Uploads:
         """A command another node sent here because this node holds the upload."""
         assert self.cluster is not None
         session = self.get(session_id)
-        return self.cluster.locks.run_held(
-            session_id, lambda: self.control_here(session, action, args), wait=10.0
-        )
+        return self.cluster.run_here(session_id, lambda: self.control_here(session, action, args))
 
     def resume(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
@@ -347,9 +345,7 @@ class Uploads:
             except errors.Conflict as exc:
                 if exc.code != "spool_missing":
                     raise
-            return self.cluster.locks.run_held(
-                session.id, lambda: self._resume_with(session, body, part), wait=10.0
-            )
+            return self.cluster.run_here(session.id, lambda: self._resume_with(session, body, part))
         return self._resume_with(session, body, part)
 
     def _resume_with(self, session: Session, body: RequestBody | None, part: Any) -> Session:

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..sessions import record as states
 from ..sessions.record import Session
@@ -33,6 +33,7 @@ FORWARD_TIMEOUT = 120.0  # a pause waits for the holder's writer, which a rate l
 TAKEOVER_WAIT = HEARTBEAT_TTL * 2  # long enough for a dead holder's heartbeat to lapse
 
 Local = Callable[[Session, str, dict[str, Any]], Session]
+T = TypeVar("T")
 
 
 class ClusterNode:
@@ -85,7 +86,12 @@ class ClusterNode:
             if answer is not None:
                 return answer
             log.warning("node %s holds %s but does not listen; taking over", holder, session.id)
-        return self.locks.run_held(session.id, lambda: here(session, action, args), TAKEOVER_WAIT)
+        return self.run_here(session.id, lambda: here(session, action, args))
+
+    def run_here(self, upload_id: str, action: Callable[[], T]) -> T:
+        """Run `action` on this node while it holds the upload (see `LeaseLocks.run_held`),
+        waiting long enough for a dead holder's heartbeat to lapse."""
+        return self.locks.run_held(upload_id, action, TAKEOVER_WAIT)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY):

@@ -31,6 +31,7 @@ import io
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class S3Settings:
         region: str = "",
         access_key: str = "",
         secret_key: str = "",
-        part_size: int = 8 * MiB,
+        part_size: int,
         max_upload_size: int = 0,
     ) -> S3Settings:
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
@@ -118,24 +119,20 @@ def make_client(settings: S3Settings) -> Any:
     return client
 
 
-class _S3Errors(contextlib.AbstractContextManager):
+@contextlib.contextmanager
+def _s3_errors() -> Iterator[None]:
     """Turn botocore's errors into the OSErrors writers already handle (missing: FileNotFound)."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if exc is None or isinstance(exc, OSError):
-            return
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _MISSING:
-                raise FileNotFoundError(errno.ENOENT, str(exc)) from exc
-            raise OSError(errno.EIO, f"S3: {exc}") from exc
-        if isinstance(exc, BotoCoreError):
-            raise OSError(errno.EIO, f"S3: {exc}") from exc
-
-
-_s3_errors = _S3Errors()
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            raise FileNotFoundError(errno.ENOENT, str(exc)) from exc
+        raise OSError(errno.EIO, f"S3: {exc}") from exc
+    except BotoCoreError as exc:
+        raise OSError(errno.EIO, f"S3: {exc}") from exc
 
 
 @dataclass
@@ -191,7 +188,7 @@ class S3Storage:
         marker = key + ".part"
         committed = self._committed(key, with_tail=False)
         parts = list(committed.parts or [])
-        with _s3_errors:
+        with _s3_errors():
             if not parts:
                 source = {"Bucket": self.bucket, "Key": marker}
                 if committed.marker:
@@ -230,11 +227,11 @@ class S3Storage:
 
     def discard(self, session_id: str) -> None:
         key = self.key(session_id)
-        with _s3_errors:
+        with _s3_errors():
             listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
             for upload in listing.get("Uploads", []):
                 if upload["Key"] == key:
-                    with contextlib.suppress(FileNotFoundError), _s3_errors:
+                    with contextlib.suppress(FileNotFoundError), _s3_errors():
                         self.client.abort_multipart_upload(
                             Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
                         )
@@ -242,12 +239,12 @@ class S3Storage:
         self._remove_buffer(session_id)
 
     def remove(self, location: str) -> None:
-        with _s3_errors:
+        with _s3_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self._key_of(location))
 
     def open_published(self, location: str | None, session_id: str) -> tuple[S3Reader, int]:
         key = self._key_of(location) if location else self.key(session_id)
-        with _s3_errors:
+        with _s3_errors():
             size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
         return S3Reader(self, key, size), size
 
@@ -265,11 +262,11 @@ class S3Storage:
         committed = _Committed()
         read = self.client.get_object if with_tail else self.client.head_object
         try:
-            with _s3_errors:
+            with _s3_errors():
                 answer = read(Bucket=self.bucket, Key=key + ".part")
         except FileNotFoundError:
             return committed
-        with _s3_errors:
+        with _s3_errors():
             committed.marker = True
             committed.tail = answer["ContentLength"]
             meta = answer.get("Metadata", {})
@@ -358,7 +355,7 @@ class S3UploadData:
         if not (sent or (whole and self.changed)):
             return
         tail = buffered - sent if whole else 0
-        with _s3_errors:
+        with _s3_errors():
             self.storage.client.put_object(
                 Bucket=self.storage.bucket,
                 Key=self.key + ".part",
@@ -381,7 +378,7 @@ class S3UploadData:
 
     def _upload_part(self, start: int) -> None:
         client, bucket = self.storage.client, self.storage.bucket
-        with _s3_errors:
+        with _s3_errors():
             if self.upload_id is None:
                 created = client.create_multipart_upload(Bucket=bucket, Key=self.key)
                 self.upload_id = created["UploadId"]
@@ -473,11 +470,11 @@ class S3Reader(io.RawIOBase):
         if self.pos >= self.length or len(buffer) == 0:
             return 0
         if self.body is None:
-            with _s3_errors:
+            with _s3_errors():
                 self.body = self.storage.client.get_object(
                     Bucket=self.storage.bucket, Key=self.key, Range=f"bytes={self.pos}-"
                 )["Body"]
-        with _s3_errors:
+        with _s3_errors():
             data = self.body.read(len(buffer))
         buffer[: len(data)] = data
         self.pos += len(data)
@@ -500,7 +497,7 @@ def _open_buffer(path: Path) -> int:
 
 def _download(body: Any, fd: int) -> None:
     offset = 0
-    with _s3_errors:
+    with _s3_errors():
         for block in body.iter_chunks(_COPY_BLOCK):
             fileio.pwrite_all(fd, block, offset)
             offset += len(block)
