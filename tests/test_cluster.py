@@ -209,7 +209,7 @@ def test_client_resumes_on_another_node_after_a_node_is_killed(nodes, backends, 
 
 def test_seed_upload_paused_through_one_node_resumed_through_another(nodes, backends, files):
     holder, pauser, resumer = nodes(3, ["--max-bytes-per-second", "1MiB"])
-    source = files(4 * MiB + 7, seed=3)
+    source = files(6 * MiB + 7, seed=3)
     response = holder.post_file(source)
     assert response.status_code == 201, response.text
     session_id = response.json()["sessionID"]
@@ -233,7 +233,7 @@ def test_seed_upload_paused_through_one_node_resumed_through_another(nodes, back
 
 def test_terminate_through_another_node(nodes, backends, files):
     holder, other = nodes(2, ["--max-bytes-per-second", "1MiB"])
-    source = files(3 * MiB, seed=4)
+    source = files(5 * MiB, seed=4)
     session_id = holder.post_file(source).json()["sessionID"]
     wait_for(lambda: other.status(session_id)["bytesWritten"] > 0, timeout=20)
     ended = requests.post(
@@ -284,7 +284,7 @@ def test_seed_upload_of_a_dead_node_waits_and_resumes_with_the_file_elsewhere(
     nodes, backends, files
 ):
     holder, other = nodes(2, ["--max-bytes-per-second", "2MiB"])
-    source = files(5 * MiB + 3, seed=6)
+    source = files(8 * MiB + 3, seed=6)
     session_id = holder.post_file(source).json()["sessionID"]
     wait_for(lambda: other.status(session_id)["bytesWritten"] > 0, timeout=20)
     holder.kill()

@@ -152,6 +152,8 @@ class Runtime:
                         resumable.append(session)
                     else:
                         session.wait_for_client("the server restarted")
+                        if self.backends.shared:  # other nodes read the record, not our live view
+                            self.store.save(session, durable=True)
             live.put(session)
         return resumable
 
