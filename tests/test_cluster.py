@@ -366,3 +366,19 @@ def test_s3_data_reopens_from_its_marker_and_ignores_parts_sent_after_it(backend
         assert reader.read(20) == data[6 * MiB - 10 : 6 * MiB + 10]
     assert backends.object_sha256(location) == hashlib.sha256(data).hexdigest()
     assert backends.keys(settings.prefix + session_id) == [settings.prefix + session_id]
+
+
+def test_a_node_restarted_under_its_id_finishes_its_seed_upload(
+    backends, make_server, tmp_path, files
+):
+    env = backends.node_env("restart")
+    args = ["--node-id", "restarted-node", "--max-bytes-per-second", "2MiB"]
+    directory = tmp_path / "node" / "uploads"
+    first = make_server(args, env=env, upload_dir=directory)
+    source = files(6 * MiB + 1, seed=7)
+    session_id = first.post_file(source).json()["sessionID"]
+    wait_for(lambda: first.status(session_id)["bytesWritten"] > 0, timeout=20)
+    first.stop()  # graceful: the writers commit to S3 and checkpoint the record in Redis
+    again = make_server(args, env=env, upload_dir=directory)
+    status = again.wait_state(session_id, "completed", timeout=60)
+    assert backends.object_sha256(status["storedAs"]) == sha256_file(source)
