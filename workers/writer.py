@@ -412,6 +412,8 @@ class Writer:
             try:
                 with fileio.mapped(fd, session.bytes_written, n) as view:
                     hasher.update(view)
+                if self.settings.fsync != "never":
+                    fileio.start_writeback(fd, session.bytes_written, n)
             except ValueError:  # the spool is shorter than the file: it was cut short
                 self._spool_cut_short(held)
                 return False
@@ -759,7 +761,7 @@ def main(
         replies,
         LiveSessions(sessions_proxy),
         FileSessionStore(layout.sessions),
-        LocalStorage(layout),
+        LocalStorage(layout, writeback=settings.fsync != "never"),
         layout,
     )
     writer.serve()
