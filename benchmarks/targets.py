@@ -26,7 +26,9 @@ import psutil
 from client import Connection, Payload, wait_completed
 
 # The settings recommended for bulk uploads: one list, so it is easy to try others.
-BULK_FLAGS = ["--chunk-size", "8MiB", "--threads", "32"]
+BULK_FLAGS = ["--threads", "64", "--writers", "4"]
+# Like for like with @tus/server, whose FileStore never syncs: the same server without fsync.
+NOSYNC_FLAGS = ["--fsync", "never"]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -306,6 +308,7 @@ def all_targets() -> list[Target]:
     return [
         UploadServer("defaults", "upload_server defaults"),
         UploadServer("bulk", "upload_server bulk", list(BULK_FLAGS)),
+        UploadServer("nosync", "upload_server --fsync never", list(NOSYNC_FLAGS)),
         TusNode("tus-node", "@tus/server"),
         Sink("loopback", "loopback"),
         Disk("disk", "disk"),

@@ -70,6 +70,7 @@ def test_metrics_match_what_happened(make_server, files):
     assert metric(text, "upload_server_bytes_received_total", protocol="seed") == sum(sizes) + 100
     assert metric(text, "upload_server_bytes_received_total", protocol="tus") == 5000
     assert metric(text, "upload_server_bytes_written_total") == sum(sizes) + 100 + 5000
+    assert metric(text, "upload_server_bytes_spooled_total") == sum(sizes) + 100 + 5000
     assert metric(text, "upload_server_active_sessions") == 1  # the failed one may be resumed
     assert metric(text, "upload_server_writers_alive") == 2
     assert (
@@ -91,6 +92,28 @@ def test_metrics_match_what_happened(make_server, files):
         )
         == 4
     )
+
+
+def test_large_patch_bodies_are_linked_into_the_spool_not_copied(server):
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("linking anonymous files needs Linux")
+    tus = Tus(server.base)
+    before = metric(
+        requests.get(server.url("/metrics"), timeout=10).text,
+        "upload_server_bytes_spooled_total",
+        how="linked",
+    )
+    data = b"L" * (3 * MiB)
+    url = tus.upload(data, chunk=3 * MiB)
+    assert requests.get(url, timeout=10).content == data
+    after = metric(
+        requests.get(server.url("/metrics"), timeout=10).text,
+        "upload_server_bytes_spooled_total",
+        how="linked",
+    )
+    assert after - before == 3 * MiB
 
 
 def test_readyz_goes_unready_when_writers_stop_answering(make_server):

@@ -38,8 +38,10 @@ def create_app(
     refuses an upload by raising `upload_server.hooks.HookRejected`."""
     config = config if config is not None else Config.load(**overrides)
     logs.configure(config.log_level, config.log_format)
-    metrics.setup(Layout(config.upload_dir.absolute()).internal / "metrics")
-    waitress_patches.install()
+    layout = Layout(config.upload_dir.absolute())
+    layout.create()
+    metrics.setup(layout.internal / "metrics")
+    waitress_patches.install(layout.spool_dir)
     authenticator = Authenticator(config)
     runtime = Runtime(config, Hooks(config, hook)).start()
     atexit.register(runtime.close)

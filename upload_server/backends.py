@@ -52,9 +52,10 @@ class Backends:
 
         return RedisSessionStore(connect(self.session_store))
 
-    def open_storage(self, layout: Layout) -> Storage:
+    def open_storage(self, layout: Layout, *, writeback: bool = False) -> Storage:
+        """`writeback` (writers whose data will be synced): see `LocalStorage`."""
         if self.s3 is None:
-            return LocalStorage(layout)
+            return LocalStorage(layout, writeback=writeback)
         from .storage.s3 import S3Storage
 
         return S3Storage(self.s3, layout)

@@ -76,6 +76,15 @@ class RequestBody:
         else:
             fileio.copy_range(self._fd, self._base + start, fd, dest_offset, end - start)
 
+    def link_to(self, path: Path) -> bool:
+        """Name the server's own buffer file `path` when it holds exactly this body (a tus PATCH
+        body that waitress spilled to a linkable temporary file): no copy at all."""
+        if self._bytes is not None or self._owned is not None or self._base != 0:
+            return False
+        if os.fstat(self._fd).st_size != self.length:
+            return False
+        return fileio.link_anonymous(self._fd, path)
+
     def close(self) -> None:
         if self._owned is not None:
             self._owned.close()

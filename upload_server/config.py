@@ -265,7 +265,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"
     ),
-    Setting("threads", _positive_int, 16, "waitress request threads.", "N"),
+    Setting(
+        "threads",
+        _positive_int,
+        32,
+        "waitress request threads (keep status answering under load).",
+        "N",
+    ),
     Setting(
         "recv_bytes", parse_size, 256 * 1024, "waitress socket read size (intake speed).", "SIZE"
     ),

@@ -9,10 +9,15 @@ resident size of a process stays flat however large the file is.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import mmap
 import os
+import sys
+import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 WINDOW = 8 * 1024 * 1024
 _GRANULARITY = mmap.ALLOCATIONGRANULARITY
@@ -105,6 +110,52 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
 
 # copy_file_range is refused across some filesystems and by some kernels; fall back to mmap + pwrite.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def linkable_tempfile(directory: os.PathLike | str) -> BinaryIO:
+    """An anonymous temporary file in `directory` that can later be given a name (Linux
+    O_TMPFILE without O_EXCL); elsewhere an ordinary temporary file."""
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError:
+            pass
+        else:
+            return open(fd, "w+b")
+    return tempfile.TemporaryFile("w+b", dir=directory)
+
+
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def link_anonymous(fd: int, path: os.PathLike | str) -> bool:
+    """Give the anonymous file open as `fd` the name `path`, without copying it. False when the
+    file cannot be linked (not from `linkable_tempfile`, another filesystem, not Linux)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    source = f"/proc/self/fd/{fd}".encode()
+    result = libc.linkat(_AT_FDCWD, source, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW)
+    return result == 0
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk now, without waiting for it (Linux
+    sync_file_range). The fsync at the end of an upload then finds little left to write, so the
+    disk works while the network does instead of after it."""
+    libc = _libc()
+    if libc is not None:
+        libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), 2)
 
 
 def open_for_write(path: os.PathLike | str, *, create: bool = True, exclusive: bool = False) -> int:

@@ -45,6 +45,11 @@ class Metrics:
         self.bytes_received = Counter(
             "upload_server_bytes_received", "Upload bytes accepted into the spool", ["protocol"]
         )
+        self.bytes_spooled = Counter(
+            "upload_server_bytes_spooled",
+            "Bytes put in the spool, by how: linked (no copy) or copied by the kernel",
+            ["how"],
+        )
         self.bytes_written = Counter(
             "upload_server_bytes_written", "Upload bytes written by the writers"
         )

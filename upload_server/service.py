@@ -201,7 +201,9 @@ class Uploads:
         return session
 
     def _save(self, session: Session) -> None:
-        self.store.save(session, durable=self.config.fsync != "never")
+        # under on-complete, a new record is written atomically but not synced: a power loss
+        # can only cost an upload that had not completed, which that policy accepts
+        self.store.save(session, durable=self.config.fsync == "always")
         self.live.put(session)
         with self._active_lock:
             self._active.setdefault(session.owner, set()).add(session.id)

@@ -495,6 +495,8 @@ class Writer:
             try:
                 with fileio.mapped(fd, session.bytes_written, n) as view:
                     hasher.update(view)
+                if self.settings.fsync != "never":
+                    fileio.start_writeback(fd, session.bytes_written, n)
             except ValueError:  # the spool is shorter than the file: it was cut short
                 self._spool_cut_short(held)
                 return False
@@ -895,7 +897,7 @@ def main(
         replies,
         LiveSessions(sessions_proxy),
         settings.backends.open_store(layout),
-        settings.backends.open_storage(layout),
+        settings.backends.open_storage(layout, writeback=settings.fsync != "never"),
         layout,
     )
     writer.serve()

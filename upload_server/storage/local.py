@@ -20,8 +20,9 @@ from ..sessions.store import fsync_dir
 
 
 class LocalUploadData:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writeback: bool) -> None:
         self.path = path
+        self.writeback = writeback
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
 
     def size(self) -> int:
@@ -29,6 +30,8 @@ class LocalUploadData:
 
     def write(self, data: memoryview, offset: int) -> None:
         fileio.pwrite_all(self.fd, data, offset)
+        if self.writeback:
+            fileio.start_writeback(self.fd, offset, len(data))
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
@@ -51,12 +54,15 @@ class LocalUploadData:
 
 
 class LocalStorage:
-    def __init__(self, layout: Layout) -> None:
+    """`writeback`: start writing data to disk as it comes (for uploads that will be synced)."""
+
+    def __init__(self, layout: Layout, *, writeback: bool = False) -> None:
         self.layout = layout
+        self.writeback = writeback
         self._next_suffix: dict[str, int] = {}  # sanitized name -> first suffix not known taken
 
     def open(self, session_id: str) -> LocalUploadData:
-        return LocalUploadData(self.layout.partial(session_id))
+        return LocalUploadData(self.layout.partial(session_id), self.writeback)
 
     def size(self, session_id: str) -> int | None:
         try:
