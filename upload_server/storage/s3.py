@@ -313,7 +313,6 @@ class S3UploadData:
 
     def __init__(self, storage: S3Storage, session_id: str) -> None:
         self.storage = storage
-        self.session_id = session_id
         self.key = storage.key(session_id)
         self.part_size = storage.settings.part_size
         self.buffer = storage.layout.partial(session_id)
@@ -325,36 +324,36 @@ class S3UploadData:
             raise
         self.upload_id = committed.upload_id
         self.parts = committed.parts or []
-        self.base = committed.base
-        self.marker = committed.marker
+        self.base = committed.base  # bytes in self.parts
+        self.front = 0  # bytes at the start of the buffer file already sent as parts
         self.changed = False  # bytes written or cut since the marker was last written
 
     def size(self) -> int:
-        return self.base + fileio.file_size(self.fd)
+        return self.base + fileio.file_size(self.fd) - self.front
 
     def write(self, data: memoryview, offset: int) -> None:
         if offset != self.size():
             raise OSError(errno.EINVAL, f"S3 data is appended only: {offset} != {self.size()}")
-        fileio.pwrite_all(self.fd, data, offset - self.base)
+        fileio.pwrite_all(self.fd, data, self.front + offset - self.base)
         self.changed = True
 
     def truncate(self, size: int) -> None:
         if size < self.base:
             raise CommittedData(f"bytes below {self.base} of {self.key} are committed parts")
-        os.ftruncate(self.fd, size - self.base)
+        os.ftruncate(self.fd, self.front + size - self.base)
         self.changed = True
 
     def commit(self, *, whole: bool) -> None:
-        buffered = fileio.file_size(self.fd)
-        sent = 0
-        while buffered - sent >= self.part_size:
-            self._upload_part(sent)
-            sent += self.part_size
-        if sent:
-            self._drop_front(sent, buffered)
+        """Send full parts, then write the marker. A failure part-way leaves this handle
+        consistent (sent parts are counted in `base`) and S3 at its last marker."""
+        sent = False
+        while fileio.file_size(self.fd) - self.front >= self.part_size:
+            self._upload_part()
+            sent = True
         if not (sent or (whole and self.changed)):
             return
-        tail = buffered - sent if whole else 0
+        self._drop_front()
+        tail = fileio.file_size(self.fd) if whole else 0
         with _s3_errors():
             self.storage.client.put_object(
                 Bucket=self.storage.bucket,
@@ -363,7 +362,6 @@ class S3UploadData:
                 ContentLength=tail,
                 Metadata={"base": str(self.base), "upload-id": self.upload_id or ""},
             )
-        self.marker = True
         self.changed = not whole
 
     def sync(self) -> None:
@@ -376,7 +374,7 @@ class S3UploadData:
             with contextlib.suppress(FileNotFoundError):
                 self.buffer.unlink()
 
-    def _upload_part(self, start: int) -> None:
+    def _upload_part(self) -> None:
         client, bucket = self.storage.client, self.storage.bucket
         with _s3_errors():
             if self.upload_id is None:
@@ -388,24 +386,28 @@ class S3UploadData:
                 Key=self.key,
                 UploadId=self.upload_id,
                 PartNumber=number,
-                Body=_FileSlice(self.fd, start, self.part_size),
+                Body=_FileSlice(self.fd, self.front, self.part_size),
                 ContentLength=self.part_size,
             )
         self.parts.append(_Part(number, answer["ETag"], self.part_size))
         self.base += self.part_size
+        self.front += self.part_size
 
-    def _drop_front(self, sent: int, buffered: int) -> None:
-        """Keep only the buffer's bytes past the parts just sent, in a fresh file."""
+    def _drop_front(self) -> None:
+        """Keep only the buffer's bytes past the parts sent, in a fresh file."""
+        if not self.front:
+            return
         fresh = self.buffer.with_name(self.buffer.name + ".tmp")
         fd = _open_buffer(fresh)
         try:
-            fileio.copy_range(self.fd, sent, fd, 0, buffered - sent)
+            rest = fileio.file_size(self.fd) - self.front
+            fileio.copy_range(self.fd, self.front, fd, 0, rest)
             os.replace(fresh, self.buffer)
         except BaseException:
             os.close(fd)
             raise
         os.close(self.fd)
-        self.fd = fd
+        self.fd, self.front = fd, 0
 
 
 class _FileSlice(io.RawIOBase):
