@@ -139,6 +139,8 @@ def measure(
     assert cluster.proxy is not None and cluster.redis is not None
     base = cluster.proxy.url
     expected = hashlib.sha256(data).hexdigest()
+    for node in range(len(cluster.nodes)):  # warm up: SeaweedFS grows its first volumes lazily
+        tus_upload(base, data[: chunk + node], chunk, f"warm-up-{node}.bin")
     redis_before, s3_before = redis_calls(cluster.redis.url), s3_calls(cluster.node_urls)
     ids: list[str] = []
     errors: list[BaseException] = []
