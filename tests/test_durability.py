@@ -282,3 +282,57 @@ def test_fsync_policies_store_the_same_bytes(make_server, files, policy):
     data = random.Random(7).randbytes(2 * MiB)
     url = tus.upload(data)
     assert requests.get(url, timeout=10).content == data
+
+
+@pytest.mark.parametrize("moment", ["noted", "linked", "unlinked"])
+def test_a_crash_while_publishing_is_finished_at_restart(make_server, files, moment):
+    """Publishing writes its target down first: wherever a crash stops it, a restart finishes it."""
+    import json
+
+    server = make_server()
+    source = files(3 * MiB + 5, seed=80)
+    session_id = server.post_file(source, filename="pub.bin").json()["sessionID"]
+    name = server.wait_state(session_id, "completed")["storedAs"]
+    server.stop()
+    internal = server.upload_dir / ".upload_server"
+    published, partial = server.upload_dir / name, internal / "partial" / session_id
+    if moment == "noted":  # the note is on disk, the link not made: the data is still partial
+        os.replace(published, partial)
+    elif moment == "linked":  # linked into place, the partial name not yet removed
+        os.link(published, partial)
+    record_path = internal / "sessions" / f"{session_id}.json"
+    record = json.loads(record_path.read_text())
+    record.update(state="writing", publishing=name, location=None)
+    record_path.write_text(json.dumps(record))
+
+    again = make_server(upload_dir=server.upload_dir)
+    status = again.status(session_id)
+    assert status["state"] == "completed" and status["storedAs"] == name
+    assert sha256_file(again.upload_dir / name) == sha256_file(source) == status["sha256"]
+    assert not partial.exists()
+
+
+def test_a_crash_after_the_spool_became_the_data_is_finished_at_restart(make_server, files):
+    """The whole spool was renamed into the data, then the server died before publishing."""
+    import json
+
+    server = make_server()
+    source = files(2 * MiB + 9, seed=81)
+    session_id = server.post_file(source, filename="renamed.bin").json()["sessionID"]
+    name = server.wait_state(session_id, "completed")["storedAs"]
+    server.stop()
+    internal = server.upload_dir / ".upload_server"
+    os.replace(server.upload_dir / name, internal / "partial" / session_id)
+    record_path = internal / "sessions" / f"{session_id}.json"
+    record = json.loads(record_path.read_text())
+    record.update(state="writing", spooled=True, bytes_written=MiB, location=None, sha256=None)
+    record_path.write_text(json.dumps(record))
+
+    again = make_server(upload_dir=server.upload_dir)
+    status = again.wait_state(session_id, "completed", "waiting")
+    assert status["state"] == "completed", status
+    assert (
+        sha256_file(again.upload_dir / status["storedAs"])
+        == sha256_file(source)
+        == status["sha256"]
+    )

@@ -145,10 +145,14 @@ class Runtime:
             if session.node != self.backends.node_id:
                 continue  # another node's upload (cluster mode)
             session.writer %= self.config.writers
+            if session.publishing and not session.is_final:
+                self._finish_publish(session)
             if not session.is_final:
                 self._reconcile(session)
                 if session.state in (states.QUEUED, states.WRITING):
-                    if session.protocol == states.SEED and self._spool_whole(session):
+                    if session.protocol == states.SEED and (
+                        self._spool_whole(session) or self._data_whole(session)
+                    ):
                         resumable.append(session)
                     else:
                         session.wait_for_client("the server restarted")
@@ -165,6 +169,28 @@ class Runtime:
         node = ClusterNode(client, node_id, self.config.lease_ttl, uploads.control_from_peer)
         uploads.cluster = node
         return node.start()
+
+    def _finish_publish(self, session: Session) -> None:
+        """A crash came while the upload was being published: finish it (its bytes were all
+        stored and hashed before the note was written)."""
+        durable = self.config.fsync != "never"
+        try:
+            session.location = self.storage.finish_publish(
+                session.id, session.publishing, session.filename, durable=durable
+            )
+        except FileNotFoundError:
+            log.error("upload %s: its data vanished while it was published", session.id)
+            session.publishing = None
+            return
+        session.publishing = None
+        session.state = states.COMPLETED
+        session.bytes_written = session.total_bytes or 0
+        session.error = None
+        session.expires_at = None
+        self.store.save(session, durable=durable)
+        log.info(
+            "upload %s: finished publishing it as %s after a restart", session.id, session.location
+        )
 
     def _reconcile(self, session: Session) -> None:
         """The durable offset never runs ahead of the data: trust the smaller of the two. (For a
@@ -183,6 +209,12 @@ class Runtime:
             )
             session.bytes_written = stored
             self.store.save(session, durable=True)
+
+    def _data_whole(self, session: Session) -> bool:
+        """All the file is in the upload data (a renamed spool not yet published)."""
+        return (
+            session.total_bytes is not None and self.storage.size(session.id) == session.total_bytes
+        )
 
     def _spool_whole(self, session: Session) -> bool:
         try:

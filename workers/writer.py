@@ -436,6 +436,16 @@ class Writer:
         try:
             fd = fileio.open_for_read(spool)
         except FileNotFoundError:
+            if (
+                session.total_bytes is not None
+                and self.storage.size(session_id) == session.total_bytes
+            ):
+                # the whole spool was renamed into the data just before a crash: finish from it
+                session.spooled = False
+                session.bytes_written = session.total_bytes
+                held.sha256 = None
+                self._finish(held)
+                return
             session.state = states.WAITING
             session.set_error(
                 "spool_missing",
@@ -717,7 +727,10 @@ class Writer:
                 data.close()
                 held.data = None
                 session.location = self.storage.publish(
-                    session.id, session.filename, durable=self.settings.fsync != "never"
+                    session.id,
+                    session.filename,
+                    durable=self.settings.fsync != "never",
+                    note=lambda location: self._note_publishing(held, location),
                 )
             digest = hasher.hexdigest() if hasher is not None else self._published_digest(session)
         except OSError as exc:
@@ -726,12 +739,20 @@ class Writer:
         if hasher is None and not self._digest_ok(held, digest):
             return
         session.state = states.COMPLETED
+        session.publishing = None
         session.error = None
         session.expires_at = None
         self._publish(held, STATE)
         self._emit("completed", session)
         self._remove_spool(session.id)
         self._release(held)
+
+    def _note_publishing(self, held: Held, location: str) -> None:
+        """Write down, durably, where the data is about to appear: a crash from here on is
+        finished at restart (`Runtime._recover`), not mistaken for lost data."""
+        held.session.publishing = location
+        held.session.spooled = False
+        self._publish(held, STATE)
 
     def _published_digest(self, session: Session) -> str:
         handle, _ = self.storage.open_published(session.location, session.id)

@@ -71,6 +71,9 @@ class Session:
     # True while a seed upload's counted bytes are verified in its spool, which becomes its data
     # when whole (a rename instead of a copy); False once they are in the upload data.
     spooled: bool = False
+    # The location being published, written down (durably) before it becomes visible, so that a
+    # crash in the middle of publishing is finished at restart instead of losing the file.
+    publishing: str | None = None
     node: str | None = None  # cluster mode: the node that last wrote it (a seed's spool is there)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)

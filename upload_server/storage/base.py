@@ -9,6 +9,7 @@ like tusd's optional extension interfaces.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -76,9 +77,19 @@ class Storage(Protocol):
     def size(self, session_id: str) -> int | None:
         """Bytes stored for an unpublished upload, or None when it has no data."""
 
-    def publish(self, session_id: str, filename: str, *, durable: bool) -> str:
+    def publish(
+        self, session_id: str, filename: str, *, durable: bool, note: Callable[[str], None]
+    ) -> str:
         """Make complete, committed data visible (under `filename` where the backend names files;
-        never overwriting another file) and return its location."""
+        never overwriting another file) and return its location. `note(location)` is called
+        before the location becomes visible, so the caller can write it down first."""
+
+    def finish_publish(
+        self, session_id: str, location: str, filename: str, *, durable: bool
+    ) -> str:
+        """After a crash: finish a publish that was noted for `location` (it may have happened
+        whole, in part, or not at all) and return where the data is; FileNotFoundError if the
+        data is nowhere."""
 
     def discard(self, session_id: str) -> None:
         """Remove an unpublished upload's data; a missing one is not an error."""

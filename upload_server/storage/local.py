@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -70,7 +70,9 @@ class LocalStorage:
         except FileNotFoundError:
             return None
 
-    def publish(self, session_id: str, filename: str, *, durable: bool) -> str:
+    def publish(
+        self, session_id: str, filename: str, *, durable: bool, note: Callable[[str], None]
+    ) -> str:
         source = self.layout.partial(session_id)
         root = self.layout.root
         wanted = filenames.sanitize(filename)
@@ -79,6 +81,9 @@ class LocalStorage:
         for n, name in filenames.candidates(wanted, self._next_suffix.get(wanted, 0)):
             if not filenames.is_component(name):
                 raise OSError(errno.EINVAL, f"refusing to publish outside {root}: {name!r}")
+            if os.path.lexists(root / name):
+                continue
+            note(name)
             try:
                 _link_or_reserve(source, root / name)
             except FileExistsError:
@@ -88,6 +93,19 @@ class LocalStorage:
                 fsync_dir(root)
             return name
         raise AssertionError("unreachable: candidates() is infinite")
+
+    def finish_publish(
+        self, session_id: str, location: str, filename: str, *, durable: bool
+    ) -> str:
+        source, target = self.layout.partial(session_id), self._published(location)
+        if not source.exists():
+            if target.exists():
+                return location  # linked and unlinked (or renamed) before the crash
+            raise FileNotFoundError(f"upload {session_id}: neither its data nor {location} exist")
+        if target.exists() and os.path.samefile(source, target):
+            source.unlink()  # linked, not yet unlinked
+            return location
+        return self.publish(session_id, filename, durable=durable, note=lambda _: None)
 
     def adopt(self, session_id: str, path: str) -> bool:
         try:

@@ -31,7 +31,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,14 +181,19 @@ class S3Storage:
         committed = self._committed(self.key(session_id), with_tail=False)
         return committed.base + committed.tail if committed.marker else None
 
-    def publish(self, session_id: str, filename: str, *, durable: bool) -> str:
+    def publish(
+        self, session_id: str, filename: str, *, durable: bool, note: Callable[[str], None]
+    ) -> str:
         """Complete the multipart upload (the marker's tail becomes its last part, copied inside
         S3), or copy a small upload's marker into place when it never needed a part."""
         key = self.key(session_id)
         marker = key + ".part"
+        note(self.location(session_id))
         committed = self._committed(key, with_tail=False)
         parts = list(committed.parts or [])
         with _s3_errors():
+            if not committed.marker and not committed.upload_id and self._exists(key):
+                return self.location(session_id)  # published before a crash: never overwrite it
             if not parts:
                 source = {"Bucket": self.bucket, "Key": marker}
                 if committed.marker:
@@ -224,6 +229,20 @@ class S3Storage:
                 self.client.delete_object(Bucket=self.bucket, Key=marker)
         self._remove_buffer(session_id)
         return self.location(session_id)
+
+    def finish_publish(
+        self, session_id: str, location: str, filename: str, *, durable: bool
+    ) -> str:
+        return self.publish(session_id, filename, durable=durable, note=lambda _: None)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except self.client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
 
     def discard(self, session_id: str) -> None:
         key = self.key(session_id)
