@@ -358,7 +358,7 @@ def test_s3_data_reopens_from_its_marker_and_ignores_parts_sent_after_it(backend
     second.write(memoryview(data[7 * MiB :]), 7 * MiB)
     second.commit(whole=True)
     second.close()
-    location = storage.publish(session_id, "unit.bin", durable=True)
+    location = storage.publish(session_id, "unit.bin", durable=True, note=lambda _: None)
     reader, size = storage.open_published(location, session_id)
     with reader:
         assert size == len(data)
