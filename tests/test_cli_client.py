@@ -25,6 +25,8 @@ from upload_server.client.transfer import FileUploader, Job, Run
 from .conftest import MiB, free_port, make_file, sha256_file, wait_for
 from .netproxy import CuttingProxy
 
+pytestmark = pytest.mark.frontend
+
 _SCRIPT = Path(sys.executable).with_name("upload-client")
 CLIENT = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "upload_server.client.cli"]
 SLOW = ["--max-bytes-per-second", "1MiB"]  # a 6 MiB upload takes about 6 s

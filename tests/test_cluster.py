@@ -42,7 +42,10 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+]
 
 
 class Services:

@@ -24,6 +24,8 @@ from upload_server.auth import hash_key
 from .conftest import Server
 from .tus_http import OCTET, TUS, Tus
 
+pytestmark = pytest.mark.frontend
+
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "600"))
 FUZZ = settings(
     max_examples=EXAMPLES,

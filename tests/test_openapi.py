@@ -14,6 +14,8 @@ from schemathesis import GenerationMode
 
 from .conftest import Server
 
+pytestmark = pytest.mark.frontend
+
 EXAMPLES = 40
 
 schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")

@@ -22,6 +22,8 @@ from upload_server.config import Config
 from .conftest import ROOT, MiB, make_file, sha256_file, wait_for
 from .netproxy import CuttingProxy
 
+pytestmark = pytest.mark.frontend
+
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
     "--headless",
