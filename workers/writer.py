@@ -5,7 +5,8 @@ round-robin list of tasks (a seed drain, a tus append, a concatenation), each a 
 one chunk per step, so a long upload never starts the others on the same writer, and between chunks it
 reads its inbox, where a `Nudge` points it at a session's control queue. Each chunk is hashed (the
 whole file's SHA-256, plus a tus Upload-Checksum) from an mmap window of the spool, and written from
-that same window: no Python copy of the bytes.
+that same window: no Python copy of the bytes. A seed upload whose spool holds the whole file is only
+hashed, then renamed into the data: no second write at all.
 
 After every chunk the session's record is replaced in the Manager dict (the live view); durable
 checkpoints follow the fsync policy. The durable offset never runs ahead of the data: data is written
