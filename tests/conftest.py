@@ -46,6 +46,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
+def settled_offset(server: Server, session_id: str, quiet: float = 1.5) -> int:
+    """The upload's offset once it has stopped moving for `quiet` seconds (a PATCH that reached
+    the server whole before the client stopped is still stored)."""
+    last, since = -1, time.monotonic()
+    deadline = since + 30
+    while time.monotonic() < deadline:
+        offset = server.status(session_id)["bytesWritten"]
+        if offset != last:
+            last, since = offset, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return offset
+        time.sleep(0.1)
+    raise AssertionError(f"the offset of {session_id} kept moving for 30 s")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

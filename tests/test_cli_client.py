@@ -22,7 +22,7 @@ from upload_server.client.api import Server, resolve
 from upload_server.client.state import StateError, StateFile
 from upload_server.client.transfer import FileUploader, Job, Run
 
-from .conftest import MiB, free_port, make_file, sha256_file, wait_for
+from .conftest import MiB, free_port, make_file, settled_offset, sha256_file, wait_for
 from .netproxy import CuttingProxy
 
 pytestmark = pytest.mark.frontend
@@ -88,21 +88,6 @@ def saved_entry(state: Path, source: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return next((e for e in uploads.values() if e["path"] == str(source.resolve())), None)
-
-
-def settled_offset(server, session_id: str, quiet: float = 1.5) -> int:
-    """The upload's offset once it has stopped moving for `quiet` seconds (a PATCH that reached
-    the server whole before the client stopped is still stored)."""
-    last, since = -1, time.monotonic()
-    deadline = since + 30
-    while time.monotonic() < deadline:
-        offset = server.status(session_id)["bytesWritten"]
-        if offset != last:
-            last, since = offset, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return offset
-        time.sleep(0.1)
-    raise AssertionError(f"the offset of {session_id} kept moving for 30 s")
 
 
 def stored_file(server, url: str) -> Path:

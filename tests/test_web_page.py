@@ -19,7 +19,7 @@ import requests
 from upload_server.auth import hash_key
 from upload_server.config import Config
 
-from .conftest import ROOT, MiB, make_file, sha256_file, wait_for
+from .conftest import ROOT, MiB, make_file, settled_offset, sha256_file, wait_for
 from .netproxy import CuttingProxy
 
 pytestmark = pytest.mark.frontend
@@ -96,20 +96,6 @@ def stored_file(server, session_id: str) -> Path:
     status = server.wait_state(session_id, "completed", "failed")
     assert status["state"] == "completed", status
     return server.upload_dir / status["storedAs"]
-
-
-def settled_offset(server, session_id: str, quiet: float = 1.5) -> int:
-    """The upload's offset once it has stopped moving for `quiet` seconds."""
-    last, since = -1, time.monotonic()
-    deadline = since + 30
-    while time.monotonic() < deadline:
-        offset = server.status(session_id)["bytesWritten"]
-        if offset != last:
-            last, since = offset, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return offset
-        time.sleep(0.1)
-    raise AssertionError(f"the offset of {session_id} kept moving for 30 s")
 
 
 def finished_urls(page) -> dict[str, str]:

@@ -429,12 +429,11 @@ class S3UploadData:
         self.fd, self.front = fd, 0
 
 
-class _FileSlice(io.RawIOBase):
-    """Bytes [start, start + length) of a file, for boto3 to stream (and rewind on a retry)."""
+class _Seekable(io.RawIOBase):
+    """A read-only stream of `length` bytes with a position; subclasses read at `pos`."""
 
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        super().__init__()
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+    length = 0
+    pos = 0
 
     def readable(self) -> bool:
         return True
@@ -447,8 +446,19 @@ class _FileSlice(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = max(0, min(self.length, base + offset))
+        self._moved(max(0, min(self.length, base + offset)))
         return self.pos
+
+    def _moved(self, target: int) -> None:
+        self.pos = target
+
+
+class _FileSlice(_Seekable):
+    """Bytes [start, start + length) of a file, for boto3 to stream (and rewind on a retry)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
 
     def readinto(self, buffer: Any) -> int:
         n = min(len(buffer), self.length - self.pos)
@@ -460,7 +470,7 @@ class _FileSlice(io.RawIOBase):
         return len(data)
 
 
-class S3Reader(io.RawIOBase):
+class S3Reader(_Seekable):
     """A published object as a seekable stream: each run of reads is one ranged GET from where
     the last seek left it, so a Range download fetches only its range."""
 
@@ -470,22 +480,10 @@ class S3Reader(io.RawIOBase):
         self.pos = 0
         self.body: Any = None
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        target = max(0, base + offset)
+    def _moved(self, target: int) -> None:
         if target != self.pos:
             self._drop_body()
             self.pos = target
-        return self.pos
 
     def readinto(self, buffer: Any) -> int:
         if self.pos >= self.length or len(buffer) == 0:
