@@ -213,4 +213,8 @@ def test_a_writer_that_keeps_dying_is_restarted_with_a_delay(make_server):
         time.sleep(0.5)
         assert ready()["ready"] is False  # the fourth death in a row: replaced after a delay
     assert wait_for(lambda: ready()["ready"], timeout=30)
-    assert ready()["writerRestarts"] == 4
+    replacement = ready()["writerPids"][0]
+    time.sleep(1.5)  # the delayed replacement must outlive the moment it was started
+    after = ready()
+    assert after["ready"] and after["writerPids"] == [replacement]
+    assert after["writerRestarts"] == 4

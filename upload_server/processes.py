@@ -13,7 +13,8 @@ def become_child() -> None:
 
     Ctrl-C reaches the whole foreground process group; the front end decides when writers stop (after
     they checkpoint), so children ignore SIGINT. On Linux the kernel kills a child whose parent dies,
-    so a `kill -9` of the server leaves no orphan holding files or the listening socket.
+    so a `kill -9` of the server leaves no orphan holding files or the listening socket. The kernel
+    means the parent *thread*: start children only from threads that live as long as the server.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):

@@ -89,6 +89,8 @@ class WriterPool:
         self._monitor: threading.Thread | None = None
         self.restarts = 0
         self._restart_times: dict[int, list[float]] = {}
+        # (when, dead writer): replacements waiting out a crash loop
+        self._delayed: list[tuple[float, _Handle]] = []
         self.on_event: Callable[[Event], None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -266,12 +268,22 @@ class WriterPool:
     # -- supervision --------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        """Receive replies, notice deaths and start replacements.
+
+        Replacements are started from this thread only: a writer asks the kernel to kill it when the
+        thread that started it ends (PR_SET_PDEATHSIG), so a short-lived thread must never start one.
+        """
         while not self._closing:
+            now = time.monotonic()
+            for due in [d for d in self._delayed if d[0] <= now]:
+                self._delayed.remove(due)
+                self._replace(due[1])
             live = [h for h in self._handles if not h.replacing]
             handles = {h.replies: h for h in live}
             sentinels = {h.process.sentinel: h for h in live}
+            timeout = min([0.5, *(when - now for when, _ in self._delayed)])
             try:
-                ready = wait([*handles, *sentinels], timeout=0.5)
+                ready = wait([*handles, *sentinels], timeout=max(timeout, 0.0))
             except OSError:
                 continue
             for item in ready:
@@ -329,9 +341,7 @@ class WriterPool:
             f" in {delay:.0f}s (it keeps dying)" if delay else "",
         )
         if delay:
-            timer = threading.Timer(delay, self._replace, (dead,))
-            timer.daemon = True
-            timer.start()
+            self._delayed.append((now + delay, dead))
         else:
             self._replace(dead)
 
