@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import json
 import random
+import time
 
 import pytest
 import requests
@@ -121,6 +123,9 @@ def test_patch_rules(tus):
     done = tus.patch(url, 4, b"efghij")
     assert done.status_code == 204 and done.headers["Upload-Offset"] == "10"
     assert tus.patch(url, 10, b"k").status_code in (409, 413)
+    repeat = tus.patch(url, 10, b"")  # a client re-sending its last PATCH after losing the 204
+    assert repeat.status_code == 204 and repeat.headers["Upload-Offset"] == "10"
+    assert tus.patch(url, 4, b"").status_code == 409
 
 
 def test_unknown_upload_is_404(server, tus):
@@ -199,6 +204,26 @@ def test_creation_with_upload(server, tus):
     assert stored_sha256(server, url) == hashlib.sha256(data + b"0123456789").hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("headers", "data", "status"),
+    [
+        ({"Content-Type": "text/plain"}, b"abc", 415),
+        ({}, b"x" * 11, 413),
+        ({"Upload-Checksum": checksum("sha1", b"other")}, b"abc", 460),
+        ({"Upload-Checksum": "crc99 AAAA"}, b"abc", 400),
+    ],
+)
+def test_refused_creation_body_creates_nothing(server, tus, headers, data, status):
+    records = server.upload_dir / ".upload_server" / "sessions"
+    before = set(records.iterdir())
+    response = tus.create(10, data=data, headers=headers)
+    assert response.status_code == status, response.text
+    assert "Location" not in response.headers
+    assert response.json()["error"]["code"]
+    created = [json.loads(p.read_text()) for p in set(records.iterdir()) - before]
+    assert all(record["state"] == "terminated" for record in created), created
+
+
 def test_creation_with_whole_upload_completes(server, tus):
     data = blob(1000, seed=3)
     response = tus.create(len(data), data=data)
@@ -261,6 +286,17 @@ def test_checksum_mismatch_discards_the_chunk(server, tus):
     good = tus.patch(url, MiB, data, headers={"Upload-Checksum": checksum("sha256", data)})
     assert good.status_code == 204
     assert stored_sha256(server, url) == hashlib.sha256(data + data).hexdigest()
+
+
+def test_checksum_mismatch_does_not_set_a_deferred_length(tus):
+    url = tus.create(headers={"Upload-Defer-Length": "1"}).headers["Location"]
+    wrong = tus.patch(
+        url, 0, b"abc", headers={"Upload-Length": "10", "Upload-Checksum": checksum("md5", b"x")}
+    )
+    assert wrong.status_code == 460
+    head = tus.head(url)
+    assert head.headers["Upload-Defer-Length"] == "1" and "Upload-Length" not in head.headers
+    assert tus.patch(url, 0, b"abc", headers={"Upload-Length": "3"}).status_code == 204
 
 
 @pytest.mark.parametrize("value", ["crc99 AAAA", "sha1 !!!notbase64", "sha1", "sha256 "])
@@ -377,6 +413,29 @@ def test_download_headers_and_ranges(tus):
     assert ignored.status_code == 200 and ignored.content == data
 
 
+def test_download_if_range_and_version(tus):
+    data = blob(1000, seed=9)
+    url = tus.upload(data, filename="ranged.bin")
+    etag = requests.get(url, timeout=10).headers["ETag"]
+    same = requests.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}, timeout=10)
+    assert same.status_code == 206 and same.content == data[:10]
+    changed = requests.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}, timeout=10)
+    assert changed.status_code == 200 and changed.content == data
+    wrong_version = requests.get(url, headers={"Tus-Resumable": "0.2.0"}, timeout=10)
+    assert wrong_version.status_code == 412
+    assert requests.get(url, headers=TUS, timeout=10).status_code == 200
+
+
+def test_download_is_named_as_the_client_named_it(server, tus):
+    first = tus.upload(b"one", filename="twice.txt")
+    second = tus.upload(b"two", filename="twice.txt")
+    assert (
+        server.status(upload_id(second))["storedAs"] != server.status(upload_id(first))["storedAs"]
+    )
+    disposition = requests.get(second, timeout=10).headers["Content-Disposition"]
+    assert 'filename="twice.txt"' in disposition
+
+
 def test_download_of_an_incomplete_upload_is_refused(tus):
     url = tus.new(10)
     response = requests.get(url, timeout=10)
@@ -419,6 +478,32 @@ def test_pause_and_resume_through_the_seed_api(slow):
     assert resumed.status_code == 200
     assert tus.patch(url, MiB, b"b" * MiB).status_code == 204
     assert server.status(session_id)["completed"] is True
+
+
+def test_pause_during_a_patch_keeps_what_was_written(slow):
+    server, tus = slow
+    data = blob(6 * MiB, seed=10)
+    url = tus.new(len(data), filename="held.bin")
+    session_id = upload_id(url)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        patch = pool.submit(tus.patch, url, 0, data[: 4 * MiB])
+        wait_for(lambda: server.status(session_id)["state"] == "writing", timeout=10)
+        time.sleep(1.2)  # about two 1 MiB chunks at 2 MiB/s
+        pause = requests.get(
+            server.url("/upload/pause"), params={"sessionID": session_id}, timeout=10
+        )
+        assert pause.status_code == 200
+        answer = patch.result()
+    assert answer.status_code == 423
+    kept = answer.json()["error"]["offset"]
+    assert 0 < kept < 4 * MiB and kept % MiB == 0
+    assert tus.head(url).headers["Upload-Offset"] == str(kept)
+    resume = requests.post(
+        server.url("/upload/resume"), params={"sessionID": session_id}, timeout=10
+    )
+    assert resume.status_code == 200
+    assert tus.patch(url, kept, data[kept:]).status_code == 204
+    assert stored_sha256(server, url) == hashlib.sha256(data).hexdigest()
 
 
 def test_terminate_through_the_seed_api(slow):
@@ -476,6 +561,34 @@ def test_cors_preflight_and_exposed_headers(server, tus):
         "tus-version",
     ]:
         assert name in exposed
+
+
+def test_cors_preflight_on_tus_is_also_a_tus_options(server):
+    preflight = requests.options(
+        server.url("/files/"),
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "tus-resumable, x-app-trace",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["Tus-Version"] == "1.0.0"
+    assert "creation" in preflight.headers["Tus-Extension"]
+    assert "x-app-trace" in preflight.headers["Access-Control-Allow-Headers"].lower()
+
+
+def test_waitress_refusals_carry_tus_and_cors_headers(make_server):
+    server = make_server(["--max-upload-size", "1MiB"])
+    tus = Tus(server.base)
+    url = tus.create(headers={"Upload-Defer-Length": "1"}).headers["Location"]
+    too_big = tus.patch(url, 0, b"x" * (3 * MiB), headers={"Origin": "https://app.example"})
+    assert too_big.status_code == 413
+    assert too_big.headers["Tus-Resumable"] == "1.0.0"
+    assert too_big.headers["Access-Control-Allow-Origin"] == "*"
+    assert too_big.json()["error"]["code"]
+    assert tus.head(url).headers["Upload-Offset"] == "0"
 
 
 def test_cors_origins_can_be_restricted(make_server):

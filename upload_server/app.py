@@ -41,14 +41,15 @@ def create_app(
     layout = Layout(config.upload_dir.absolute())
     layout.create()
     metrics.setup(layout.internal / "metrics")
-    waitress_patches.install(layout.spool_dir)
+    cors = middleware.Cors(config.cors_origins, config.tus_path)
+    waitress_patches.install(layout.spool_dir, cors.allow_origin)
     authenticator = Authenticator(config)
     runtime = Runtime(config, Hooks(config, hook)).start()
     atexit.register(runtime.close)
     app = UploadApp(
         middleware=[
             middleware.RequestLog(),
-            middleware.Cors(config.cors_origins),
+            cors,
             middleware.Authenticate(authenticator, ("/upload", config.tus_path)),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),

@@ -552,6 +552,7 @@ class Writer:
             self._discard_segment(msg)
             self._refuse(msg.request_id, msg.session_id, exc)
             return
+        length_before = session.total_bytes
         if msg.declare_length is not None:
             session.total_bytes = msg.declare_length
         checksum = hashlib.new(msg.checksum[0]) if msg.checksum else None
@@ -576,7 +577,15 @@ class Writer:
                 try:
                     yield n
                 except Interrupted as stop:
-                    self._rollback(held, start, rollback)
+                    whole = session.total_bytes is not None and start + done >= session.total_bytes
+                    if checksum is None and stop.code == "paused" and not whole:
+                        # Keep what is stored (tus: a server SHOULD): the client goes on from here.
+                        session.bytes_written = start + done
+                        session.state = states.WAITING
+                        if not self._commit(held, start, rollback, msg.request_id):
+                            return
+                    else:
+                        self._rollback(held, start, rollback, length_before)
                     self._reply(
                         msg.request_id,
                         session,
@@ -586,7 +595,7 @@ class Writer:
                     )
                     return
             if checksum is not None and checksum.digest() != msg.checksum[1]:
-                self._rollback(held, start, rollback)
+                self._rollback(held, start, rollback, length_before)
                 self._reply(
                     msg.request_id,
                     session,
@@ -602,12 +611,7 @@ class Writer:
                 self._finish(held)
             else:
                 session.state = states.WAITING
-                try:
-                    self._publish(held, COMMIT)
-                except OSError as exc:  # the storage refused the commit: nothing is counted
-                    session.bytes_written = start
-                    held.sha256 = rollback
-                    self._io_failure(held, exc, msg.request_id)
+                if not self._commit(held, start, rollback, msg.request_id):
                     return
             self._reply(msg.request_id, session)
         finally:
@@ -659,10 +663,24 @@ class Writer:
         if total is not None and msg.offset + msg.length > total:
             raise Refused(413, "exceeds_length", "the body goes past the upload's length")
 
-    def _rollback(self, held: Held, offset: int, hasher: Any) -> None:
+    def _commit(self, held: Held, start: int, hasher: Any, request_id: int | None) -> bool:
+        """Make an append's bytes count; if the storage refuses, count none of them."""
+        try:
+            self._publish(held, COMMIT)
+        except OSError as exc:
+            held.session.bytes_written = start
+            held.sha256 = hasher
+            self._io_failure(held, exc, request_id)
+            return False
+        return True
+
+    def _rollback(self, held: Held, offset: int, hasher: Any, total_bytes: int | None) -> None:
+        """Undo a refused append: its bytes, its part of the digest, and a length it declared."""
         self._data(held).truncate(offset)
         held.sha256 = hasher
+        held.session.total_bytes = total_bytes
         held.session.state = states.WAITING
+        self.live.put(held.session)
 
     def _discard_segment(self, msg: Append) -> None:
         with contextlib.suppress(FileNotFoundError):

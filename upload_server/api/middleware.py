@@ -62,6 +62,7 @@ ALLOWED_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an HTTP header name
 access_log = logging.getLogger("upload_server.access")
 
 
@@ -115,8 +116,9 @@ class MethodOverride:
 
 
 class TusVersion:
-    """Every tus response says `Tus-Resumable`; every tus request but OPTIONS (and a plain GET
-    download) must send `Tus-Resumable: 1.0.0`, or gets 412 with the versions this server speaks."""
+    """Every tus response says `Tus-Resumable`; every tus request but OPTIONS (and a GET download
+    that sends no version) must send `Tus-Resumable: 1.0.0`, or gets 412 with the versions this
+    server speaks."""
 
     def __init__(self, tus_path: str) -> None:
         self.prefix = tus_path.rstrip("/")
@@ -125,9 +127,11 @@ class TusVersion:
         return req.path == self.prefix or req.path.startswith(self.prefix + "/")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self._is_tus(req) or req.method in ("OPTIONS", "GET"):
+        if not self._is_tus(req) or req.method == "OPTIONS":
             return
         version = req.get_header("Tus-Resumable")
+        if version is None and req.method == "GET":
+            return  # a download link followed by a browser
         if version != tus.VERSION:
             raise errors.UploadError(
                 f"this server speaks tus {tus.VERSION}; send Tus-Resumable: {tus.VERSION}",
@@ -147,31 +151,37 @@ class Cors:
     """CORS for browsers on other origins: preflights answered before anything else runs
     (authentication included), and the tus headers a client must read exposed."""
 
-    def __init__(self, origins: tuple[str, ...]) -> None:
+    def __init__(self, origins: tuple[str, ...], tus_path: str) -> None:
         self.any = "*" in origins
         self.origins = set(origins)
+        self.tus_prefix = tus_path.rstrip("/")
 
-    def _allowed(self, origin: str | None) -> bool:
-        return bool(origin) and (self.any or origin in self.origins)
+    def allow_origin(self, origin: str | None) -> str | None:
+        """The Access-Control-Allow-Origin for a request from `origin`, or None."""
+        if not origin or not (self.any or origin in self.origins):
+            return None
+        return "*" if self.any else origin
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        origin = req.get_header("Origin")
         preflight = req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method")
-        if not preflight or not self._allowed(origin):
+        if not preflight or not self.allow_origin(req.get_header("Origin")):
             return
-        resp.status = falcon.HTTP_204
+        requested = req.get_header("Access-Control-Request-Headers") or ""
+        extra = [h.strip() for h in requested.split(",") if _TOKEN.match(h.strip())]
         resp.set_header("Access-Control-Allow-Methods", ALLOWED_METHODS)
-        resp.set_header("Access-Control-Allow-Headers", ALLOWED_HEADERS)
+        resp.set_header("Access-Control-Allow-Headers", ", ".join([ALLOWED_HEADERS, *extra]))
         resp.set_header("Access-Control-Max-Age", "86400")
-        resp.complete = True
+        if req.path != self.tus_prefix and not req.path.startswith(self.tus_prefix + "/"):
+            resp.status = falcon.HTTP_204
+            resp.complete = True  # elsewhere a preflight needs no resource; tus OPTIONS has its own
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
     ) -> None:
-        origin = req.get_header("Origin")
-        if not self._allowed(origin):
+        allowed = self.allow_origin(req.get_header("Origin"))
+        if allowed is None:
             return
-        resp.set_header("Access-Control-Allow-Origin", "*" if self.any else origin)
+        resp.set_header("Access-Control-Allow-Origin", allowed)
         resp.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
         if not self.any:
             resp.append_header("Vary", "Origin")

@@ -86,6 +86,7 @@ class TusCollection(_TusResource):
             header = req.get_header("Upload-Metadata")
             metadata = tus.parse_metadata(header, config.max_metadata_size)
             concat = tus.parse_concat(req.get_header("Upload-Concat"), self.base_path)
+            checksum = tus.parse_checksum(req.get_header("Upload-Checksum"))
         except tus.TusHeaderError as exc:
             raise _header_error(exc) from None
         final = concat is not None and concat.kind == "final"
@@ -103,6 +104,9 @@ class TusCollection(_TusResource):
                 f"Upload-Length {length} is larger than Tus-Max-Size {config.max_upload_size}",
                 code="upload_too_large",
             )
+        body_length = req.content_length or 0
+        if body_length:
+            self._check_creation_body(req, final, length, body_length)
         session = self.uploads.create(
             NewUpload(
                 protocol=states.TUS,
@@ -117,19 +121,38 @@ class TusCollection(_TusResource):
                 parts=tuple(p.id for p in parts),
             )
         )
+        try:
+            if final:
+                session = self.uploads.concat(session)
+            elif body_length or length == 0:
+                session = self._append_body(req, session, 0, checksum)
+        except Exception:
+            # The client learns no Location, so it will create again: leave no orphan.
+            with contextlib.suppress(errors.UploadError):
+                self.uploads.control(session, "terminate", completed_too=True)
+            raise
         resp.status = falcon.HTTP_201
         resp.set_header("Location", self._location(req, session.id))
-        if final:
-            session = self.uploads.concat(session)
-        elif req.content_length or length == 0:
-            if req.content_length and not _is_offset_stream(req):
-                raise errors.UnsupportedMediaType(
-                    f"a body sent with creation needs Content-Type {tus.OFFSET_OCTET_STREAM}",
-                    code="bad_content_type",
-                )
-            session = self._append_body(req, session, 0)
         resp.set_header("Upload-Offset", str(session.bytes_written))
         self._expiry_headers(resp, session)
+
+    @staticmethod
+    def _check_creation_body(
+        req: falcon.Request, final: bool, length: int | None, body_length: int
+    ) -> None:
+        """Refuse a creation-with-upload body before anything is created."""
+        if final:
+            raise errors.BadRequest("a final upload takes no body", code="final_upload_body")
+        if not _is_offset_stream(req):
+            raise errors.UnsupportedMediaType(
+                f"a body sent with creation needs Content-Type {tus.OFFSET_OCTET_STREAM}",
+                code="bad_content_type",
+            )
+        if length is not None and body_length > length:
+            raise errors.TooLarge(
+                f"the body of {body_length} bytes is longer than Upload-Length {length}",
+                code="exceeds_length",
+            )
 
     def _final_parts(self, part_ids: tuple[str, ...], principal: Principal | None) -> list[Session]:
         parts = []
@@ -151,10 +174,16 @@ class TusCollection(_TusResource):
             parts.append(part)
         return parts
 
-    def _append_body(self, req: falcon.Request, session: Session, offset: int) -> Session:
+    def _append_body(
+        self,
+        req: falcon.Request,
+        session: Session,
+        offset: int,
+        checksum: tuple[str, bytes] | None,
+    ) -> Session:
         limit = self.uploads.config.max_upload_size
         with open_body(req, self.uploads, limit=limit) as body:
-            return self.uploads.append(session, body, offset)
+            return self.uploads.append(session, body, offset, checksum)
 
 
 class TusUpload(_TusResource):
@@ -202,15 +231,28 @@ class TusUpload(_TusResource):
             raise _header_error(exc) from None
         if offset is None:
             raise errors.BadRequest("PATCH needs an Upload-Offset header", code="bad_header")
+        length = req.content_length or 0
         with self.locks.hold(upload_id):
             session = self._session(req, upload_id)
-            self._check_patchable(session, offset, declared, req.content_length or 0)
-            limit = self.uploads.config.max_upload_size
-            with open_body(req, self.uploads, limit=limit) as body:
-                session = self.uploads.append(session, body, offset, checksum, declared)
+            if not self._is_repeat(session, offset, length):
+                self._check_patchable(session, offset, declared, length)
+                limit = self.uploads.config.max_upload_size
+                with open_body(req, self.uploads, limit=limit) as body:
+                    session = self.uploads.append(session, body, offset, checksum, declared)
         resp.status = falcon.HTTP_204
         resp.set_header("Upload-Offset", str(session.bytes_written))
         self._expiry_headers(resp, session)
+
+    @staticmethod
+    def _is_repeat(session: Session, offset: int, length: int) -> bool:
+        """An empty PATCH at the end of a completed upload: a client re-sending its last request
+        after losing the answer. It changes nothing, so it gets the same 204."""
+        return (
+            session.state == states.COMPLETED
+            and session.concat != "final"
+            and length == 0
+            and offset == session.bytes_written
+        )
 
     def _check_patchable(
         self, session: Session, offset: int, declared: int | None, length: int
@@ -283,11 +325,14 @@ class TusUpload(_TusResource):
         resp.set_header("Content-Type", _content_type(session.filetype))
         resp.set_header("Content-Disposition", content_disposition(_download_name(session)))
         resp.set_header("X-Content-Type-Options", "nosniff")
-        if session.sha256:
+        etag = f'"{session.sha256}"' if session.sha256 else None
+        if etag:
             resp.set_header("Repr-Digest", repr_digest(session.sha256))
-            resp.set_header("ETag", f'"{session.sha256}"')
+            resp.set_header("ETag", etag)
+        if_range = req.get_header("If-Range")
+        wanted = req.get_header("Range") if if_range is None or if_range == etag else None
         try:
-            span = ranges.parse_range(req.get_header("Range"), size)
+            span = ranges.parse_range(wanted, size)
         except ranges.Unsatisfiable:
             handle.close()
             raise errors.UploadError(
@@ -327,10 +372,9 @@ class _Slice:
 
 
 def _download_name(session: Session) -> str:
-    """The stored file's name, or the client's filename when the location is an object URL
-    (s3://bucket/prefix/<id>) rather than a name."""
-    location = session.location
-    return location if location and "://" not in location else session.filename
+    """The client's filename; else the stored name, unless that is an object URL (s3://...)."""
+    location = session.location or ""
+    return session.filename or ("" if "://" in location else location) or session.id
 
 
 def _is_offset_stream(req: falcon.Request) -> bool:
