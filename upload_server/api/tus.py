@@ -10,8 +10,7 @@
 A PATCH is answered 204 only once its bytes are in the upload's data. Two PATCHes on one upload never
 interleave: the second is refused with 423 at once. waitress hands a request to the app only after its
 whole body has arrived, so a connection that dropped mid-body never reaches the app and never holds
-the lock: a client's retry is never locked out by its own dead request. checksum-trailer is not
-offered: WSGI gives an app no access to HTTP trailers.
+the lock. checksum-trailer is not offered: WSGI gives an app no access to HTTP trailers.
 """
 
 from __future__ import annotations
