@@ -228,11 +228,17 @@ def test_declared_digest_tus(server):
     assert server.status(url.rsplit("/", 1)[1])["sha256"] == digest
 
     url = tus.new(len(data), filename="t-bad.bin", sha256="1" * 64)
-    tus.patch(url, 0, data)
+    refused = tus.patch(url, 0, data)  # the client must learn it, or it would re-send forever
+    assert refused.status_code == 460, refused.text
+    assert refused.json()["error"]["code"] == "digest_mismatch"
     status = server.status(url.rsplit("/", 1)[1])
     assert status["state"] == "failed" and status["error"]["code"] == "digest_mismatch"
     assert requests.get(url, timeout=10).status_code == 409
     assert not (server.upload_dir / "t-bad.bin").exists()
+    assert tus.head(url).headers["Upload-Offset"] == "0"  # a retry starts over
+
+    whole = tus.create(len(data), data=data, headers={"Upload-Metadata": metadata(sha256="2" * 64)})
+    assert whole.status_code == 460 and "Location" not in whole.headers
 
     import base64
 

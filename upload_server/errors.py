@@ -81,7 +81,12 @@ def error_body(code: str, message: str, **extra: Any) -> bytes:
     return json.dumps({"error": {"code": code, "message": message, **extra}}).encode()
 
 
+_REASONS = {460: "Checksum Mismatch"}  # tus's own status code
+
+
 def _status_line(status: int) -> str:
+    if status in _REASONS:
+        return f"{status} {_REASONS[status]}"
     return falcon.code_to_http_status(status)
 
 

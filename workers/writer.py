@@ -608,7 +608,8 @@ class Writer:
             session.bytes_written = start + msg.length
             session.error = None
             if session.total_bytes is not None and session.bytes_written >= session.total_bytes:
-                self._finish(held)
+                if not self._finish(held, msg.request_id):
+                    return
             else:
                 session.state = states.WAITING
                 if not self._commit(held, start, rollback, msg.request_id):
@@ -719,11 +720,12 @@ class Writer:
                 self._io_failure(held, exc, msg.request_id)
                 return
         session.total_bytes = session.bytes_written
-        self._finish(held)
-        self._reply(msg.request_id, session)
+        if self._finish(held, msg.request_id):
+            self._reply(msg.request_id, session)
 
-    def _finish(self, held: Held) -> None:
-        """Complete the upload: commit and sync, check the declared digest, publish it.
+    def _finish(self, held: Held, request_id: int | None = None) -> bool:
+        """Complete the upload: commit and sync, check the declared digest, publish it. False
+        when that failed; the requester, if any, has then been told why.
 
         Without a running SHA-256 (storage that cannot be read back, once the upload moved between
         nodes or its writer restarted) the digest comes from streaming the published file once:
@@ -737,10 +739,10 @@ class Writer:
             if self.settings.fsync != "never":
                 data.sync()
         except OSError as exc:
-            self._io_failure(held, exc)
-            return
-        if hasher is not None and not self._digest_ok(held, hasher.hexdigest()):
-            return
+            self._io_failure(held, exc, request_id)
+            return False
+        if hasher is not None and not self._digest_ok(held, hasher.hexdigest(), request_id):
+            return False
         try:
             if session.concat != "partial" or not isinstance(data, ReadBack):
                 data.close()
@@ -753,10 +755,10 @@ class Writer:
                 )
             digest = hasher.hexdigest() if hasher is not None else self._published_digest(session)
         except OSError as exc:
-            self._io_failure(held, exc)
-            return
-        if hasher is None and not self._digest_ok(held, digest):
-            return
+            self._io_failure(held, exc, request_id)
+            return False
+        if hasher is None and not self._digest_ok(held, digest, request_id):
+            return False
         session.state = states.COMPLETED
         session.publishing = None
         session.error = None
@@ -765,6 +767,7 @@ class Writer:
         self._emit("completed", session)
         self._remove_spool(session.id)
         self._release(held)
+        return True
 
     def _note_publishing(self, held: Held, location: str) -> None:
         """Write down, durably, where the data is about to appear: a crash from here on is
@@ -781,7 +784,7 @@ class Writer:
                 digest.update(block)
         return digest.hexdigest()
 
-    def _digest_ok(self, held: Held, digest: str) -> bool:
+    def _digest_ok(self, held: Held, digest: str, request_id: int | None) -> bool:
         """Record the digest; a file that does not match the declared one is failed and removed."""
         session = held.session
         session.sha256 = digest
@@ -801,6 +804,7 @@ class Writer:
         self._publish(held, STATE)
         self._emit("failed", session)
         self._release(held)
+        self._reply(request_id, session, status=460, **session.error)
         return False
 
     def _discard_data(self, held: Held) -> None:
