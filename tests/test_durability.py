@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -269,6 +270,18 @@ def test_free_space_reserve_refuses_uploads_up_front(make_server, files):
     assert refused.json()["error"]["code"] == "insufficient_storage"
     assert server.post_file(files(1000)).status_code == 507
     assert not list((server.upload_dir / ".upload_server" / "sessions").iterdir())
+    ready = requests.get(server.url("/readyz"), timeout=10)
+    assert ready.status_code == 503 and "reserve" in ready.json()["problems"][0]
+
+    # refused on its headers: no `100 Continue`, and not one byte of the body read
+    with socket.create_connection((server.host, server.port), timeout=10) as raw:
+        raw.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5242880\r\n\r\n"
+        )
+        answer = raw.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 507 "), answer
+    assert '"insufficient_storage"' in answer
 
 
 @pytest.mark.parametrize("policy", ["always", "never"])

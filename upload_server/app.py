@@ -42,9 +42,9 @@ def create_app(
     layout.create()
     metrics.setup(layout.internal / "metrics")
     cors = middleware.Cors(config.cors_origins, config.tus_path)
-    waitress_patches.install(layout.spool_dir, cors.allow_origin)
     authenticator = Authenticator(config)
     runtime = Runtime(config, Hooks(config, hook)).start()
+    waitress_patches.install(layout.spool_dir, cors.allow_origin, runtime.uploads.space_refusal)
     atexit.register(runtime.close)
     app = UploadApp(
         middleware=[

@@ -243,18 +243,24 @@ class Uploads:
                 headers={"Retry-After": "60"},
             )
 
-    def check_space(self, needed: int) -> None:
-        """Refuse (507) bytes that would leave less than --min-free-space on the upload disk
-        (0 turns the check off: the writers then meet a full disk as ENOSPC)."""
+    def space_refusal(self, needed: int) -> str | None:
+        """Why `needed` more bytes would leave less than --min-free-space on the upload disk, or
+        None (always None with a reserve of 0: the writers then meet a full disk as ENOSPC)."""
         if not self.config.min_free_space:
-            return
+            return None
         free = shutil.disk_usage(self.layout.root).free
-        if free - needed < self.config.min_free_space:
-            raise errors.InsufficientStorage(
-                f"the server cannot store {needed} more bytes (free {free}, reserve "
-                f"{self.config.min_free_space})",
-                code="insufficient_storage",
-            )
+        if free - needed >= self.config.min_free_space:
+            return None
+        return (
+            f"the server cannot store {needed} more bytes (free {free}, reserve "
+            f"{self.config.min_free_space})"
+        )
+
+    def check_space(self, needed: int) -> None:
+        """Refuse (507) bytes that do not fit above the free-space reserve."""
+        refusal = self.space_refusal(needed)
+        if refusal:
+            raise errors.InsufficientStorage(refusal, code="insufficient_storage")
 
     def _on_writer_event(self, event: Event) -> None:
         """Called by the pool's monitor thread: keep the limits' index current, tell the hooks."""

@@ -41,8 +41,8 @@ class ReadyResource:
         if runtime.cluster is not None:
             problems += runtime.cluster.problems()
         free = shutil.disk_usage(runtime.layout.root).free
-        if free < runtime.config.chunk_size:
-            problems.append("the upload disk is full")
+        if free < runtime.config.chunk_size + runtime.config.min_free_space:
+            problems.append("the upload disk has no room above the free-space reserve")
         resp.status = falcon.HTTP_200 if not problems else falcon.HTTP_503
         resp.media = {
             "ready": not problems,
