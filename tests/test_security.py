@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 import socket
 import threading
@@ -69,7 +71,7 @@ def test_every_endpoint_needs_a_credential(secure, files):
     for name, call in _every_endpoint(secure, created.json()["sessionID"], tus_url):
         response = call({})
         assert response.status_code == 401, name
-        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="upload_server"'  # RFC 6750
         if name != "head":
             assert response.json()["error"]["code"] == "unauthorized"
     for response in (
@@ -84,6 +86,14 @@ def test_every_endpoint_needs_a_credential(secure, files):
         timeout=10,
     )
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_credential"
+    assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
+    # a credential in the query counts for downloads only, not for the session API
+    in_query = requests.get(
+        secure.url("/upload/status"),
+        params={"sessionID": created.json()["sessionID"], "access_token": ALICE},
+        timeout=10,
+    )
+    assert in_query.status_code == 401
     basic = requests.get(secure.url("/upload/status"), headers={"Authorization": "Basic YTpi"})
     assert basic.status_code == 401
     # public: health, and CORS preflights
@@ -159,6 +169,20 @@ def test_upload_tokens(secure):
     forged = issue_token("another-secret", "carol", 60)
     assert _tus(secure, forged).create(10).status_code == 401
 
+    for claims in (
+        {"sub": "", "exp": 9e9},
+        {"sub": 5, "exp": 9e9},
+        {"sub": "e", "exp": "soon"},
+        {"sub": "e", "exp": 9e9, "max": -1},
+        {"sub": "e", "exp": 9e9, "max": "10"},
+    ):
+        body = "ust1." + base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        mac = hmac.new(SECRET.encode(), body.encode(), hashlib.sha256).digest()
+        signed = body + "." + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+        response = _tus(secure, signed).create(10)
+        assert response.status_code == 401, claims
+        assert response.json()["error"]["code"] == "invalid_token"
+
     named = issue_token(SECRET, "dave", 60, filename="report.pdf")
     assert _tus(secure, named).create(10, filename="other.pdf").status_code == 403
     assert _tus(secure, named).create(10, filename="report.pdf").status_code == 201
@@ -184,6 +208,37 @@ def test_auth_needs_credentials_configured(tmp_path):
     )
     assert result.returncode == 2
     assert "--auth needs API keys" in result.stderr
+
+    missing = subprocess.run(
+        [
+            *(sys.executable, "-m", "upload_server.cli", "--auth", "true"),
+            *("--upload-dir", str(tmp_path), "--api-keys-file", str(tmp_path / "nope.txt")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "cannot read the API keys file" in missing.stderr
+
+
+def test_keygen_appends_a_usable_keys_file_line(make_server, tmp_path):
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.txt"
+    made = subprocess.run(
+        [sys.executable, "-m", "upload_server.cli", "keygen", "erin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    keys.write_text(made.stdout)  # as `upload-server keygen erin >> keys.txt` would
+    key = made.stderr.strip().rsplit(" ", 1)[1]
+    assert key not in made.stdout
+    server = make_server(["--auth", "true", "--api-keys-file", str(keys)])
+    assert _tus(server, key).create(10).status_code == 201
 
 
 # -- integrity --------------------------------------------------------------------------------
@@ -391,6 +446,43 @@ def test_callable_hook_can_reject(tmp_path):
         wait_for(lambda: "post-create" in seen)
     finally:
         app.runtime.close()
+
+
+def test_a_failing_hook_callable_refuses_with_503(tmp_path):
+    import falcon.testing
+
+    from upload_server import create_app
+    from upload_server.config import Config
+
+    def hook(event: str, payload: dict) -> None:
+        raise RuntimeError("the application's bug")
+
+    app = create_app(Config.load(environ={}, upload_dir=str(tmp_path), writers=1), hook=hook)
+    try:
+        client = falcon.testing.TestClient(app)
+        refused = client.simulate_post("/files/", headers={**TUS, "Upload-Length": "5"})
+        assert refused.status_code == 503
+        assert refused.json["error"]["code"] == "hook_failed"
+    finally:
+        app.runtime.close()
+
+
+def test_undelivered_hooks_are_counted_at_shutdown(tmp_path, caplog):
+    from upload_server.config import Config
+    from upload_server.hooks import Hooks
+
+    config = Config.load(
+        environ={},
+        upload_dir=str(tmp_path),
+        hook_url=f"http://127.0.0.1:{free_port()}/",
+        hook_timeout="1",
+    )
+    hooks = Hooks(config)
+    hooks.emit("post-finish", {"sessionID": "s1"})
+    wait_for(lambda: hooks.stats.retried >= 1)  # the receiver is down: waiting to retry
+    hooks.stop(grace=0)
+    assert hooks.stats.dropped == 1
+    assert "post-finish hook of upload s1 was not delivered" in caplog.text
 
 
 def test_unreachable_pre_create_receiver_refuses_with_503(make_server):

@@ -50,7 +50,7 @@ def create_app(
         middleware=[
             middleware.RequestLog(),
             cors,
-            middleware.Authenticate(authenticator, ("/upload", config.tus_path)),
+            middleware.Authenticate(authenticator, ("/upload", config.tus_path), config.tus_path),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
         ]

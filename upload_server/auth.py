@@ -42,14 +42,16 @@ class Principal:
 
 
 class Unauthorized(errors.UploadError):
+    """401. The JSON code says exactly what was wrong; `WWW-Authenticate` speaks RFC 6750: no error
+    when no credential came, `invalid_token` for one that is not valid (expired included)."""
+
     status, code = 401, "unauthorized"
 
     def __init__(self, message: str, code: str = "unauthorized") -> None:
-        super().__init__(
-            message,
-            code=code,
-            headers={"WWW-Authenticate": f'Bearer realm="upload_server", error="{code}"'},
-        )
+        challenge = 'Bearer realm="upload_server"'
+        if code != "unauthorized":
+            challenge += f', error="invalid_token", error_description="{message}"'
+        super().__init__(message, code=code, headers={"WWW-Authenticate": challenge})
 
 
 def hash_key(key: str) -> str:
@@ -128,21 +130,29 @@ class Authenticator:
             raise Unauthorized("the upload token's signature is not valid", code="invalid_token")
         try:
             claims = json.loads(_unb64(claims_b64))
-            subject, expires = str(claims["sub"]), float(claims["exp"])
-            max_size = int(claims["max"]) if "max" in claims else None
+            subject, expires, max_size = claims["sub"], claims["exp"], claims.get("max")
         except (ValueError, KeyError, TypeError):
-            raise Unauthorized(
-                "the upload token's claims are malformed", code="invalid_token"
-            ) from None
+            subject = None
+        if not (
+            isinstance(subject, str)
+            and subject
+            and _is_number(expires)
+            and (max_size is None or (_is_number(max_size) and max_size >= 0))
+        ):
+            raise Unauthorized("the upload token's claims are malformed", code="invalid_token")
         if expires < time.time():
             raise Unauthorized("the upload token has expired", code="token_expired")
         name, filetype = claims.get("name"), claims.get("type")
         return Principal(
             f"token:{subject}",
-            max_size=max_size,
+            max_size=int(max_size) if max_size is not None else None,
             filename=str(name) if name is not None else None,
             filetype=str(filetype) if filetype is not None else None,
         )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _bearer(header: str | None) -> str | None:
@@ -162,7 +172,11 @@ def load_keys(inline: str, path: Path | None) -> dict[str, str]:
             name, _, digest = item.strip().partition("=")
             pairs.append((name.strip(), digest.strip()))
     if path is not None:
-        for raw in path.read_text().splitlines():
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read the API keys file {path}: {exc.strerror}") from None
+        for raw in text.splitlines():
             line = raw.split("#", 1)[0].strip()
             if line:
                 name, _, digest = line.partition(" ")

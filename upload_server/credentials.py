@@ -1,7 +1,7 @@
 """`upload-server keygen NAME` and `upload-server token ...`: credentials for `--auth`.
 
-keygen prints a new API key (give it to the client) and the line to add to the keys file (the
-server stores only the key's SHA-256). token prints a signed upload token, as the application
+keygen prints a new API key on stderr (give it to the client) and, on stdout, the line for the keys
+file, so that `upload-server keygen alice >> keys.txt` stores only the key's SHA-256. token prints a signed upload token, as the application
 behind the server would issue it with `upload_server.auth.issue_token`.
 """
 
@@ -33,8 +33,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "keygen":
         key = new_key()
-        print(f"key:  {key}")
-        print(f"line: {args.name} {hash_key(key)}")
+        print(
+            f"API key for {args.name} (shown once; give it to the client): {key}", file=sys.stderr
+        )
+        print(f"{args.name} {hash_key(key)}")
         return 0
     secret = args.secret or os.environ.get("UPLOAD_SERVER_TOKEN_SECRET", "")
     if not secret:

@@ -129,6 +129,12 @@ class Hooks:
             except HookRejected:
                 self._count("pre-create", "rejected")
                 raise
+            except Exception:
+                self._count("pre-create", "failed")
+                log.exception("pre-create hook callable failed")
+                raise errors.Unavailable(
+                    "the upload could not be approved: its hook failed", code="hook_failed"
+                ) from None
         if self.url:
             self._pre_create_webhook(payload)
 
@@ -191,7 +197,8 @@ class Hooks:
                     self._pending_progress.pop(delivery.session_id, None)
             self._attempt(delivery)
 
-    def _attempt(self, delivery: _Delivery) -> None:
+    def _try(self, delivery: _Delivery) -> tuple[bool, str]:
+        """One delivery attempt: (delivered, why not). The callable is called on the first only."""
         if delivery.attempt == 0 and self.callback is not None:
             try:
                 self.callback(delivery.event, json.loads(delivery.body))
@@ -199,14 +206,15 @@ class Hooks:
                 self._count(delivery.event, "failed")
                 log.exception("hook callable failed on %s", delivery.event)
         if not self.url:
-            self._count(delivery.event)
-            return
+            return True, ""
         try:
             status, _ = self._post(delivery.event, delivery.body)
-            ok = 200 <= status < 300
-            reason = f"HTTP {status}"
         except OSError as exc:
-            ok, reason = False, str(exc)
+            return False, str(exc)
+        return 200 <= status < 300, f"HTTP {status}"
+
+    def _attempt(self, delivery: _Delivery) -> None:
+        ok, reason = self._try(delivery)
         if ok:
             self._count(delivery.event)
             return
@@ -265,10 +273,28 @@ class Hooks:
         with self._cond:
             return len(self._queue)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop delivering. Events still queued (waiting for a retry, say) get one last attempt
+        within `grace` seconds; any left then are logged and counted as dropped, not lost quietly."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(self.timeout + 1)
+        deadline = time.monotonic() + grace
+        with self._cond:
+            left = sorted(self._queue)
+            self._queue.clear()
+        for delivery in left:
+            if time.monotonic() < deadline and self._try(delivery)[0]:
+                self._count(delivery.event)
+                continue
+            self._count(delivery.event, "dropped")
+            log.error(
+                "shutting down: the %s hook of upload %s was not delivered",
+                delivery.event,
+                delivery.session_id,
+            )
 
 
 def _message_of(answer: bytes) -> str:

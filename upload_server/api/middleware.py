@@ -33,6 +33,7 @@ EXPOSED_HEADERS = ", ".join(
         "Tus-Extension",
         "Tus-Checksum-Algorithm",
         "Repr-Digest",
+        "WWW-Authenticate",
         "Content-Disposition",
         "Content-Range",
         "Content-Length",
@@ -189,12 +190,17 @@ class Cors:
 
 class Authenticate:
     """Puts the caller (`req.context.principal`) on every request to the upload APIs, or refuses
-    it with 401. Health checks, the OpenAPI document, the web page and preflights stay public;
-    `principal` is None wherever authentication is off."""
+    it with 401. Health checks, metrics, the OpenAPI document, the web page and preflights stay
+    public; `principal` is None wherever authentication is off. A download (GET or HEAD under the
+    tus path) may carry its credential as `?access_token=`: a browser cannot add headers to a link.
+    Nothing else may, so credentials stay out of the URLs that proxies and logs keep."""
 
-    def __init__(self, authenticator: Authenticator, protected: tuple[str, ...]) -> None:
+    def __init__(
+        self, authenticator: Authenticator, protected: tuple[str, ...], tus_path: str
+    ) -> None:
         self.authenticator = authenticator
         self.protected = tuple(p.rstrip("/") for p in protected)
+        self.downloads = tus_path.rstrip("/") + "/"
 
     def _is_protected(self, path: str) -> bool:
         return any(path == p or path.startswith(p + "/") for p in self.protected)
@@ -203,7 +209,8 @@ class Authenticate:
         req.context.principal = None
         if req.method == "OPTIONS" or not self._is_protected(req.path):
             return
-        query = req.get_param("access_token") if req.method in ("GET", "HEAD") else None
+        download = req.method in ("GET", "HEAD") and req.path.startswith(self.downloads)
+        query = req.get_param("access_token") if download else None
         req.context.principal = self.authenticator.authenticate(
             req.get_header("Authorization"), query
         )
