@@ -166,6 +166,15 @@ def test_resume_with_a_file_of_another_size_is_refused(slow_server, files):
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "size_mismatch"
     assert "1234" in response.json()["error"]["message"]
+    assert "size" in response.json()["error"]["message"]
+    assert server.status(session_id)["paused"] is True
+    no_file = requests.post(
+        server.url("/upload/resume"),
+        params={"sessionID": session_id},
+        files={"other": ("o.txt", b"not the file")},
+        timeout=30,
+    )
+    assert no_file.status_code == 400 and no_file.json()["error"]["code"] == "missing_file"
     assert server.status(session_id)["paused"] is True
 
 

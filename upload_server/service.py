@@ -343,8 +343,8 @@ class Uploads:
             return self.control(session, RESUME)
         if part.size != session.total_bytes:
             raise errors.Conflict(
-                f"the file sent is {part.size} bytes but this upload is {session.total_bytes}; "
-                "resume with the same file",
+                f"the file's size differs: {part.size} bytes sent, but this upload is "
+                f"{session.total_bytes} bytes; resume with the same file",
                 code="size_mismatch",
             )
         if self.cluster is not None and session.node != self.cluster.node_id:

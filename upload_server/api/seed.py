@@ -141,10 +141,12 @@ class ResumeResource(_SeedResource):
             req, self.uploads, limit=self.uploads.config.max_upload_size + 1024**2
         ) as body:
             files = [p for p in _parse_form(req, body) if p.name == "file"]
-            if len(files) > 1:
-                raise errors.BadRequest("resume takes one 'file' field", code="too_many_files")
-            part = files[0] if files else None
-            self._answer(resp, self.uploads.resume(session, body, part))
+            if len(files) != 1:
+                raise errors.BadRequest(
+                    "resume takes the file again as one 'file' field, or no body at all",
+                    code="too_many_files" if files else "missing_file",
+                )
+            self._answer(resp, self.uploads.resume(session, body, files[0]))
 
 
 class TerminateResource(_SeedResource):
