@@ -158,3 +158,39 @@ def _has_ipv6() -> bool:
         return True
     except OSError:
         return False
+
+
+def test_ctrl_c_works_when_started_with_sigint_ignored(tmp_path):
+    """`upload-server &` in a script starts it with SIGINT ignored; `kill -INT` must still stop it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "upload_server.cli",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--upload-dir",
+            str(tmp_path / "uploads"),
+        ],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=30)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False

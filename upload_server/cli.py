@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(
+        signal.SIGINT, stop
+    )  # also when started with SIGINT ignored (`cmd &` in a script)
     if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK_EVENT
         signal.signal(signal.SIGBREAK, stop)
     server.print_listen("upload_server listening on http://{}:{}")
