@@ -131,13 +131,30 @@ def test_readyz_goes_unready_when_writers_stop_answering(make_server):
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
     wait_for(lambda: requests.get(server.url("/readyz"), timeout=10).status_code == 200)
-    os.kill(pids[0], signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    # replaced at once, but unready a moment longer while their sessions are reclaimed
+    gone = requests.get(server.url("/readyz"), timeout=10)
+    assert gone.status_code == 503, gone.text
     ready = wait_for(
         lambda: (
             (r := requests.get(server.url("/readyz"), timeout=10)).status_code == 200 and r.json()
         )
     )
-    assert ready["writerRestarts"] == 1
+    assert ready["writerRestarts"] == len(pids)
+    assert not set(ready["writerPids"]) & set(pids)
+
+
+def test_readyz_answers_when_the_manager_is_stopped(make_server):
+    server = make_server()
+    manager = next(p for p in server.family()[1:] if p.pid not in server.writer_pids())
+    manager.suspend()
+    try:
+        response = requests.get(server.url("/readyz"), timeout=15)
+        assert response.status_code == 503
+        assert any("Manager" in problem for problem in response.json()["problems"])
+    finally:
+        manager.resume()
 
 
 def test_request_ids_and_json_logs(make_server):
@@ -205,8 +222,16 @@ def test_a_writer_that_keeps_dying_is_restarted_with_a_delay(make_server):
     def ready() -> dict:
         return requests.get(server.url("/readyz"), timeout=10).json()
 
+    pid = None
     for kill in range(4):
-        pid = wait_for(lambda: (r := ready())["ready"] and r["writerPids"][0])
+        previous = pid
+        pid = wait_for(
+            lambda previous=previous: (
+                (r := ready())["writersAlive"] == 1
+                and r["writerPids"][0] != previous
+                and r["writerPids"][0]
+            )
+        )
         os.kill(pid, signal.SIGKILL)
         if kill < 3:
             continue

@@ -88,6 +88,7 @@ class WriterPool:
         self._closing = False
         self._monitor: threading.Thread | None = None
         self.restarts = 0
+        self.last_death: float | None = None  # time.monotonic() of the latest writer death
         self._restart_times: dict[int, list[float]] = {}
         # (when, dead writer): replacements waiting out a crash loop
         self._delayed: list[tuple[float, _Handle]] = []
@@ -328,6 +329,7 @@ class WriterPool:
             dead.replies.close()
         metrics.mark_dead(dead.process.pid)
         now = time.monotonic()
+        self.last_death = now
         recent = [t for t in self._restart_times.get(dead.index, []) if now - t < CRASH_WINDOW]
         self._restart_times[dead.index] = [*recent, now]
         delay = min(MAX_RESTART_DELAY, 2.0 ** (len(recent) - CRASHES_BEFORE_DELAY + 1))

@@ -2,18 +2,48 @@
 
 GET /healthz answers 200 while the process serves requests. GET /readyz answers 200 only when every
 writer is alive, the Manager answers and the upload directory's disk has room; otherwise 503, with
-the reason, so a router stops sending uploads to a node that cannot store them.
+the reason, so a router stops sending uploads to a node that cannot store them. A writer that died
+makes the node unready for RECOVERY_GRACE seconds even once it is replaced: its sessions are being
+reclaimed, and a crash is worth a router's notice.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import falcon
 
 from .. import metrics
 from ..runtime import Runtime
+
+RECOVERY_GRACE = 3.0  # seconds
+MANAGER_TIMEOUT = 2.0  # seconds
+
+
+def _within(timeout: float, call: Callable[[], Any]) -> Any:
+    """`call()`, or TimeoutError if it has not returned in `timeout` (a stopped Manager never
+    answers; a health check must)."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, call()))
+        except Exception as exc:
+            box.append((False, exc))
+
+    worker = threading.Thread(target=run, name="readyz-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not box:
+        raise TimeoutError(f"no answer in {timeout:.0f}s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 class HealthResource:
@@ -33,8 +63,13 @@ class ReadyResource:
         count = pool.count if pool else 0
         if alive < count:
             problems.append(f"{count - alive} of {count} writers do not answer")
+        if pool and pool.last_death is not None:
+            since = time.monotonic() - pool.last_death
+            if since < RECOVERY_GRACE:
+                problems.append(f"a writer died {since:.1f}s ago; its sessions are being reclaimed")
         try:
-            sessions = len(runtime.uploads.live) if runtime.uploads else 0
+            uploads = runtime.uploads
+            sessions = _within(MANAGER_TIMEOUT, lambda: len(uploads.live)) if uploads else 0
         except Exception as exc:  # the Manager is gone or wedged
             sessions = None
             problems.append(f"the session Manager is unreachable: {exc}")
