@@ -185,7 +185,9 @@ def test_request_ids_and_json_logs(make_server):
     entries = wait_for(lambda: [e for e in logged() if e.get("request_id") == "trace-abc.123"])
     access = [e for e in entries if e["logger"] == "upload_server.access"]
     assert access and access[0]["status"] == 404 and access[0]["path"] == "/upload/status"
-    assert all({"time", "level", "logger", "message"} <= set(e) for e in logged())
+    assert all({"time", "level", "logger", "message", "request_id"} <= set(e) for e in logged())
+    assert any(e["message"].startswith("listening on http://") for e in logged())
+    assert all(line.startswith("{") for line in server.log().splitlines() if line.strip())
 
 
 def test_batch_status(server, files):

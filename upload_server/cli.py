@@ -86,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # also when started with SIGINT ignored (`cmd &` in a script)
     if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK_EVENT
         signal.signal(signal.SIGBREAK, stop)
-    server.print_listen("upload_server listening on http://{}:{}")
+    for host, port in getattr(server, "effective_listen", None) or [
+        (server.effective_host, server.effective_port)
+    ]:
+        log.info("listening on http://%s:%s", f"[{host}]" if ":" in host else host, port)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -2,7 +2,9 @@
 
 The request id comes from the client's `X-Request-ID` when it is sane, else a new one; it is echoed
 in the response and carried in a context variable, so every log line written while the request is
-handled says which request it belongs to. Writers add their index and the session id.
+handled says which request it belongs to. Every JSON line has the field: lines that belong to no
+request (start-up, writer supervision, the sweeper) say "-". Writers add their index and the
+session id.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        rid = getattr(record, "request_id", None) or request_id.get()
-        if rid:
-            entry["request_id"] = rid
+        entry["request_id"] = getattr(record, "request_id", None) or request_id.get() or "-"
         for name in _FIELDS:
             if hasattr(record, name):
                 entry[name] = getattr(record, name)
