@@ -54,7 +54,9 @@ class Metrics:
             "upload_server_bytes_written", "Upload bytes written by the writers"
         )
         self.active_sessions = Gauge(
-            "upload_server_active_sessions", "Unfinished sessions", multiprocess_mode="livesum"
+            "upload_server_active_sessions",
+            "Sessions in progress (unfinished and not failed)",
+            multiprocess_mode="livesum",
         )
         self.writer_queue_depth = Gauge(
             "upload_server_writer_queue_depth",
@@ -77,6 +79,23 @@ class Metrics:
         self.hook_deliveries = Counter(
             "upload_server_hook_deliveries", "Hook deliveries by outcome", ["event", "outcome"]
         )
+        self._zeros()
+
+    def _zeros(self) -> None:
+        """Create the series whose labels are known, so a scrape shows 0 rather than nothing."""
+        from .config import HOOK_EVENTS
+
+        for protocol in ("seed", "tus"):
+            self.uploads_started.labels(protocol)
+            self.uploads_completed.labels(protocol)
+            self.bytes_received.labels(protocol)
+        for how in ("terminated", "expired"):
+            self.uploads_ended.labels(how)
+        for how in ("linked", "copied"):
+            self.bytes_spooled.labels(how)
+        for event in HOOK_EVENTS:
+            for outcome in ("delivered", "failed", "retried", "dropped", "rejected"):
+                self.hook_deliveries.labels(event, outcome)
 
 
 @functools.cache

@@ -215,6 +215,10 @@ class Uploads:
         with self._active_lock:
             return sum(len(ids) for ids in self._active.values())
 
+    def in_progress_count(self) -> int:
+        """Sessions neither finished nor failed (what the active-sessions gauge shows)."""
+        return sum(1 for s in self.live.all() if not s.is_final and s.state != states.FAILED)
+
     def forget_ended(self, sessions: list[Session]) -> None:
         """Cluster mode: an upload created here may end on another node, whose writer tells only
         its own front end; the sweep's view of the shared records takes it off this node's count."""

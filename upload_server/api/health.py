@@ -106,7 +106,7 @@ class MetricsResource:
             for index, depth in enumerate(pool.queue_depths()):
                 figures.writer_queue_depth.labels(str(index)).set(depth)
         if uploads is not None:
-            figures.active_sessions.set(uploads.active_count())
+            figures.active_sessions.set(uploads.in_progress_count())
         body, content_type = metrics.render()
         resp.data = body
         resp.content_type = content_type
