@@ -20,17 +20,21 @@ EXAMPLES = 40
 
 schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
 
-# Header interdependencies (exactly one of Upload-Length and Upload-Defer-Length; an
-# Upload-Offset that must equal the upload's offset) cannot be written in OpenAPI, so a
-# "schema-valid" tus request may rightly be refused: positive data acceptance is not checked there.
-HEADER_RULES = {"POST /files/", "PATCH /files/{upload_id}"}
+# Interdependencies (exactly one of Upload-Length and Upload-Defer-Length; an Upload-Offset that
+# must equal the upload's offset; one `sha256` field per `file`; at least one of `sessionID` and
+# `sessionIDs`) cannot be written in OpenAPI, so a "schema-valid" request may rightly be refused:
+# positive data acceptance is not checked there.
+HEADER_RULES = {"POST /files/", "PATCH /files/{upload_id}", "POST /upload", "GET /upload/status"}
 # Invalid input must be refused with a 4xx. schemathesis's own negative check expects a fixed list
 # of statuses that leaves out 412, which tus requires for a missing or wrong Tus-Resumable.
 NO_INVALID_FORM = {
     "GET /healthz",
     "GET /readyz",
     "GET /openapi.json",
+    "GET /metrics",
     "OPTIONS /files/",
+    "OPTIONS /files/{upload_id}",
+    "GET /upload/status",  # any query string is a list of ids, found or not
     "POST /upload",
     "POST /upload/resume",
 }  # multipart: see tests/test_fuzz.py

@@ -47,6 +47,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _error(text[code]) for code in codes}
 
 
+BINARY = {"type": "string", "format": "binary"}
+
+
 def _session_id() -> dict[str, Any]:
     return {
         "name": "sessionID",
@@ -156,6 +159,17 @@ def document(config: Config) -> dict[str, Any]:
                     "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
                 },
                 "Status": status_schema,
+                "Batch": {
+                    "type": "object",
+                    "required": ["sessions", "notFound"],
+                    "properties": {
+                        "sessions": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Status"},
+                        },
+                        "notFound": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
             },
         },
         "security": [{"bearer": []}, {}] if config.auth else [],
@@ -171,7 +185,13 @@ def document(config: Config) -> dict[str, Any]:
                                     "type": "object",
                                     "required": ["file"],
                                     "properties": {
-                                        "file": {"type": "string", "format": "binary"},
+                                        "file": {
+                                            "description": "one or more files: one session each",
+                                            "oneOf": [
+                                                BINARY,
+                                                {"type": "array", "items": BINARY, "minItems": 1},
+                                            ],
+                                        },
                                         "sha256": {
                                             "type": "string",
                                             "pattern": "^[0-9a-fA-F]{64}$",
@@ -212,17 +232,43 @@ def document(config: Config) -> dict[str, Any]:
             },
             "/upload/status": {
                 "get": {
-                    "summary": "Progress and state of a session",
-                    "parameters": [_session_id()],
-                    "responses": _status_response("The session's status"),
+                    "summary": "Progress and state of a session; of several with more than one "
+                    "`sessionID`, or with `sessionIDs=a,b` (then a Batch)",
+                    "parameters": [
+                        {
+                            "name": "sessionID",
+                            "in": "query",
+                            "schema": {"type": "array", "items": {"type": "string"}},
+                            "style": "form",
+                            "explode": True,
+                        },
+                        {"name": "sessionIDs", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The session's status, or a batch of them",
+                            "content": {
+                                JSON: {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": "#/components/schemas/Status"},
+                                            {"$ref": "#/components/schemas/Batch"},
+                                        ]
+                                    }
+                                }
+                            },
+                        },
+                        **_errors(400, 401, 404, 503),
+                    },
                 }
             },
             "/upload/pause": {
-                "get": {
+                method: {
                     "summary": "Pause: the writer stops at its next chunk boundary",
                     "parameters": [_session_id()],
                     "responses": _status_response("Paused", 409),
                 }
+                for method in ("get", "post")
             },
             "/upload/resume": {
                 "post": {
@@ -279,6 +325,11 @@ def document(config: Config) -> dict[str, Any]:
             },
             upload: {
                 "parameters": [UPLOAD_ID],
+                "options": {
+                    "summary": "tus capabilities",
+                    "security": [],
+                    "responses": {"204": {"description": "As OPTIONS on the tus endpoint"}},
+                },
                 "head": {
                     "summary": "Offset, length and metadata of an upload",
                     "parameters": [TUS_RESUMABLE],
@@ -344,6 +395,15 @@ def document(config: Config) -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "Ready"},
                         "503": {"description": "Not ready"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics of every process",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Text format", "content": {"text/plain": {}}}
                     },
                 }
             },
