@@ -199,6 +199,28 @@ def test_a_server_that_stays_away_is_exit_3_and_stays_resumable(make_server, env
     assert saved_entry(state, source)["url"] == entry["url"]
 
 
+def test_a_file_that_changes_while_it_is_sent_fails_with_exit_1(make_server, env, tmp_path):
+    server = make_server(SLOW)
+    source = make_file(tmp_path / "moving.bin", 6 * MiB, seed=88)
+    state = tmp_path / "state.json"
+    command = [*CLIENT, "upload", str(source), "--server", server.base, "--chunk-size", "1MiB"]
+    command += ["--state-file", str(state)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        entry = wait_for(lambda: saved_entry(state, source), timeout=30)
+        session_id = entry["url"].rsplit("/", 1)[1]
+        wait_for(lambda: server.status(session_id)["bytesWritten"] >= MiB, timeout=30)
+        with open(source, "r+b") as handle:  # change bytes the client has not sent yet
+            handle.seek(5 * MiB)
+            handle.write(b"changed!")
+        out, err = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    assert process.returncode == 1, out + err
+    assert server.status(session_id)["error"]["code"] == "digest_mismatch"
+    assert saved_entry(state, source) is None  # a rerun starts a new upload of the new content
+
+
 def test_exit_codes_for_usage_errors_and_an_unreachable_server(env, tmp_path):
     present = make_file(tmp_path / "here.bin", 10)
     missing = client("upload", str(tmp_path / "nowhere.bin"), env=env)

@@ -256,6 +256,8 @@ def _send(job: Job, run: Run, bar: FileBar) -> Outcome:
                 elif exc.status >= 500 or exc.code in ("upload_locked", "offset_mismatch"):
                     patience.wait(exc)
                 else:
+                    if exc.code == "digest_mismatch":  # the file changed: a rerun starts afresh
+                        run.state.remove(key)
                     raise
             uploader.offset = patience.call(uploader.get_offset)
             bar.sending_from(uploader.offset)
