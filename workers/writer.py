@@ -447,13 +447,7 @@ class Writer:
                 held.sha256 = None
                 self._finish(held)
                 return
-            session.state = states.WAITING
-            session.set_error(
-                "spool_missing",
-                "the server no longer holds this upload's data; "
-                "resume it by sending the file again",
-            )
-            self._publish(held, STATE)
+            self._spool_missing(held)
             return
         try:
             session.state = states.WRITING
@@ -522,7 +516,18 @@ class Writer:
         assert isinstance(self.storage, Adopting)
         session = held.session
         total = session.total_bytes or 0
-        if not self.storage.adopt(session.id, spool):
+        try:
+            adopted = self.storage.adopt(session.id, spool)
+        except FileNotFoundError:  # the spool was removed under us (by hand, or a cleaner)
+            session.spooled = False
+            session.bytes_written = 0
+            held.sha256 = None
+            self._spool_missing(held)
+            return
+        except OSError as exc:
+            self._io_failure(held, exc)
+            return
+        if not adopted:
             session.spooled = False  # this storage cannot take the file: copy it after all
             session.bytes_written = 0
             held.sha256 = None
@@ -532,6 +537,14 @@ class Writer:
         session.spooled = False
         self.bytes_written.inc(total)
         self._finish(held)
+
+    def _spool_missing(self, held: Held) -> None:
+        held.session.state = states.WAITING
+        held.session.set_error(
+            "spool_missing",
+            "the server no longer holds this upload's data; resume it by sending the file again",
+        )
+        self._publish(held, STATE)
 
     def _spool_cut_short(self, held: Held) -> None:
         held.session.state = states.WAITING
