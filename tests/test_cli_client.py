@@ -340,6 +340,8 @@ def test_download_whole_and_continued(server, env, tmp_path):
     wrong.write_bytes(b"x" * MiB)
     mismatch = client("download", url, "-o", str(wrong), env=env)
     assert mismatch.returncode == 1 and "does not match" in mismatch.stderr
+    nowhere = client("download", url, "-o", str(out / "missing" / "f.pdf"), env=env)
+    assert nowhere.returncode == 2 and "No such file or directory" in nowhere.stderr
 
     incomplete = requests.post(
         server.url("/files/"),

@@ -33,7 +33,8 @@ OK, FAILED, USAGE, UNREACHABLE, INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = {
     OK: "everything done; every upload stored and its SHA-256 verified",
     FAILED: "the server refused or failed something (or a digest did not match)",
-    USAGE: "usage error: a bad option, a missing file, an unusable state file",
+    USAGE: "usage error: a bad option, a missing file, an unusable state file, a local file "
+    "that cannot be read or written",
     UNREACHABLE: "the server could not be reached (run the same command again later)",
     INTERRUPTED: "interrupted by Ctrl-C (run the same command again to resume)",
 }
@@ -56,8 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(UNREACHABLE, str(exc))
     except ServerError as exc:
         return _fail(FAILED, str(exc))
-    except OSError as exc:
-        return _fail(FAILED, str(exc))
+    except requests.RequestException as exc:  # an OSError too, but about the network
+        return _fail(UNREACHABLE, str(exc))
+    except OSError as exc:  # a local file: the server was never the problem
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(USAGE, f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         return _fail(INTERRUPTED, "interrupted")
 
