@@ -86,6 +86,7 @@ class ReadyResource:
             "writersAlive": alive,
             "writerPids": pool.pids() if pool else [],
             "writerRestarts": pool.restarts if pool else 0,
+            "managerPid": runtime.manager._process.pid if runtime.manager else None,
             "sessions": sessions,
             "diskFreeBytes": free,
             "uptimeSeconds": round(time.time() - runtime.started, 1),
