@@ -20,6 +20,10 @@ from upload_server.hooks import verify_signature
 from .conftest import MiB, free_port, sha256_file, wait_for
 from .tus_http import OCTET, TUS, Tus, metadata
 
+pytestmark = (
+    pytest.mark.frontend
+)  # credentials, hooks and clients do not depend on how writers start
+
 ALICE, BOB = "alice-secret-key", "bob-secret-key"
 SECRET = "token-signing-secret"
 

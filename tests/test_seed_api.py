@@ -126,7 +126,7 @@ def test_pause_holds_and_resume_completes(slow_server, files):
 
 def test_a_spool_removed_while_its_writer_runs_waits_for_the_file(slow_server, files):
     server = slow_server
-    source, session_id = _start_slow_upload(server, files)
+    source, session_id = _start_slow_upload(server, files, size=3 * MiB)
     (server.upload_dir / ".upload_server" / "spool" / f"{session_id}.spool").unlink()
     status = server.wait_state(session_id, "waiting", "failed", timeout=60)
     assert status["state"] == "waiting" and status["error"]["code"] == "spool_missing", status

@@ -19,6 +19,8 @@ from tusclient.storage.filestorage import FileStorage
 from .conftest import ROOT, MiB, sha256_file
 from .netproxy import CuttingProxy
 
+pytestmark = pytest.mark.frontend  # the clients' side of tus does not depend on how writers start
+
 SIZE = 20 * MiB
 OVERHEAD = 64 * 1024  # request lines and headers of a resumed upload, generously
 
