@@ -5,6 +5,7 @@ interrupted with Ctrl-C, run again to resume. Plain subprocesses where no termin
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -179,45 +180,45 @@ def test_a_dropped_network_is_retried(server, env, tmp_path):
         proxy.close()
 
 
+@contextlib.contextmanager
+def sending(server, env: dict[str, str], source: Path, state: Path, *options: str):
+    """`upload-client upload` of `source` in the background, once the server has 1 MiB of it:
+    yields (the process, the upload URL); the process is killed on the way out."""
+    command = [*CLIENT, "upload", str(source), "--server", server.base, "--chunk-size", "1MiB"]
+    command += ["--state-file", str(state), *options]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = wait_for(lambda: saved_entry(state, source), timeout=30)["url"]
+        session_id = url.rsplit("/", 1)[1]
+        wait_for(lambda: server.status(session_id)["bytesWritten"] >= MiB, timeout=30)
+        yield process, url
+    finally:
+        process.kill()
+
+
 def test_a_server_that_stays_away_is_exit_3_and_stays_resumable(make_server, env, tmp_path):
     server = make_server(SLOW)
     source = make_file(tmp_path / "far.bin", 6 * MiB, seed=87)
     state = tmp_path / "state.json"
-    command = [*CLIENT, "upload", str(source), "--server", server.base, "--chunk-size", "1MiB"]
-    command += ["--state-file", str(state), "--retry-for", "2"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        entry = wait_for(lambda: saved_entry(state, source), timeout=30)
-        session_id = entry["url"].rsplit("/", 1)[1]
-        wait_for(lambda: server.status(session_id)["bytesWritten"] >= MiB, timeout=30)
+    with sending(server, env, source, state, "--retry-for", "2") as (process, url):
         server.stop()  # gone: connections refused from now on
         out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
     assert process.returncode == 3, out + err
     assert b"did not answer" in out
-    assert saved_entry(state, source)["url"] == entry["url"]
+    assert saved_entry(state, source)["url"] == url
 
 
 def test_a_file_that_changes_while_it_is_sent_fails_with_exit_1(make_server, env, tmp_path):
     server = make_server(SLOW)
     source = make_file(tmp_path / "moving.bin", 6 * MiB, seed=88)
     state = tmp_path / "state.json"
-    command = [*CLIENT, "upload", str(source), "--server", server.base, "--chunk-size", "1MiB"]
-    command += ["--state-file", str(state)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        entry = wait_for(lambda: saved_entry(state, source), timeout=30)
-        session_id = entry["url"].rsplit("/", 1)[1]
-        wait_for(lambda: server.status(session_id)["bytesWritten"] >= MiB, timeout=30)
+    with sending(server, env, source, state) as (process, url):
         with open(source, "r+b") as handle:  # change bytes the client has not sent yet
             handle.seek(5 * MiB)
             handle.write(b"changed!")
         out, err = process.communicate(timeout=90)
-    finally:
-        process.kill()
     assert process.returncode == 1, out + err
-    assert server.status(session_id)["error"]["code"] == "digest_mismatch"
+    assert server.status(url.rsplit("/", 1)[1])["error"]["code"] == "digest_mismatch"
     assert saved_entry(state, source) is None  # a rerun starts a new upload of the new content
 
 
@@ -246,14 +247,8 @@ def test_pause_and_resume_an_upload_that_another_client_is_sending(make_server, 
     server = make_server(SLOW)
     source = make_file(tmp_path / "long.bin", 5 * MiB, seed=88)
     state = tmp_path / "state.json"
-    command = [*CLIENT, "upload", str(source), "--server", server.base, "--chunk-size", "1MiB"]
-    command += ["--state-file", str(state)]
-    sender = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        url = wait_for(lambda: saved_entry(state, source), timeout=30)["url"]
+    with sending(server, env, source, state) as (sender, url):
         session_id = url.rsplit("/", 1)[1]
-        wait_for(lambda: server.status(session_id)["bytesWritten"] >= MiB, timeout=30)
-
         paused = client("pause", url, env=env)
         assert paused.returncode == 0, paused.stderr
         assert "paused " + session_id in paused.stdout
@@ -267,8 +262,6 @@ def test_pause_and_resume_an_upload_that_another_client_is_sending(make_server, 
         resumed = client("resume", session_id, "--server", server.base, env=env)
         assert resumed.returncode == 0, resumed.stderr
         out, err = sender.communicate(timeout=60)
-    finally:
-        sender.kill()
     assert sender.returncode == 0, out + err
     assert sha256_file(stored_file(server, url)) == sha256_file(source)
     shown = client("status", url, env=env)

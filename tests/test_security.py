@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -425,11 +426,22 @@ def test_progress_hooks_are_throttled(make_server, receiver, files):
     assert 2 <= len(times) <= 5  # about 3 seconds of writing, one report a second at most
 
 
-def test_callable_hook_can_reject(tmp_path):
+@contextlib.contextmanager
+def app_with_hook(tmp_path, hook):
+    """The app in this process with a Python hook callable, as an embedding application has it."""
     import falcon.testing
 
     from upload_server import create_app
     from upload_server.config import Config
+
+    app = create_app(Config.load(environ={}, upload_dir=str(tmp_path), writers=1), hook=hook)
+    try:
+        yield falcon.testing.TestClient(app)
+    finally:
+        app.runtime.close()
+
+
+def test_callable_hook_can_reject(tmp_path):
     from upload_server.hooks import HookRejected
 
     seen: list[str] = []
@@ -439,36 +451,23 @@ def test_callable_hook_can_reject(tmp_path):
         if event == "pre-create" and payload["upload"]["totalBytes"] > 100:
             raise HookRejected("too big for this tenant", status=403)
 
-    app = create_app(Config.load(environ={}, upload_dir=str(tmp_path), writers=1), hook=hook)
-    try:
-        client = falcon.testing.TestClient(app)
+    with app_with_hook(tmp_path, hook) as client:
         refused = client.simulate_post("/files/", headers={**TUS, "Upload-Length": "101"})
         assert refused.status_code == 403
         assert refused.json["error"]["message"] == "too big for this tenant"
         accepted = client.simulate_post("/files/", headers={**TUS, "Upload-Length": "5"})
         assert accepted.status_code == 201
         wait_for(lambda: "post-create" in seen)
-    finally:
-        app.runtime.close()
 
 
 def test_a_failing_hook_callable_refuses_with_503(tmp_path):
-    import falcon.testing
-
-    from upload_server import create_app
-    from upload_server.config import Config
-
     def hook(event: str, payload: dict) -> None:
         raise RuntimeError("the application's bug")
 
-    app = create_app(Config.load(environ={}, upload_dir=str(tmp_path), writers=1), hook=hook)
-    try:
-        client = falcon.testing.TestClient(app)
+    with app_with_hook(tmp_path, hook) as client:
         refused = client.simulate_post("/files/", headers={**TUS, "Upload-Length": "5"})
         assert refused.status_code == 503
         assert refused.json["error"]["code"] == "hook_failed"
-    finally:
-        app.runtime.close()
 
 
 def test_undelivered_hooks_are_counted_at_shutdown(tmp_path, caplog):

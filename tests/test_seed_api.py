@@ -124,13 +124,8 @@ def test_pause_holds_and_resume_completes(slow_server, files):
     assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(source)
 
 
-def test_a_spool_removed_while_its_writer_runs_waits_for_the_file(slow_server, files):
-    server = slow_server
-    source, session_id = _start_slow_upload(server, files, size=3 * MiB)
-    (server.upload_dir / ".upload_server" / "spool" / f"{session_id}.spool").unlink()
-    status = server.wait_state(session_id, "waiting", "failed", timeout=60)
-    assert status["state"] == "waiting" and status["error"]["code"] == "spool_missing", status
-    assert status["bytesWritten"] == 0 and status["completed"] is False
+def _resend_and_finish(server, session_id: str, source) -> None:
+    """Resume by sending the file again; the stored file must be byte-identical."""
     with open(source, "rb") as handle:
         resumed = requests.post(
             server.url("/upload/resume"),
@@ -141,6 +136,16 @@ def test_a_spool_removed_while_its_writer_runs_waits_for_the_file(slow_server, f
     assert resumed.status_code == 200, resumed.text
     status = server.wait_state(session_id, "completed")
     assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(source)
+
+
+def test_a_spool_removed_while_its_writer_runs_waits_for_the_file(slow_server, files):
+    server = slow_server
+    source, session_id = _start_slow_upload(server, files, size=3 * MiB)
+    (server.upload_dir / ".upload_server" / "spool" / f"{session_id}.spool").unlink()
+    status = server.wait_state(session_id, "waiting", "failed", timeout=60)
+    assert status["state"] == "waiting" and status["error"]["code"] == "spool_missing", status
+    assert status["bytesWritten"] == 0 and status["completed"] is False
+    _resend_and_finish(server, session_id, source)
 
 
 def test_resume_by_resending_the_file_after_the_spool_is_gone(slow_server, files):
@@ -159,16 +164,7 @@ def test_resume_by_resending_the_file_after_the_spool_is_gone(slow_server, files
     assert bare.status_code == 409
     assert bare.json()["error"]["code"] == "spool_missing"
 
-    with open(source, "rb") as handle:
-        resumed = requests.post(
-            server.url("/upload/resume"),
-            params={"sessionID": session_id},
-            files={"file": (source.name, handle)},
-            timeout=60,
-        )
-    assert resumed.status_code == 200, resumed.text
-    status = server.wait_state(session_id, "completed")
-    assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(source)
+    _resend_and_finish(server, session_id, source)
 
 
 def test_resume_with_a_file_of_another_size_is_refused(slow_server, files):
