@@ -91,10 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]:
         log.info("listening on http://%s:%s", f"[{host}]" if ":" in host else host, port)
     try:
-        server.run()
+        server.run()  # returns on Ctrl-C or SIGTERM: waitress catches the KeyboardInterrupt
     except KeyboardInterrupt:
-        log.info("shutting down: writers checkpoint their sessions")
+        pass  # raised between waitress's loop and its own handler
     finally:
+        log.info("shutting down: writers checkpoint their sessions")
         server.close()
         app.runtime.close()
     return 0
