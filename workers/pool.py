@@ -96,10 +96,17 @@ class WriterPool:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, ready_timeout: float = 60.0) -> None:
+        """Start the writers and wait until each answers, so the server never listens (nor says it
+        is ready) while its writers are still importing: under `spawn` that takes seconds."""
         self._handles = [self._spawn(i) for i in range(self._count)]
         self._monitor = threading.Thread(target=self._watch, name="writer-monitor", daemon=True)
         self._monitor.start()
+        deadline = time.monotonic() + ready_timeout
+        while (answered := self.ping()) < self._count:
+            if time.monotonic() >= deadline:
+                log.warning("%d of %d writers answer after %.0fs", answered, self._count, ready_timeout)
+                return
 
     def _spawn(self, index: int) -> _Handle:
         inbox_recv, inbox_send = self._ctx.Pipe(duplex=False)
