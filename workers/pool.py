@@ -105,7 +105,9 @@ class WriterPool:
         deadline = time.monotonic() + ready_timeout
         while (answered := self.ping()) < self._count:
             if time.monotonic() >= deadline:
-                log.warning("%d of %d writers answer after %.0fs", answered, self._count, ready_timeout)
+                log.warning(
+                    "%d of %d writers answer after %.0fs", answered, self._count, ready_timeout
+                )
                 return
 
     def _spawn(self, index: int) -> _Handle:
