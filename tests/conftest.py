@@ -186,6 +186,16 @@ class Server:
             files = {"file": (filename or path.name, handle, "application/octet-stream")}
             return requests.post(self.url("/upload"), files=files, timeout=120, **kwargs)
 
+    def resume_file(self, session_id: str, path: Path) -> requests.Response:
+        """POST /upload/resume with the file sent again."""
+        with open(path, "rb") as handle:
+            return requests.post(
+                self.url("/upload/resume"),
+                params={"sessionID": session_id},
+                files={"file": (path.name, handle)},
+                timeout=60,
+            )
+
     def status(self, session_id: str) -> dict[str, Any]:
         response = requests.get(
             self.url("/upload/status"), params={"sessionID": session_id}, timeout=30

@@ -297,13 +297,7 @@ def test_seed_upload_of_a_dead_node_waits_and_resumes_with_the_file_elsewhere(
     assert status["error"]["code"] == "spool_missing"
     bare = requests.post(other.url("/upload/resume"), params={"sessionID": session_id}, timeout=30)
     assert bare.status_code == 409 and bare.json()["error"]["code"] == "spool_missing"
-    with open(source, "rb") as handle:
-        again = requests.post(
-            other.url("/upload/resume"),
-            params={"sessionID": session_id},
-            files={"file": (source.name, handle)},
-            timeout=60,
-        )
+    again = other.resume_file(session_id, source)
     assert again.status_code == 200, again.text
     status = other.wait_state(session_id, "completed", timeout=60)
     assert backends.object_sha256(status["storedAs"]) == sha256_file(source)

@@ -126,13 +126,7 @@ def test_pause_holds_and_resume_completes(slow_server, files):
 
 def _resend_and_finish(server, session_id: str, source) -> None:
     """Resume by sending the file again; the stored file must be byte-identical."""
-    with open(source, "rb") as handle:
-        resumed = requests.post(
-            server.url("/upload/resume"),
-            params={"sessionID": session_id},
-            files={"file": (source.name, handle)},
-            timeout=60,
-        )
+    resumed = server.resume_file(session_id, source)
     assert resumed.status_code == 200, resumed.text
     status = server.wait_state(session_id, "completed")
     assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(source)
@@ -171,13 +165,7 @@ def test_resume_with_a_file_of_another_size_is_refused(slow_server, files):
     server = slow_server
     _, session_id = _start_slow_upload(server, files)
     requests.get(server.url("/upload/pause"), params={"sessionID": session_id}, timeout=30)
-    with open(files(1234), "rb") as handle:
-        response = requests.post(
-            server.url("/upload/resume"),
-            params={"sessionID": session_id},
-            files={"file": ("x", handle)},
-            timeout=30,
-        )
+    response = server.resume_file(session_id, files(1234))
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "size_mismatch"
     assert "1234" in response.json()["error"]["message"]

@@ -442,9 +442,7 @@ class Writer:
                 and self.storage.size(session_id) == session.total_bytes
             ):
                 # the whole spool was renamed into the data just before a crash: finish from it
-                session.spooled = False
-                session.bytes_written = session.total_bytes
-                held.sha256 = None
+                self._unspool(held, session.total_bytes)
                 self._finish(held)
                 return
             self._spool_missing(held)
@@ -519,24 +517,28 @@ class Writer:
         try:
             adopted = self.storage.adopt(session.id, spool)
         except FileNotFoundError:  # the spool was removed under us (by hand, or a cleaner)
-            session.spooled = False
-            session.bytes_written = 0
-            held.sha256 = None
+            self._unspool(held, 0)
             self._spool_missing(held)
             return
         except OSError as exc:
             self._io_failure(held, exc)
             return
         if not adopted:
-            session.spooled = False  # this storage cannot take the file: copy it after all
-            session.bytes_written = 0
-            held.sha256 = None
+            self._unspool(held, 0)  # this storage cannot take the file: copy it after all
             self._publish(held, STATE)
             self._start_drain(session.id)
             return
         session.spooled = False
         self.bytes_written.inc(total)
         self._finish(held)
+
+    @staticmethod
+    def _unspool(held: Held, bytes_written: int) -> None:
+        """The spool is no longer this upload's data: count what the storage holds, and drop the
+        running digest (it no longer describes those bytes)."""
+        held.session.spooled = False
+        held.session.bytes_written = bytes_written
+        held.sha256 = None
 
     def _spool_missing(self, held: Held) -> None:
         held.session.state = states.WAITING
