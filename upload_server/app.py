@@ -17,6 +17,7 @@ from . import errors, logs, metrics, waitress_patches
 from .api import health, middleware, openapi, seed, tus, web
 from .auth import Authenticator
 from .config import Config
+from .cut_bodies import CutBodies
 from .hooks import Hooks
 from .layout import Layout
 from .runtime import Runtime
@@ -44,8 +45,12 @@ def create_app(
     cors = middleware.Cors(config.cors_origins, config.tus_path)
     authenticator = Authenticator(config)
     runtime = Runtime(config, Hooks(config, hook)).start()
-    waitress_patches.install(layout.spool_dir, cors.allow_origin, runtime.uploads.space_refusal)
+    cut_bodies = CutBodies(config.tus_path)
+    waitress_patches.install(
+        layout.spool_dir, cors.allow_origin, runtime.uploads.space_refusal, cut_bodies
+    )
     atexit.register(runtime.close)
+    runtime.on_close(cut_bodies.close)
     app = UploadApp(
         middleware=[
             middleware.RequestLog(),
@@ -68,11 +73,12 @@ def create_app(
     locks = runtime.cluster.locks if runtime.cluster is not None else tus.UploadLocks()
     app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
-    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks))
+    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks, cut_bodies))
     app.add_route("/openapi.json", openapi.OpenApiResource(config))
     app.add_route("/metrics", health.MetricsResource(runtime))
     app.add_route("/healthz", health.HealthResource())
     app.add_route("/readyz", health.ReadyResource(runtime))
     if config.web:
         web.add_routes(app, config)
+    cut_bodies.app = app
     return app

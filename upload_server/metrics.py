@@ -50,6 +50,12 @@ class Metrics:
             "Bytes put in the spool, by how: linked (no copy) or copied by the kernel",
             ["how"],
         )
+        self.cut_bytes = Counter(
+            "upload_server_cut_bytes",
+            "Bytes of request bodies cut off mid-way: kept (they count, as a shorter request's "
+            "would) or discarded (Upload-Checksum, or the upload had moved on)",
+            ["outcome"],
+        )
         self.bytes_written = Counter(
             "upload_server_bytes_written", "Upload bytes written by the writers"
         )
@@ -93,6 +99,8 @@ class Metrics:
             self.uploads_ended.labels(how)
         for how in ("linked", "copied"):
             self.bytes_spooled.labels(how)
+        for outcome in ("kept", "discarded"):
+            self.cut_bytes.labels(outcome)
         for event in HOOK_EVENTS:
             for outcome in ("delivered", "failed", "retried", "dropped", "rejected"):
                 self.hook_deliveries.labels(event, outcome)

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,7 @@ class Runtime:
         self.uploads: Uploads | None = None
         self.sweeper: Sweeper | None = None
         self._lock_fd: int | None = None
+        self._on_close: list[Callable[[], None]] = []
         self.started = time.time()
 
     def start(self) -> Runtime:
@@ -110,8 +112,14 @@ class Runtime:
         )
         return self
 
+    def on_close(self, stop: Callable[[], None]) -> None:
+        """Have `close` call `stop` first (what feeds work to the writers stops before them)."""
+        self._on_close.append(stop)
+
     def close(self) -> None:
         """Stop the writers (they checkpoint first), then the Manager. Safe to call twice."""
+        while self._on_close:
+            self._on_close.pop()()
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper = None

@@ -1,4 +1,4 @@
-"""Four adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
+"""Five adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
 
 1. JSON errors: waitress answers some requests itself (body too large, malformed HTTP, headers too
    large) before the app sees them; those answers get the app's `{"error": ...}` shape, plus the
@@ -12,22 +12,34 @@
 4. A body that would eat into the free-space reserve is refused with 507 as soon as its headers
    arrive, before waitress reads (and spills to disk) a byte of it; no refusal, this one or a 413,
    is preceded by a `100 Continue` that would invite the body.
+5. A request whose connection closes, errors or times out in the middle of its body is not simply
+   dropped: the channel hands its headers and the prefix that arrived (a `CutRequest`) to `on_cut`
+   (see `cut_bodies`), which may keep it; the same observer hears when each body starts and ends.
+   This runs on waitress's I/O thread, so the observer only decides and queues.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 import waitress.buffers
 import waitress.channel
 import waitress.parser
+import waitress.server
 import waitress.task
 import waitress.utilities
 
 from . import fileio
 from .errors import error_body
 from .protocol import tus
+
+log = logging.getLogger("upload_server.waitress")
 
 
 def _json_response(self: waitress.utilities.Error, ident: str | None = None):
@@ -41,11 +53,39 @@ class InsufficientStorage(waitress.utilities.Error):
     reason = "Insufficient Storage"
 
 
+class BodyObserver(Protocol):
+    """Told about request bodies as waitress receives them (see `cut_bodies.CutBodies`). Every
+    call comes from waitress's I/O thread and must return at once."""
+
+    def body_started(self, method: str, path: str, headers: dict[str, str]) -> str | None:
+        """A body begins; a key to report its end with, or None when it is of no interest."""
+
+    def body_ended(self, key: str) -> None:
+        """The body of `key` is complete or gone."""
+
+    def body_cut(self, cut: CutRequest) -> bool:
+        """The connection ended mid-body: take the prefix (True) or let it be dropped."""
+
+
+class _NoObserver:
+    def body_started(self, method: str, path: str, headers: dict[str, str]) -> str | None:
+        return None
+
+    def body_ended(self, key: str) -> None:
+        pass
+
+    def body_cut(self, cut: CutRequest) -> bool:
+        return False
+
+
 class AdmittingParser(waitress.parser.HTTPRequestParser):
-    """Asks `admit` about a declared Content-Length once the headers are parsed. (A chunked body
-    declares none; the app checks it once it has arrived.)"""
+    """Asks `admit` about a declared Content-Length once the headers are parsed (a chunked body
+    declares none; the app checks it once it has arrived), and tells `observer` when a body
+    starts and when it is complete or dropped."""
 
     admit: Callable[[int], str | None] = staticmethod(lambda length: None)
+    observer: BodyObserver = _NoObserver()
+    watch_key: str | None = None
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
@@ -54,12 +94,25 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             if refusal:
                 self.error = InsufficientStorage(refusal)
                 self.completed = True
+        if not self.completed and self.body_rcv is not None:
+            self.watch_key = self.observer.body_started(self.command, self.path, self.headers)
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
         if self.error is not None:
             self.expect_continue = False  # refused (507, 413, ...): the client must not send on
+        if self.completed:
+            self.end_watch()
         return consumed
+
+    def end_watch(self) -> None:
+        key, self.watch_key = self.watch_key, None
+        if key is not None:
+            self.observer.body_ended(key)
+
+    def close(self) -> None:
+        self.end_watch()
+        super().close()
 
 
 class JsonErrorTask(waitress.task.ErrorTask):
@@ -95,17 +148,90 @@ class KeepAliveTask(waitress.task.WSGITask):
             super().set_close_on_finish()
 
 
+@dataclass(frozen=True)
+class CutRequest:
+    """A request whose body stopped early: its WSGI environ, with `wsgi.input` holding the
+    `length` bytes that arrived (and CONTENT_LENGTH saying so). `release` frees waitress's buffer
+    behind it: whoever takes a CutRequest calls it exactly once, when done with the body."""
+
+    environ: dict[str, Any]
+    length: int
+    declared: int  # the Content-Length the client announced (0 for a chunked body)
+    reason: str  # "disconnected" or "timeout"
+    release: Callable[[], None]
+
+
+class KeepingChannel(waitress.channel.HTTPChannel):
+    """A channel that offers a request cut off mid-body to `on_cut` before dropping it.
+
+    Every way a channel ends (the peer closed, a socket error, the idle timeout of
+    `maintenance`) goes through `handle_close`, where waitress would let the incomplete parser and
+    the body buffer in it go. The parser's observer answers at once whether it takes the request."""
+
+    def handle_close(self) -> None:
+        request, self.request = self.request, None
+        if request is not None:
+            self._offer(request)
+        super().handle_close()
+
+    def _offer(self, request: AdmittingParser) -> None:
+        taken = False
+        try:
+            cut = self._cut_request(request)
+            taken = cut is not None and request.observer.body_cut(cut)
+        except Exception:  # never let this break waitress's loop
+            log.exception("could not offer a cut request body")
+        if taken:
+            request.end_watch()  # the observer now tracks the prefix it took
+        else:
+            request.close()
+
+    def _cut_request(self, request: AdmittingParser) -> CutRequest | None:
+        receiver = request.body_rcv
+        if request.completed or not request.headers_finished or request.error is not None:
+            return None
+        if receiver is None or not len(receiver):
+            return None
+        stream, length = _received_prefix(receiver.getbuf())
+        environ = waitress.task.WSGITask(self, request).get_environment()
+        environ["wsgi.input"] = stream
+        environ["CONTENT_LENGTH"] = str(length)
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        idle = time.time() - self.last_activity
+        reason = "timeout" if idle >= self.adj.channel_timeout else "disconnected"
+        return CutRequest(environ, length, request.content_length, reason, request.close)
+
+
+def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[BinaryIO, int]:
+    """What a body buffer holds, as a stream from its start: waitress's own file when the body
+    spilled to one (so it can still be linked into the spool), else a copy of the few bytes."""
+    inner = buffer.buf
+    if inner is None:
+        return io.BytesIO(buffer.strbuf), len(buffer.strbuf)
+    file = inner.file
+    if isinstance(file, io.BytesIO):
+        data = file.getvalue()
+        return io.BytesIO(data), len(data)
+    file.flush()
+    file.seek(0)
+    return file, len(inner)
+
+
 def install(
     spool_dir: Path,
     allow_origin: Callable[[str], str | None],
     admit: Callable[[int], str | None],
+    observer: BodyObserver,
 ) -> None:
     """`allow_origin` maps a request's Origin to its Access-Control-Allow-Origin (None: none);
-    `admit` says why a body of that many bytes cannot be stored (None: it can)."""
+    `admit` says why a body of that many bytes cannot be stored (None: it can); `observer` follows
+    request bodies and is offered every one cut off mid-way."""
     waitress.utilities.Error.to_response = _json_response
     AdmittingParser.admit = staticmethod(admit)
     waitress.channel.HTTPChannel.parser_class = AdmittingParser
     JsonErrorTask.allow_origin = staticmethod(allow_origin)
     waitress.channel.HTTPChannel.error_task_class = JsonErrorTask
     waitress.channel.HTTPChannel.task_class = KeepAliveTask
+    AdmittingParser.observer = observer
+    waitress.server.BaseWSGIServer.channel_class = KeepingChannel
     waitress.buffers.TempfileBasedBuffer.newfile = lambda self: fileio.linkable_tempfile(spool_dir)

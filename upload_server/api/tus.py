@@ -27,6 +27,7 @@ import falcon
 
 from .. import errors
 from ..auth import Principal
+from ..cut_bodies import CutBodies
 from ..filenames import sanitize
 from ..protocol import ranges, tus
 from ..service import NewUpload, Uploads
@@ -186,7 +187,12 @@ class TusCollection(_TusResource):
 
 
 class TusUpload(_TusResource):
-    """/files/{upload_id}: one upload."""
+    """/files/{upload_id}: one upload. HEAD and PATCH first wait for a cut request's prefix of
+    the same upload that is still being stored (`cut_bodies`), so a retry sees its own bytes."""
+
+    def __init__(self, uploads: Uploads, locks: UploadLocks, cut_bodies: CutBodies) -> None:
+        super().__init__(uploads, locks)
+        self.cut_bodies = cut_bodies
 
     def _session(self, req: falcon.Request, upload_id: str) -> Session:
         session = self.uploads.get(upload_id, req.context.principal)
@@ -198,6 +204,7 @@ class TusUpload(_TusResource):
         self._capabilities(resp)
 
     def on_head(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
+        self.cut_bodies.wait(upload_id, req.env)
         session = self._session(req, upload_id)
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Upload-Offset", str(session.bytes_written))
@@ -231,6 +238,7 @@ class TusUpload(_TusResource):
         if offset is None:
             raise errors.BadRequest("PATCH needs an Upload-Offset header", code="bad_header")
         length = req.content_length or 0
+        self.cut_bodies.wait(upload_id, req.env)
         with self.locks.hold(upload_id):
             session = self._session(req, upload_id)
             if not self._is_repeat(session, offset, length):

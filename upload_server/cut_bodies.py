@@ -1,0 +1,227 @@
+"""Keeping the bytes of a tus request whose connection was cut mid-body.
+
+waitress hands the app only complete requests. Without this module a `PATCH` of 20 MiB cut after
+15 MiB would leave the upload's offset where it was, and clients that send a whole file in one
+request (tus-js-client and Uppy at their defaults) could never finish over a link that drops
+every few megabytes.
+
+The channel (`waitress_patches.KeepingChannel`) offers each request cut off mid-body to
+`CutBodies.body_cut`, on waitress's single I/O thread. It decides from the headers alone, marks
+the upload as having a prefix in flight and queues the work; a worker thread then runs the request
+through the whole app as the complete request of the length that arrived: the same credentials,
+locks, offset checks, spool segment, writer and record as any PATCH (or creation-with-upload POST),
+so a kept prefix is stored exactly as a PATCH of that length would be. A request that carries
+`Upload-Checksum` cannot be verified without all of its body, so its prefix is discarded, as the
+tus checksum extension asks.
+
+A client that retries sees the kept bytes: a `HEAD` or `PATCH` of that upload waits (bounded)
+while a PATCH body of it is still arriving or a cut prefix of it is being stored, then answers
+from the new offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import metrics
+from .protocol import tus
+from .waitress_patches import CutRequest
+
+log = logging.getLogger("upload_server.cut_bodies")
+
+ENVIRON_KEY = "upload_server.cut"  # set in the environ of a request replayed from a cut one
+PENDING_WAIT = 20.0  # longest a HEAD or PATCH waits for a cut prefix of its upload to be stored
+IN_FLIGHT_WAIT = 2.0  # longest it waits for a PATCH body of its upload that is still arriving
+WORKERS = 4
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class CutBodies:
+    def __init__(self, tus_path: str, workers: int = WORKERS) -> None:
+        self.tus_path = tus_path
+        self.app: WsgiApp | None = None
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="cut-body")
+        self._guard = threading.Condition()
+        self._pending: dict[str, int] = {}  # upload id -> cut prefixes being stored
+        self._in_flight: dict[str, int] = {}  # upload id -> PATCH bodies being received
+        self._closed = False
+
+    # -- on waitress's I/O thread: decide and queue, never block ---------------------------
+
+    def body_started(self, method: str, path: str, headers: dict[str, str]) -> str | None:
+        """A tus PATCH body begins: until it is complete or cut, a HEAD of that upload may be
+        a client's retry that has not yet seen its own bytes (see `wait`)."""
+        target = self._target(method, path, headers)
+        if target is None or target[1] is None:
+            return None
+        with self._guard:
+            _count(self._in_flight, target[1], +1)
+        return target[1]
+
+    def body_ended(self, key: str) -> None:
+        with self._guard:
+            _count(self._in_flight, key, -1)
+            self._guard.notify_all()
+
+    def body_cut(self, cut: CutRequest) -> bool:
+        """Take a cut request if its prefix can count; False lets waitress drop it."""
+        environ = cut.environ
+        headers = {"CONTENT_TYPE": environ.get("CONTENT_TYPE", "")}
+        if "HTTP_X_HTTP_METHOD_OVERRIDE" in environ:
+            headers["X_HTTP_METHOD_OVERRIDE"] = environ["HTTP_X_HTTP_METHOD_OVERRIDE"]
+        target = self._target(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), headers)
+        if target is None or self.app is None:
+            return False
+        kind, upload_id = target
+        if environ.get("HTTP_UPLOAD_CHECKSUM"):
+            metrics.get().cut_bytes.labels("discarded").inc(cut.length)
+            log.info(
+                "discarded %d bytes of a cut %s of upload %s (%s): it carries Upload-Checksum, "
+                "which cannot be verified on part of a body",
+                cut.length,
+                kind,
+                upload_id or "(new)",
+                cut.reason,
+            )
+            return False
+        with self._guard:
+            if self._closed:
+                return False
+            if upload_id:
+                _count(self._pending, upload_id, +1)
+        try:
+            self._executor.submit(self._keep, cut, kind, upload_id)
+        except RuntimeError:  # shut down in between
+            self._done(upload_id)
+            return False
+        return True
+
+    def _target(
+        self, method: str, path: str, headers: dict[str, str]
+    ) -> tuple[str, str | None] | None:
+        """("append", id) for a tus PATCH, ("creation", None) for a tus creation with a body,
+        else None. The app checks everything else, as for any request."""
+        content_type = headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        if content_type != tus.OFFSET_OCTET_STREAM:
+            return None
+        if method == "POST":
+            method = headers.get("X_HTTP_METHOD_OVERRIDE", "").strip().upper() or method
+        if method == "POST" and path in (self.tus_path, self.tus_path.rstrip("/")):
+            return "creation", None
+        if method == "PATCH" and path.startswith(self.tus_path):
+            upload_id = urllib.parse.unquote(path[len(self.tus_path) :])
+            if upload_id and "/" not in upload_id:
+                return "append", upload_id
+        return None
+
+    # -- on a worker thread -----------------------------------------------------------------
+
+    def _keep(self, cut: CutRequest, kind: str, upload_id: str | None) -> None:
+        offset = cut.environ.get("HTTP_UPLOAD_OFFSET", "0")
+        try:
+            status, headers = self._replay(cut.environ)
+        except Exception:
+            log.exception("keeping a cut %s of upload %s failed", kind, upload_id or "(new)")
+            status, headers = "500 Internal Server Error", {}
+        finally:
+            cut.release()
+            self._done(upload_id)
+        upload_id = upload_id or headers.get("location", "").rsplit("/", 1)[-1] or "(none)"
+        figures = metrics.get()
+        if status[:1] == "2":
+            figures.cut_bytes.labels("kept").inc(cut.length)
+            log.info(
+                "kept %d bytes of a cut %s of upload %s at offset %s (%s after %d of %d bytes); "
+                "offset now %s",
+                cut.length,
+                kind,
+                upload_id,
+                offset,
+                cut.reason,
+                cut.length,
+                cut.declared,
+                headers.get("upload-offset", "?"),
+            )
+        else:
+            figures.cut_bytes.labels("discarded").inc(cut.length)
+            log.info(
+                "discarded %d bytes of a cut %s of upload %s at offset %s (%s): %s",
+                cut.length,
+                kind,
+                upload_id,
+                offset,
+                cut.reason,
+                status,
+            )
+
+    def _replay(self, environ: dict[str, Any]) -> tuple[str, dict[str, str]]:
+        """Run the request through the app; its answer goes nowhere but the log."""
+        assert self.app is not None
+        environ[ENVIRON_KEY] = True
+        answer: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None):
+            answer["status"] = status
+            answer["headers"] = {name.lower(): value for name, value in headers}
+            return lambda data: None
+
+        body = self.app(environ, start_response)
+        try:
+            for _ in body:
+                pass
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        return answer.get("status", "500"), answer.get("headers", {})
+
+    def _done(self, upload_id: str | None) -> None:
+        if not upload_id:
+            return
+        with self._guard:
+            _count(self._pending, upload_id, -1)
+            self._guard.notify_all()
+
+    # -- for the resources --------------------------------------------------------------------
+
+    def wait(self, upload_id: str, environ: dict[str, Any]) -> None:
+        """Let a request see an upload's offset only once every cut prefix of it is stored (at
+        most PENDING_WAIT), and once a body of it still arriving has ended (at most
+        IN_FLIGHT_WAIT: a client retrying after a cut sends its HEAD while the server may still be
+        reading the last bytes of the dead connection). A replayed request never waits."""
+        if environ.get(ENVIRON_KEY):
+            return
+        now = time.monotonic()
+        pending_until, in_flight_until = now + PENDING_WAIT, now + IN_FLIGHT_WAIT
+        with self._guard:
+            while True:
+                if upload_id in self._pending:
+                    left = pending_until - time.monotonic()
+                elif upload_id in self._in_flight:
+                    left = min(pending_until, in_flight_until) - time.monotonic()
+                else:
+                    return
+                if left <= 0:
+                    return
+                self._guard.wait(left)
+
+    def close(self) -> None:
+        """Stop taking cut requests; those queued are dropped (their clients re-send)."""
+        with self._guard:
+            self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _count(counts: dict[str, int], key: str, step: int) -> None:
+    left = counts.get(key, 0) + step
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
