@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -352,3 +354,56 @@ def test_a_crash_after_the_spool_became_the_data_is_finished_at_restart(make_ser
         == sha256_file(source)
         == status["sha256"]
     )
+
+
+def _patch_in_background(tus: Tus, url: str, data: bytes) -> threading.Thread:
+    """A PATCH whose answer the test does not wait for (the server may die under it)."""
+
+    def send() -> None:
+        with contextlib.suppress(requests.RequestException):
+            tus.patch(url, 0, data)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_counted_segment_is_replayed_after_a_crash(make_server):
+    """A PATCH body named in the record counts before it is copied: after a SIGKILL mid-copy the
+    restarted server copies it from the spool, and the offset never goes back."""
+    data = random.Random(51).randbytes(6 * MiB)
+    server = make_server(["--max-bytes-per-second", "2MiB"])
+    tus = Tus(server.base)
+    url = tus.new(len(data), filename="replayed.bin")
+    session_id = url.rsplit("/", 1)[1]
+    thread = _patch_in_background(tus, url, data[: 4 * MiB])
+    counted = wait_for(lambda: int(tus.head(url).headers["Upload-Offset"]) or None, timeout=10)
+    assert counted == 4 * MiB
+    time.sleep(0.6)  # the writer is part way through copying it (2 MiB/s)
+    segment = server.upload_dir / ".upload_server" / "spool" / f"{session_id}.0.seg"
+    assert segment.exists()
+    server.kill()
+    thread.join(10)
+    again = make_server(upload_dir=server.upload_dir, port=server.port)
+    assert int(Tus(again.base).head(url).headers["Upload-Offset"]) == 4 * MiB
+    wait_for(lambda: not segment.exists(), timeout=20)  # replayed into the data, then removed
+    assert again.status(session_id)["state"] == "waiting"
+    answer = Tus(again.base).patch(url, 4 * MiB, data[4 * MiB :])
+    assert answer.status_code == 204, answer.text
+    status = again.wait_state(session_id, "completed")
+    assert sha256_file(again.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_writer_killed_while_copying_a_segment_still_answers_the_patch(make_server):
+    data = random.Random(52).randbytes(4 * MiB)
+    server = make_server(["--max-bytes-per-second", "2MiB", "--writers", "1"])
+    tus = Tus(server.base)
+    url = tus.new(len(data), filename="writer-killed.bin")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(tus.patch, url, 0, data)
+        wait_for(lambda: int(tus.head(url).headers["Upload-Offset"]) == len(data), timeout=10)
+        time.sleep(0.5)
+        os.kill(server.writer_pids()[0], signal.SIGKILL)
+        assert answer.result(timeout=60).status_code == 204
+    status = server.wait_state(url.rsplit("/", 1)[1], "completed")
+    assert sha256_file(server.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()

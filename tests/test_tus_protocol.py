@@ -480,7 +480,9 @@ def test_pause_and_resume_through_the_seed_api(slow):
     assert server.status(session_id)["completed"] is True
 
 
-def test_pause_during_a_patch_keeps_what_was_written(slow):
+def test_pause_during_a_patch_keeps_all_of_it(slow):
+    """The PATCH's body is named in the record before the writer copies it, so it counts whole;
+    the pause stops the copy, and the resume finishes it from the spool."""
     server, tus = slow
     data = blob(6 * MiB, seed=10)
     url = tus.new(len(data), filename="held.bin")
@@ -496,7 +498,7 @@ def test_pause_during_a_patch_keeps_what_was_written(slow):
         answer = patch.result()
     assert answer.status_code == 423
     kept = answer.json()["error"]["offset"]
-    assert 0 < kept < 4 * MiB and kept % MiB == 0
+    assert kept == 4 * MiB
     assert tus.head(url).headers["Upload-Offset"] == str(kept)
     resume = requests.post(
         server.url("/upload/resume"), params={"sessionID": session_id}, timeout=10

@@ -12,6 +12,8 @@ from upload_server.body import RequestBody
 from upload_server.config import Config, parse_duration, parse_size
 from upload_server.filenames import MAX_NAME_BYTES, candidates, sanitize
 from upload_server.protocol import multipart
+from upload_server.sessions import segments
+from upload_server.sessions.record import Session
 
 
 @pytest.mark.parametrize(
@@ -219,3 +221,41 @@ def test_session_ids_are_long_and_start_with_a_letter_or_digit():
     ids = {new_session_id() for _ in range(2000)}
     assert len(ids) == 2000
     assert all(len(i) >= 22 and i[0].isalnum() and is_session_id(i) for i in ids)
+
+
+def _tus_session(bytes_written: int, segments: list[list[int]]) -> Session:
+    return Session(
+        id="a" * 22,
+        protocol="tus",
+        filename="f",
+        chunk_size=1024 * 1024,
+        writer=0,
+        total_bytes=100,
+        bytes_written=bytes_written,
+        segments=segments,
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "before", "after", "cut_to"),
+    [
+        # data + whole named segments: all counted, nothing to cut
+        (10, {10: 5, 15: 5}, (20, [[10, 5], [15, 5]]), (20, [[10, 5], [15, 5]]), 10),
+        # a segment half copied before the crash: the copy is cut, the segment copied again
+        (13, {10: 5}, (15, [[10, 5]]), (15, [[10, 5]]), 10),
+        # a segment whose file is gone but whose bytes are in the data was copied
+        (15, {}, (15, [[10, 5]]), (15, []), 15),
+        # a segment lost (power loss): the count ends before it
+        (10, {}, (15, [[10, 5]]), (10, []), 10),
+        # a short segment file ends the count, and so does everything after it
+        (10, {10: 3, 15: 5}, (20, [[10, 5], [15, 5]]), (10, []), 10),
+        # data shorter than the record (unsynced writes lost): back to the data
+        (7, {10: 5}, (15, [[10, 5]]), (7, []), 7),
+        # no segments: bytes past the offset were never acknowledged
+        (12, {}, (10, []), (10, []), 10),
+    ],
+)
+def test_reconcile_counts_what_the_disk_holds(data, files, before, after, cut_to):
+    session = _tus_session(*before)
+    assert segments.reconcile(session, data, files.get) == cut_to
+    assert (session.bytes_written, session.segments) == after

@@ -4,7 +4,7 @@
     uploads/.upload_server/
         sessions/<id>.json        durable session records (FileSessionStore)
         spool/<id>.spool          a seed upload's bytes as received (byte i = file offset i)
-        spool/<id>.<offset>.seg   one tus PATCH body waiting for its writer
+        spool/<id>.<offset>.seg   one tus PATCH body (named in the record once counted)
         partial/<id>              data being written; moved into uploads/ when complete
 
 Finished files never start with a dot (see `filenames.sanitize`), so a client can never name a file
@@ -55,6 +55,13 @@ class Layout:
 
     def segment(self, session_id: str, offset: int) -> Path:
         return self.spool_dir / f"{self._checked(session_id)}.{int(offset)}.seg"
+
+    def segment_size(self, session_id: str, offset: int) -> int | None:
+        """The length of a segment file, or None when there is none."""
+        try:
+            return self.segment(session_id, offset).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def partial(self, session_id: str) -> Path:
         return self.partial_dir / self._checked(session_id)

@@ -32,6 +32,7 @@ from .hooks import Hooks
 from .layout import Layout
 from .service import Uploads
 from .sessions import record as states
+from .sessions import segments
 from .sessions.live import LiveSessions
 from .sessions.record import Session
 from .sessions.store import SessionStore
@@ -139,17 +140,27 @@ class Runtime:
             self._lock_fd = None
 
     def _recover(self, live: LiveSessions) -> list[Session]:
-        """Rebuild the live view; return the seed sessions that can carry on from their spool.
+        """Rebuild the live view; return the sessions that carry on by themselves: seed uploads
+        from their spool, tus uploads whose records name segments (counted bytes that are still
+        to be copied into the data: they are replayed, never thrown away).
 
-        No request is in flight yet, so spooled PATCH bodies and half-written spool files are
-        leftovers of a crash: their clients were never answered and will send them again."""
+        No request is in flight yet, so half-written spool files and segments that no record names
+        are leftovers of a crash: their clients were never answered and will send them again."""
+        sessions = list(self.store.all())
+        named = {
+            self.layout.segment(s.id, offset).name
+            for s in sessions
+            if s.node == self.backends.node_id
+            for offset, _ in s.segments
+        }
         for leftover in [
             *self.layout.spool_dir.glob("*.seg"),
             *self.layout.spool_dir.glob("*.tmp"),
         ]:
-            leftover.unlink(missing_ok=True)
+            if leftover.name not in named:
+                leftover.unlink(missing_ok=True)
         resumable = []
-        for session in self.store.all():
+        for session in sessions:
             if session.node != self.backends.node_id:
                 continue  # another node's upload (cluster mode)
             session.writer %= self.config.writers
@@ -166,6 +177,8 @@ class Runtime:
                         session.wait_for_client("the server restarted")
                         if self.backends.shared:  # other nodes read the record, not our live view
                             self.store.save(session, durable=True)
+                if session.segments and session.state != states.PAUSED:
+                    resumable.append(session)
             live.put(session)
         return resumable
 
@@ -201,21 +214,18 @@ class Runtime:
         )
 
     def _reconcile(self, session: Session) -> None:
-        """The durable offset never runs ahead of the data: trust the smaller of the two. (For a
-        seed upload whose spool is to become its data, the spool is what holds the counted bytes.)"""
+        """The durable offset never runs ahead of what the disk holds (`segments.reconcile`). (For
+        a seed upload whose spool is to become its data, the spool holds the counted bytes.)"""
         if session.spooled and self._spool_whole(session):
             return
         session.spooled = False
-        stored = self.storage.size(session.id) or 0
-        if stored < session.bytes_written:
-            log.warning(
-                "session %s: record says %d bytes, data has %d; continuing from %d",
-                session.id,
-                session.bytes_written,
-                stored,
-                stored,
-            )
-            session.bytes_written = stored
+        before = (session.bytes_written, len(session.segments))
+        segments.reconcile(
+            session,
+            self.storage.size(session.id) or 0,
+            lambda offset: self.layout.segment_size(session.id, offset),
+        )
+        if (session.bytes_written, len(session.segments)) != before:
             self.store.save(session, durable=True)
 
     def _data_whole(self, session: Session) -> bool:

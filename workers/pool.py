@@ -201,7 +201,8 @@ class WriterPool:
         return next(self._ids)
 
     def drain(self, session: Session) -> None:
-        """Start (or continue) copying a seed session's spool; nothing waits for it. A writer
+        """Start (or continue) copying a seed session's spool, or a tus session's counted
+        segments, into its data; nothing waits for it. A writer
         being replaced gets it with the replacement (see `_replace`)."""
         with contextlib.suppress(OSError, ValueError):
             self._send(self._handle_for(session).index, Drain(session.id))
@@ -377,7 +378,7 @@ class WriterPool:
         for session in self._live.all():
             if (
                 session.writer % self._count == dead.index
-                and session.protocol == states.SEED
+                and (session.protocol == states.SEED or session.segments)
                 and session.state in (states.QUEUED, states.WRITING)
             ):
                 self._send(dead.index, Drain(session.id))

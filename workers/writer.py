@@ -35,6 +35,7 @@ from upload_server import fileio, logs, metrics, processes
 from upload_server.backends import Backends
 from upload_server.layout import Layout
 from upload_server.sessions import record as states
+from upload_server.sessions import segments
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 from upload_server.sessions.store import SessionStore
@@ -89,7 +90,8 @@ class Held:
 
     session: Session
     data: UploadData | None = None
-    sha256: Any = None  # hashlib object over [0, bytes_written), None until needed
+    sha256: Any = None  # hashlib object over the data, [0, data_bytes); None until needed
+    applying: bool = False  # a task is copying this session's segments into its data
     last_checkpoint: float = 0.0
     last_progress_event: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
@@ -305,16 +307,19 @@ class Writer:
         return held.data
 
     def _reconcile(self, held: Held, data: UploadData) -> None:
-        """Bytes past the recorded offset were never acknowledged: cut them, unless the storage
-        committed them (S3: an append whose record was lost), which makes them the offset. Data
-        shorter than the record (lost by the OS, or a node that died between checkpoints) lowers
-        the offset. With a shared store the new offset is saved at once, for other nodes' HEAD."""
+        """Count what the disk holds (`segments.reconcile`): bytes past the counted data were
+        never acknowledged, or are copies of a named segment that is copied again, so they are
+        cut, unless the storage committed them (S3: an append whose record was lost), which makes
+        them the offset. With a shared store a changed offset is saved at once, for other nodes."""
         session = held.session
+        before = (session.bytes_written, len(session.segments))
         size = data.size()
-        if size > session.bytes_written:
+        cut_to = segments.reconcile(
+            session, size, lambda offset: self.layout.segment_size(session.id, offset)
+        )
+        if size > cut_to:
             try:
-                data.truncate(session.bytes_written)
-                return
+                data.truncate(cut_to)
             except CommittedData:
                 log.warning(
                     "session %s: storage holds %d committed bytes, record says %d; keeping them",
@@ -322,19 +327,12 @@ class Writer:
                     size,
                     session.bytes_written,
                 )
-        elif size < session.bytes_written:
-            log.warning(
-                "session %s: data has %d bytes, record says %d; continuing from the data",
-                session.id,
-                size,
-                session.bytes_written,
-            )
-        else:
-            return
-        session.bytes_written = size
-        held.sha256 = None
-        if self.shared:
-            self._publish(held, STATE)
+                session.bytes_written = size
+                session.segments = []
+        if (session.bytes_written, len(session.segments)) != before:
+            held.sha256 = None
+            if self.shared:
+                self._publish(held, STATE)
 
     def _hasher(self, held: Held) -> Any | None:
         """The running SHA-256. After a restart it is rebuilt by reading what was counted so far
@@ -342,7 +340,7 @@ class Writer:
         cannot be read back (S3) gets None, and `_finish` hashes the finished file instead."""
         session = held.session
         if held.sha256 is None:
-            if session.bytes_written == 0:
+            if session.data_bytes == 0:
                 held.sha256 = hashlib.sha256()
             elif session.spooled:
                 fd = fileio.open_for_read(self.layout.spool(session.id))
@@ -355,7 +353,7 @@ class Writer:
             else:
                 data = self._data(held)
                 if isinstance(data, ReadBack):
-                    held.sha256 = _digest(data.view, session.bytes_written)
+                    held.sha256 = _digest(data.view, session.data_bytes)
         return held.sha256
 
     def _publish(self, held: Held, level: int = PROGRESS) -> None:
@@ -426,12 +424,18 @@ class Writer:
         return length
 
     def _drain(self, session_id: str) -> Generator[int, None, None]:
+        """Carry a session on by itself: a seed upload from its spool, a tus upload's segments."""
         try:
             held = self._hold(session_id)
         except Refused:
             return
         session = held.session
         if session.state not in (states.QUEUED, states.WRITING, states.FAILED, states.WAITING):
+            return
+        if session.protocol == states.TUS:  # segments counted before a crash or a pause
+            self._data(held)
+            if (yield from self._apply_segments(held, None)):
+                self._settle(held, None)
             return
         spool = self.layout.spool(session_id)
         try:
@@ -556,17 +560,39 @@ class Writer:
         self._publish(held, STATE)
 
     def _append(self, msg: Append) -> Generator[int, None, None]:
+        """Store one request body. A plain body is first named in the record as a segment (from
+        then on it counts, and survives a crash), then copied into the data; a body with an
+        Upload-Checksum is copied while its checksum is computed and counts only if it matches."""
         try:
             held = self._hold(msg.session_id)
             session = held.session
             if self._already_applied(session, msg):
                 self._reply(msg.request_id, session)
                 return
-            self._check_appendable(held, msg)
+            recorded = [msg.offset, msg.length] in session.segments
+            if not recorded:
+                self._check_appendable(held, msg)
         except Refused as exc:
             self._discard_segment(msg)
             self._refuse(msg.request_id, msg.session_id, exc)
             return
+        if msg.length and msg.checksum is None and not self.shared:
+            if not recorded and not self._record_segment(held, msg):
+                return
+            if (yield from self._apply_segments(held, msg.request_id)) and self._settle(
+                held, msg.request_id
+            ):
+                self._reply(msg.request_id, session)
+            return
+        if session.segments and not (yield from self._apply_segments(held, msg.request_id)):
+            self._discard_segment(msg)
+            return
+        yield from self._append_checked(held, msg)
+
+    def _append_checked(self, held: Held, msg: Append) -> Generator[int, None, None]:
+        """Copy a body into the data while computing its Upload-Checksum; a mismatch (or a
+        pause, which needs all of it) takes its bytes back out."""
+        session = held.session
         length_before = session.total_bytes
         if msg.declare_length is not None:
             session.total_bytes = msg.declare_length
@@ -596,18 +622,11 @@ class Writer:
                     if checksum is None and stop.code == "paused" and not whole:
                         # Keep what is stored (tus: a server SHOULD): the client goes on from here.
                         session.bytes_written = start + done
-                        session.state = states.WAITING
-                        if not self._commit(held, start, rollback, msg.request_id):
+                        if not self._settle(held, msg.request_id, start, rollback):
                             return
                     else:
                         self._rollback(held, start, rollback, length_before)
-                    self._reply(
-                        msg.request_id,
-                        session,
-                        status=stop.status,
-                        code=stop.code,
-                        message=stop.message,
-                    )
+                    self._refuse(msg.request_id, session.id, stop)
                     return
             if checksum is not None and checksum.digest() != msg.checksum[1]:
                 self._rollback(held, start, rollback, length_before)
@@ -621,19 +640,123 @@ class Writer:
                 )
                 return
             session.bytes_written = start + msg.length
-            session.error = None
-            if session.total_bytes is not None and session.bytes_written >= session.total_bytes:
-                if not self._finish(held, msg.request_id):
-                    return
-            else:
-                session.state = states.WAITING
-                if not self._commit(held, start, rollback, msg.request_id):
-                    return
-            self._reply(msg.request_id, session)
+            if self._settle(held, msg.request_id, start, rollback):
+                self._reply(msg.request_id, session)
         finally:
             if fd >= 0:
                 os.close(fd)
             self._discard_segment(msg)
+
+    def _record_segment(self, held: Held, msg: Append) -> bool:
+        """Name the body's segment in the record and count it: durable per the fsync policy (the
+        front end synced the segment itself under `always`). False when the record could not be
+        written; the requester has been told."""
+        session = held.session
+        length_before = session.total_bytes
+        if msg.declare_length is not None:
+            session.total_bytes = msg.declare_length
+        session.segments.append([msg.offset, msg.length])
+        session.bytes_written = msg.offset + msg.length
+        session.state = states.WRITING
+        session.error = None
+        try:
+            self._publish(held, COMMIT)
+        except OSError as exc:
+            session.segments.pop()
+            session.bytes_written = msg.offset
+            session.total_bytes = length_before
+            self._discard_segment(msg)
+            self._io_failure(held, exc, msg.request_id)
+            return False
+        return True
+
+    def _apply_segments(self, held: Held, request_id: int | None) -> Generator[int, None, bool]:
+        """Copy every segment the record names into the data, in order, hashing on the way, and
+        delete each file once its bytes are in the data. Only one task of a session copies at a
+        time; another waits and finds the work done. Stopped by a command (pause, terminate),
+        the data goes back to where the unfinished segment starts: the segment stays named, and
+        counted, and is copied again on resume. False when stopped; the requester has been told."""
+        session = held.session
+        try:
+            while held.applying:
+                yield 0
+        except Interrupted as stop:
+            self._refuse(request_id, session.id, stop)
+            return False
+        held.applying = True
+        try:
+            while session.segments:
+                offset, length = session.segments[0]
+                if not (yield from self._apply_segment(held, offset, length, request_id)):
+                    return False
+                session.segments.pop(0)
+            return True
+        finally:
+            held.applying = False
+
+    def _apply_segment(
+        self, held: Held, offset: int, length: int, request_id: int | None
+    ) -> Generator[int, None, bool]:
+        session = held.session
+        path = self.layout.segment(session.id, offset)
+        hasher = self._hasher(held)
+        rollback = hasher.copy() if hasher is not None else None
+        try:
+            fd = fileio.open_for_read(path)
+        except FileNotFoundError:
+            fd = -1
+        try:
+            session.state = states.WRITING
+            self.live.put(session)
+            done = 0
+            while done < length:
+                n = min(self.settings.chunk_size, length - done)
+                try:
+                    if fd < 0:
+                        raise ValueError("segment missing")
+                    self._copy(held, fd, done, offset + done, n)
+                except (OSError, ValueError) as exc:
+                    held.sha256 = rollback
+                    self._io_failure(held, _as_os_error(exc, path), request_id)
+                    return False
+                done += n
+                try:
+                    yield n
+                except Interrupted as stop:
+                    self._data(held).truncate(offset)
+                    held.sha256 = rollback
+                    self._refuse(request_id, session.id, stop)
+                    return False
+            if self.settings.fsync == "always":
+                self._data(held).sync()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return True
+
+    def _settle(
+        self, held: Held, request_id: int | None, start: int | None = None, hasher: Any = None
+    ) -> bool:
+        """After an append: complete the upload if that was its last byte, else commit the record
+        (a record that cannot be written counts none of the append: back to `start`)."""
+        session = held.session
+        if session.state == states.COMPLETED:
+            return True  # another task of the session got there first
+        session.error = None
+        if session.total_bytes is not None and session.bytes_written >= session.total_bytes:
+            return self._finish(held, request_id)
+        session.state = states.WAITING
+        try:
+            self._publish(held, COMMIT)
+        except OSError as exc:
+            if start is not None:
+                session.bytes_written = start
+                held.sha256 = hasher
+            self._io_failure(held, exc, request_id)
+            return False
+        return True
 
     @staticmethod
     def _already_applied(session: Session, msg: Append) -> bool:
@@ -641,6 +764,7 @@ class Writer:
         return (
             msg.length > 0
             and msg.offset + msg.length == session.bytes_written
+            and [msg.offset, msg.length] not in session.segments
             and not os.path.exists(msg.segment)
         )
 
@@ -678,17 +802,6 @@ class Writer:
         total = msg.declare_length if msg.declare_length is not None else session.total_bytes
         if total is not None and msg.offset + msg.length > total:
             raise Refused(413, "exceeds_length", "the body goes past the upload's length")
-
-    def _commit(self, held: Held, start: int, hasher: Any, request_id: int | None) -> bool:
-        """Make an append's bytes count; if the storage refuses, count none of them."""
-        try:
-            self._publish(held, COMMIT)
-        except OSError as exc:
-            held.session.bytes_written = start
-            held.sha256 = hasher
-            self._io_failure(held, exc, request_id)
-            return False
-        return True
 
     def _rollback(self, held: Held, offset: int, hasher: Any, total_bytes: int | None) -> None:
         """Undo a refused append: its bytes, its part of the digest, and a length it declared."""
@@ -827,8 +940,21 @@ class Writer:
             held.data.close()
             held.data = None
         self.storage.discard(held.session.id)
+        self._uncount_segments(held)
         held.session.bytes_written = 0
         held.sha256 = None
+
+    def _uncount_segments(self, held: Held) -> None:
+        """Count only what is in the data: the named segments are given up (a failed write;
+        the client is told, and sends those bytes again)."""
+        session = held.session
+        if not session.segments:
+            return
+        for offset, _ in session.segments:
+            with contextlib.suppress(FileNotFoundError):
+                self.layout.segment(session.id, offset).unlink()
+        session.bytes_written = session.data_bytes
+        session.segments = []
 
     def _io_failure(self, held: Held, exc: OSError, request_id: int | None = None) -> None:
         """A write failed: count nothing past the durable offset and tell the client why."""
@@ -838,7 +964,8 @@ class Writer:
         message = f"writing the upload failed: {os.strerror(exc.errno) if exc.errno else exc}"
         log.error("session %s: %s", session.id, message)
         with contextlib.suppress(OSError):
-            self._data(held).truncate(session.bytes_written)
+            self._data(held).truncate(session.data_bytes)
+        self._uncount_segments(held)
         if held.data is not None:  # reopened from what the storage holds when work resumes
             with contextlib.suppress(OSError):
                 held.data.close()
@@ -897,6 +1024,8 @@ class Writer:
                 self._start_drain(session.id)
             else:
                 session.state = states.WAITING
+                if session.segments:
+                    self._start_drain(session.id)
             session.error = None
             self._publish(held, STATE)
         elif action in (TERMINATE, EXPIRE):
@@ -975,3 +1104,10 @@ def _digest(view: Callable[[int, int], AbstractContextManager[memoryview]], leng
         with view(off, n) as window:
             digest.update(window)
     return digest
+
+
+def _as_os_error(exc: OSError | ValueError, path: Path) -> OSError:
+    """A segment that is gone or shorter than recorded is an I/O error of the upload's storage."""
+    if isinstance(exc, OSError):
+        return exc
+    return OSError(errno.EIO, f"the spool segment {path.name} is missing or short")

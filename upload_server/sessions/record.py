@@ -74,6 +74,10 @@ class Session:
     # The location being published, written down (durably) before it becomes visible, so that a
     # crash in the middle of publishing is finished at restart instead of losing the file.
     publishing: str | None = None
+    # tus: request bodies already counted in `bytes_written` but not yet copied into the data, as
+    # [offset, length] pairs, contiguous and in order; each is the spool file `<id>.<offset>.seg`.
+    # So the offset is the bytes in the data plus the bytes in the segments named here.
+    segments: list[list[int]] = field(default_factory=list)
     node: str | None = None  # cluster mode: the node that last wrote it (a seed's spool is there)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
@@ -90,6 +94,11 @@ class Session:
         if self.total_bytes is not None and self.bytes_written >= self.total_bytes:
             return self.total_chunks
         return self.bytes_written // self.chunk_size
+
+    @property
+    def data_bytes(self) -> int:
+        """How many of the counted bytes are in the upload's data (the rest are in segments)."""
+        return self.segments[0][0] if self.segments else self.bytes_written
 
     @property
     def is_final(self) -> bool:
