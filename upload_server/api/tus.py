@@ -9,8 +9,9 @@
 
 A PATCH is answered 204 only once its bytes are in the upload's data. Two PATCHes on one upload never
 interleave: the second is refused with 423 at once. waitress hands a request to the app only after its
-whole body has arrived, so a connection that dropped mid-body never reaches the app and never holds
-the lock. checksum-trailer is not offered: WSGI gives an app no access to HTTP trailers.
+whole body has arrived; a request cut off mid-body reaches these resources later, replayed by
+`cut_bodies` as the shorter request it is, and HEAD and PATCH wait for that first. checksum-trailer
+is not offered: WSGI gives an app no access to HTTP trailers.
 """
 
 from __future__ import annotations
