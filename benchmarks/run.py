@@ -24,7 +24,7 @@ from typing import Any
 from client import Pattern, Unsupported
 from report import Results, document, summary, table
 from targets import Skipped, Target, UploadServer, all_targets
-from workloads import FULL, QUICK, Context, Workload, workloads
+from workloads import FULL, QUICK, Context, Incomplete, Workload, workloads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +100,16 @@ def run_workloads(
                 except Unsupported as exc:
                     results.note(workload, target, f"unsupported: {exc}")
                     outcome = f"unsupported ({exc})"
+                except Skipped as exc:  # what the workload needs cannot run on this machine
+                    results.note(workload, target, f"skipped: {exc}")
+                    outcome = f"skipped ({exc})"
+                except Incomplete as exc:  # failed, with figures all the same
+                    if not exc.counted:
+                        ctx.fail(target, workload.name, str(exc))
+                    results.add(workload, target, exc.figures)
+                    results.note(workload, target, f"failed: {exc}")
+                    figures = ", ".join(f"{k} {v:.1f}" for k, v in exc.figures.items())
+                    outcome = f"FAILED ({exc}; {figures})"
                 except Exception as exc:
                     ctx.fail(target, workload.name, f"{exc!r}")
                     results.note(workload, target, f"failed: {exc!r}")

@@ -48,6 +48,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def npm_ci(directory: Path, package: Path, what: str) -> None:
+    """`npm ci` in `directory` (a package.json and package-lock.json of the benchmarks) unless
+    `node_modules/<package>` is there already; Skipped, saying why, when node or npm is missing or
+    the install fails."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise Skipped(f"node and npm are not installed: {what} is left out of this run")
+    if (directory / "node_modules" / package).is_dir():
+        return
+    where = directory.relative_to(REPO)
+    print(f"installing {what}: npm ci in {where}", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise Skipped(f"npm ci took over {NPM_TIMEOUT:.0f}s: {what} left out") from None
+    if done.returncode != 0:
+        raise Skipped(f"npm ci failed, {what} left out:\n{done.stderr[-2000:]}")
+
+
 @dataclass
 class Target(ABC):
     """One column of the table."""
@@ -211,23 +235,7 @@ class TusNode(Target):
     @staticmethod
     def install() -> None:
         """`npm ci` into benchmarks/tus-node when node_modules is missing; Skipped if impossible."""
-        if shutil.which("node") is None or shutil.which("npm") is None:
-            raise Skipped("node and npm are not installed: @tus/server is left out of this run")
-        if (TUS_NODE_DIR / "node_modules" / "@tus" / "server").is_dir():
-            return
-        print("installing @tus/server: npm ci in benchmarks/tus-node", file=sys.stderr, flush=True)
-        try:
-            done = subprocess.run(
-                ["npm", "ci", "--no-audit", "--no-fund"],
-                cwd=TUS_NODE_DIR,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            raise Skipped(f"npm ci took over {NPM_TIMEOUT:.0f}s: @tus/server left out") from None
-        if done.returncode != 0:
-            raise Skipped(f"npm ci failed, @tus/server left out:\n{done.stderr[-2000:]}")
+        npm_ci(TUS_NODE_DIR, Path("@tus", "server"), "@tus/server")
 
     def start(self, workdir: Path) -> None:
         self.install()

@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
+import tusjs
 from client import (
     Connection,
     GiB,
@@ -33,6 +35,7 @@ from client import (
     tus_upload,
     wait_completed,
 )
+from cutproxy import CutProxy
 from targets import Disk, Target
 
 TUS_ENDPOINT = "/files/"
@@ -48,6 +51,7 @@ class Sizes:
     concurrent: tuple[int, int]  # (uploads at once, bytes each)
     small: tuple[int, int, int]  # (uploads, bytes each, at once)
     memory: tuple[int, ...]  # file sizes for the memory workload, smallest first
+    cut: tuple[int, int]  # (file size, bytes each connection carries upstream before it is cut)
 
 
 FULL = Sizes(
@@ -58,6 +62,7 @@ FULL = Sizes(
     concurrent=(16, 64 * MiB),
     small=(500, MiB, 32),
     memory=(256 * MiB, GiB, 2 * GiB),
+    cut=(64 * MiB, 24 * MiB),
 )
 QUICK = Sizes(
     reps=1,
@@ -67,6 +72,7 @@ QUICK = Sizes(
     concurrent=(4, 4 * MiB),
     small=(20, 64 * KiB, 32),
     memory=(64 * MiB,),
+    cut=(8 * MiB, 3 * MiB),
 )
 
 
@@ -163,6 +169,16 @@ def rate(size: int, seconds: float) -> float:
 
 def completion_timeout(size: int) -> float:
     return 60 + size / (10 * MiB)
+
+
+class Incomplete(Exception):
+    """A workload's upload did not complete; `figures` holds what was measured all the same.
+    `counted`: the failure is already in `Context.failures` (a stored file that was wrong)."""
+
+    def __init__(self, message: str, figures: dict[str, float], counted: bool = False) -> None:
+        super().__init__(message)
+        self.figures = figures
+        self.counted = counted
 
 
 # -- the workloads ------------------------------------------------------------------------------
@@ -359,6 +375,73 @@ def _small(ctx: Context, target: Target) -> dict[str, float]:
     }
 
 
+# -- through a connection that keeps being cut -------------------------------------------------
+
+CUT_TIMEOUT = 120.0  # an upload not completed by then (the client still retrying) failed the row
+
+
+def _cut_metrics(s: Sizes) -> list[Metric]:
+    size, every = s.cut
+    return [
+        Metric(
+            "cut-seconds",
+            f"{size_text(size)} through a connection cut every {size_text(every)}, "
+            "tus-js-client defaults: time",
+            "s",
+            False,
+        ),
+        Metric("cut-sent", "  bytes sent through the proxy", "MiB", False),
+        Metric("cut-sent-ratio", "  bytes sent / file size", "x", False),
+        Metric("cut-cuts", "  connections cut", "cuts", False),
+        Metric("cut-completed", "  completed, byte-identical (1 yes, 0 no)", "1/0"),
+    ]
+
+
+def _cut(ctx: Context, target: Target) -> dict[str, float]:
+    """tus-js-client at its defaults (the whole file in one PATCH) uploads one file through
+    `CutProxy`, which cuts every connection once it has carried `every` bytes upstream; the client
+    retries (HEAD, then PATCH from the offset the server reports) until the upload completes.
+    Timed by node from upload.start() to onSuccess; the stored file is checked here, so that
+    "completed" means byte-identical."""
+    size, every = ctx.sizes.cut
+    tusjs.install()
+    payload = ctx.pattern.payload(size)
+    path = ctx.workdir / payload.filename
+    with open(path, "wb") as handle:
+        for view in payload.views(0, size):
+            handle.write(view)
+    proxy = CutProxy(target.port, every)
+    proxy.start()
+    try:
+        endpoint = f"http://{target.host}:{proxy.port}{TUS_ENDPOINT}"
+        outcome = tusjs.upload(endpoint, path, CUT_TIMEOUT)
+    finally:
+        proxy.stop()
+        path.unlink()
+    stats = proxy.stats()
+    figures = {
+        "cut-sent": stats.bytes_up / MiB,
+        "cut-sent-ratio": stats.bytes_up / size,
+        "cut-cuts": float(stats.cuts),
+    }
+    if outcome.url is None:
+        raise Incomplete(
+            f"tus-js-client: {outcome.error} ({stats.cuts} cuts, {stats.bytes_up / MiB:.0f} MiB "
+            f"sent in {outcome.seconds:.1f}s)",
+            {**figures, "cut-completed": 0.0},
+        )
+    failures = len(ctx.failures)
+    ctx.check_later(target, "cut", "tus", urlsplit(outcome.url).path, payload)
+    ctx.verify()
+    if len(ctx.failures) > failures:
+        raise Incomplete(
+            "the stored file is not byte-identical",
+            {"cut-seconds": outcome.seconds, **figures, "cut-completed": 0.0},
+            counted=True,
+        )
+    return {"cut-seconds": outcome.seconds, **figures, "cut-completed": 1.0}
+
+
 # -- memory and CPU -----------------------------------------------------------------------------
 
 
@@ -506,6 +589,13 @@ def workloads(sizes: Sizes) -> list[Workload]:
             _throughput_target("tus"),
         ),
         Workload("small", "tus, many small uploads", _small_metrics, _small, _needs("tus")),
+        Workload(
+            "cut",
+            "tus-js-client defaults through a connection cut every few MiB",
+            _cut_metrics,
+            _cut,
+            lambda target: target.verifiable and "tus" in target.apis,
+        ),
         *(
             Workload(
                 f"memory-{api}",
