@@ -538,7 +538,8 @@ def head_on(sock: socket.socket, url: str) -> int:
     "replayed prefix is discarded (observed: 423, the re-sent PATCH holding the upload's lock). "
     "Measured per try: about 1 in 2 for a HEAD sent at once on a raw socket, 1 to 3 in 20 "
     "through requests, 8 in 10 while other connections are being accepted; 0 in 150 for a HEAD "
-    "on a new connection.",
+    "on a new connection. The close reached the server before the HEAD (README's first row of "
+    "'what a retrying client sees'), yet the client gets the 'not noticed the drop yet' row.",
 )
 def test_a_retry_over_a_keep_alive_connection_sees_the_kept_prefix(make_server):
     server = make_server(env=INFO_LOGS)
