@@ -6,10 +6,8 @@ server's idle timeout). Everything sent on loopback arrives, so the prefix the s
 exactly what the test sent. A client retrying right after a cut must see the kept bytes at once:
 HEAD and PATCH wait (bounded) for a prefix of their upload that is still being stored.
 
-The HEAD that follows a cut goes over a new connection, as a client whose connection was just cut
-opens one: waitress accepts connections in order, so it has read the cut request's headers before
-it reads that HEAD. A retry over another connection that was already open can be served before
-waitress has read the cut request at all (see the xfail test at the end).
+Most HEADs that follow a cut go over a new connection, as a client whose connection was just cut
+opens one; the last test sends it over another connection that was already open.
 """
 
 from __future__ import annotations
@@ -528,20 +526,11 @@ def head_on(sock: socket.socket, url: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (race): HEAD/PATCH wait only for cut bodies whose headers waitress has already "
-    "parsed (CutBodies.body_started runs when waitress reads them). A retry sent over another, "
-    "already open keep-alive connection right after a short cut request (its whole prefix in the "
-    "kernel's buffers) is often dispatched before waitress has accepted or read the cut "
-    "connection: the HEAD answers the old offset, the client re-sends the prefix, and the "
-    "replayed prefix is discarded (observed: 423, the re-sent PATCH holding the upload's lock). "
-    "Measured per try: about 1 in 2 for a HEAD sent at once on a raw socket, 1 to 3 in 20 "
-    "through requests, 8 in 10 while other connections are being accepted; 0 in 150 for a HEAD "
-    "on a new connection. The close reached the server before the HEAD (README's first row of "
-    "'what a retrying client sees'), yet the client gets the 'not noticed the drop yet' row.",
-)
 def test_a_retry_over_a_keep_alive_connection_sees_the_kept_prefix(make_server):
+    """A HEAD sent over another, already open connection right after a short cut request (its
+    whole prefix still in the kernel's buffers, while other clients connect) can reach the app
+    before waitress has read the cut connection: HEAD first lets the I/O loop read what has
+    arrived (`LOOP.settle`), so it still answers the kept offset."""
     server = make_server(env=INFO_LOGS)
     tus = Tus(server.base)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as retry:

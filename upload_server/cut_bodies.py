@@ -14,9 +14,10 @@ so a kept prefix is stored exactly as a PATCH of that length would be. A request
 `Upload-Checksum` cannot be verified without all of its body, so its prefix is discarded, as the
 tus checksum extension asks.
 
-A client that retries sees the kept bytes: a `HEAD` or `PATCH` of that upload waits (bounded)
-while a PATCH body of it is still arriving or a cut prefix of it is being stored, then answers
-from the new offset.
+A client that retries sees the kept bytes: a `HEAD` first lets waitress's I/O thread read what has
+reached the host (a few loop passes, a retry may overtake its own cut connection), and a `HEAD` or
+`PATCH` of that upload waits (bounded) while a PATCH body of it is still arriving or a cut prefix
+of it is being stored, then answers from the new offset.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from typing import Any
 
 from . import metrics
 from .protocol import tus
-from .waitress_patches import CutRequest
+from .waitress_patches import LOOP, CutRequest
 
 log = logging.getLogger("upload_server.cut_bodies")
 
 ENVIRON_KEY = "upload_server.cut"  # set in the environ of a request replayed from a cut one
 PENDING_WAIT = 20.0  # longest a HEAD or PATCH waits for a cut prefix of its upload to be stored
 IN_FLIGHT_WAIT = 2.0  # longest it waits for a PATCH body of its upload that is still arriving
+LOOP_PASSES = 3  # accept a connection, read its last bytes, see it close
+LOOP_WAIT = 0.1  # at most this long
 WORKERS = 4
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -198,6 +201,10 @@ class CutBodies:
         reading the last bytes of the dead connection). A replayed request never waits."""
         if environ.get(ENVIRON_KEY):
             return
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            # a retry may overtake its own cut connection (sent on another keep-alive
+            # connection): let waitress read what has reached this host first
+            LOOP.settle(LOOP_PASSES, LOOP_WAIT)
         now = time.monotonic()
         pending_until, in_flight_until = now + PENDING_WAIT, now + IN_FLIGHT_WAIT
         with self._guard:

@@ -1,4 +1,4 @@
-"""Five adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
+"""Six adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
 
 1. JSON errors: waitress answers some requests itself (body too large, malformed HTTP, headers too
    large) before the app sees them; those answers get the app's `{"error": ...}` shape, plus the
@@ -16,12 +16,17 @@
    dropped: the channel hands its headers and the prefix that arrived (a `CutRequest`) to `on_cut`
    (see `cut_bodies`), which may keep it; the same observer hears when each body starts and ends.
    This runs on waitress's I/O thread, so the observer only decides and queues.
+6. waitress's loop counts its passes (`LOOP`), so a request thread can wait until the I/O thread
+   has read every socket again (`LOOP.settle`): a client's retry that overtook its own cut
+   connection then still finds the cut seen. For that (and for bursts of clients) a pass accepts
+   every waiting connection, not one.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +38,9 @@ import waitress.channel
 import waitress.parser
 import waitress.server
 import waitress.task
+import waitress.trigger
 import waitress.utilities
+import waitress.wasyncore
 
 from . import fileio
 from .errors import error_body
@@ -217,6 +224,81 @@ def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[Binar
     return file, len(inner)
 
 
+class CountingLoop:
+    """Stands in for the `wasyncore` module in waitress's servers (they call `asyncore.loop` and
+    `asyncore.dispatcher`): the same loop, counting its passes."""
+
+    dispatcher = waitress.wasyncore.dispatcher
+
+    def __init__(self) -> None:
+        self._passes = 0
+        self._changed = threading.Condition()
+        self._wake: Callable[[], None] = lambda: None
+
+    def loop(
+        self,
+        timeout: float = 30.0,
+        use_poll: bool = False,
+        map: dict[int, Any] | None = None,
+        count: int | None = None,
+    ) -> None:
+        poll = waitress.wasyncore.poll2 if use_poll else waitress.wasyncore.poll
+        for obj in (map or {}).values():
+            if isinstance(obj, waitress.trigger.trigger):
+                self._wake = obj.pull_trigger
+        while map and (count is None or count > 0):
+            poll(timeout, map)
+            with self._changed:
+                self._passes += 1
+                self._changed.notify_all()
+            if count is not None:
+                count -= 1
+
+    def settle(self, passes: int, timeout: float) -> None:
+        """Wait (from a request thread) until the I/O thread has made `passes` more passes, each
+        reading every socket that has data: what reached this host before now has been seen.
+        Bounded by `timeout`; returns at once when no loop runs (another WSGI server)."""
+        with self._changed:
+            if not self._passes:
+                return
+            target = self._passes + passes
+        deadline = time.monotonic() + timeout
+        while True:
+            self._wake()
+            with self._changed:
+                left = deadline - time.monotonic()
+                if self._passes >= target or left <= 0:
+                    return
+                self._changed.wait(min(left, 0.005))
+
+
+LOOP = CountingLoop()
+ACCEPT_BATCH = 128  # connections accepted in one pass of the loop, at most
+
+
+def _accept_waiting(self: waitress.server.BaseWSGIServer) -> None:
+    """waitress's `handle_accept`, repeated until no connection waits (or the limit is reached):
+    one per pass would leave a burst of clients waiting one loop pass each."""
+    for _ in range(ACCEPT_BATCH):
+        if len(self._map) >= self.adj.connection_limit:
+            return
+        try:
+            accepted = self.accept()
+        except OSError:
+            if self.adj.log_socket_errors:
+                self.logger.warning("server accept() threw an exception", exc_info=True)
+            return
+        if accepted is None:
+            return
+        conn, addr = accepted
+        try:
+            self.set_socket_options(conn)
+        except OSError:  # the peer closed before it was accepted
+            conn.close()
+            continue
+        self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+
+
 def install(
     spool_dir: Path,
     allow_origin: Callable[[str], str | None],
@@ -233,5 +315,8 @@ def install(
     waitress.channel.HTTPChannel.error_task_class = JsonErrorTask
     waitress.channel.HTTPChannel.task_class = KeepAliveTask
     AdmittingParser.observer = observer
+    waitress.server.BaseWSGIServer.asyncore = LOOP
+    waitress.server.BaseWSGIServer.handle_accept = _accept_waiting
+    waitress.server.MultiSocketServer.asyncore = LOOP
     waitress.server.BaseWSGIServer.channel_class = KeepingChannel
     waitress.buffers.TempfileBasedBuffer.newfile = lambda self: fileio.linkable_tempfile(spool_dir)
