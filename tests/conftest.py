@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,3 +249,37 @@ def files(tmp_path: Path) -> Callable[[int, int], Path]:
         return make_file(tmp_path / f"file-{next(counter)}-{size}.bin", size, seed)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tus_js() -> Callable[..., dict]:
+    """Run tests/js/upload.mjs (an unmodified tus-js-client on node) with these options; its
+    outcome, `{"url", "bytesUploaded", "aborted", "requests"}`."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are needed for the tus-js-client tests (.ci/run installs them)")
+    folder = ROOT / "tests" / "js"
+    if not (folder / "node_modules" / "tus-js-client").exists():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=folder,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def run(**options) -> dict:
+        result = subprocess.run(
+            [node, "upload.mjs", json.dumps(options)],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        assert lines, f"tus-js-client printed nothing:\n{result.stdout}\n{result.stderr}"
+        outcome = json.loads(lines[-1])
+        assert "error" not in outcome, outcome
+        return outcome
+
+    return run

@@ -6,17 +6,13 @@ what a resuming client sends again.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-
 import pytest
 import requests
 from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
-from .conftest import ROOT, MiB, sha256_file
+from .conftest import MiB, sha256_file
 from .netproxy import CuttingProxy
 
 pytestmark = pytest.mark.frontend  # the clients' side of tus does not depend on how writers start
@@ -82,38 +78,6 @@ def test_tuspy_resumes_after_a_dropped_connection(server, proxy, files, tmp_path
 
 
 # -- tus-js-client ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tus_js():
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("node and npm are needed for the tus-js-client tests (.ci/run installs them)")
-    folder = ROOT / "tests" / "js"
-    if not (folder / "node_modules" / "tus-js-client").exists():
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=folder,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-
-    def run(**options) -> dict:
-        result = subprocess.run(
-            [node, "upload.mjs", json.dumps(options)],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        assert lines, f"tus-js-client printed nothing:\n{result.stdout}\n{result.stderr}"
-        outcome = json.loads(lines[-1])
-        assert "error" not in outcome, outcome["error"]
-        return outcome
-
-    return run
 
 
 def test_tus_js_client_uploads_20_mib_in_1_mib_chunks(server, tus_js, files):
