@@ -545,3 +545,38 @@ def test_a_retry_over_a_keep_alive_connection_sees_the_kept_prefix(make_server):
             finally:
                 for other in others:
                     other.close()
+
+
+def test_a_repeat_of_a_kept_cut_patch_is_refused_on_its_headers(server, tus, files):
+    """Browsers re-send a PATCH cut on a reused connection by themselves, with the same
+    Upload-Offset. Its headers alone get 409 with the offset after the kept prefix, so the client
+    does not send a whole body for nothing; the PATCH from that offset goes on."""
+    source = files(2 * MiB, seed=31)
+    data = source.read_bytes()
+    url = tus.new(len(data))
+    cut_patch(server, url, 0, len(data), data[:MiB])
+    assert offset_of(url) == MiB
+    headers = {**TUS, "Upload-Offset": "0", "Content-Type": OCTET}
+    with open_cut(server, "PATCH", path_of(url), headers, len(data), b"") as sock:
+        answer = sock.recv(65536)  # no body byte sent: the answer comes on the headers
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 409 "), answer
+    assert b"\r\nUpload-Offset: 1048576" in head and b"\r\nTus-Resumable: 1.0.0" in head, head
+    error = json.loads(body)["error"]
+    assert error["code"] == "offset_mismatch" and error["offset"] == MiB, error
+    finish_and_compare(server, tus, url, source)
+    assert_no_500(server)
+
+
+def test_a_repeat_of_a_discarded_cut_patch_goes_on(server, tus, files):
+    source = files(MiB, seed=32)
+    data = source.read_bytes()
+    url = tus.new(len(data))
+    session_id = upload_id(url)
+    params = {"sessionID": session_id}
+    requests.get(server.url("/upload/pause"), params=params, timeout=10)
+    cut_patch(server, url, 0, len(data), data[: MiB // 2])  # refused: paused
+    assert the_line(server, session_id).startswith("discarded")
+    requests.post(server.url("/upload/resume"), params=params, timeout=10)
+    assert tus.patch(url, 0, data).status_code == 204
+    assert_no_500(server)

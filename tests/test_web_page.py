@@ -272,14 +272,6 @@ def test_network_cutting_every_connection_still_completes(make_server, open_page
     assert figures["sent"] <= CUT_SIZE + figures["cuts"] * (PAGE_CHUNK + OVERHEAD), figures
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TooManyBytes,
-    reason="Chromium resends a PATCH cut on a reused keep-alive connection, by itself, with the "
-    "same Upload-Offset, on a new connection; the server has meanwhile kept the cut prefix "
-    "(625e2dd), so it answers that resend 409 only after receiving its whole 8 MiB body. Each cut "
-    "thus costs a whole chunk: 2.5x the file sent (1.4x before 625e2dd, which kept nothing)",
-)
 def test_network_cutting_every_connection_costs_little_more_than_the_file(
     make_server, open_page, tmp_path
 ):

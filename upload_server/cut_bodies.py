@@ -42,6 +42,7 @@ IN_FLIGHT_WAIT = 2.0  # longest it waits for a PATCH body of its upload that is 
 LOOP_PASSES = 3  # accept a connection, read its last bytes, see it close
 LOOP_WAIT = 0.1  # at most this long
 WORKERS = 4
+REPEAT_WINDOW = 60.0  # seconds a PATCH repeating a kept cut request is refused on its headers
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -54,6 +55,8 @@ class CutBodies:
         self._guard = threading.Condition()
         self._pending: dict[str, int] = {}  # upload id -> cut prefixes being stored
         self._in_flight: dict[str, int] = {}  # upload id -> PATCH bodies being received
+        # upload id -> (Upload-Offset, length, when) of its last cut PATCH whose prefix is kept
+        self._kept: dict[str, tuple[int, int, float]] = {}
         self._closed = False
 
     # -- on waitress's I/O thread: decide and queue, never block ---------------------------
@@ -72,6 +75,21 @@ class CutBodies:
         with self._guard:
             _count(self._in_flight, key, -1)
             self._guard.notify_all()
+
+    def stale_offset(self, method: str, path: str, headers: dict[str, str]) -> int | None:
+        """A PATCH that repeats the Upload-Offset of a cut request of the same upload whose
+        prefix is kept (or being stored) would only get 409 after all of its body: browsers
+        re-send a request cut on a reused connection by themselves. Refuse it on its headers,
+        with the offset after the kept prefix."""
+        target = self._target(method, path, headers)
+        if target is None or target[1] is None:
+            return None
+        with self._guard:
+            recent = self._kept.get(target[1])
+        if recent is None or time.monotonic() - recent[2] > REPEAT_WINDOW:
+            return None
+        offset, length, _ = recent
+        return offset + length if headers.get("UPLOAD_OFFSET", "").strip() == str(offset) else None
 
     def body_cut(self, cut: CutRequest) -> bool:
         """Take a cut request if its prefix can count; False lets waitress drop it."""
@@ -99,6 +117,9 @@ class CutBodies:
                 return False
             if upload_id:
                 _count(self._pending, upload_id, +1)
+                offset = _offset(environ)
+                if offset is not None:
+                    self._kept[upload_id] = (offset, cut.length, time.monotonic())
         try:
             self._executor.submit(self._keep, cut, kind, upload_id)
         except RuntimeError:  # shut down in between
@@ -128,13 +149,15 @@ class CutBodies:
 
     def _keep(self, cut: CutRequest, kind: str, upload_id: str | None) -> None:
         offset = cut.environ.get("HTTP_UPLOAD_OFFSET", "0")
+        status, headers = "500 Internal Server Error", {}
         try:
             status, headers = self._replay(cut.environ)
         except Exception:
             log.exception("keeping a cut %s of upload %s failed", kind, upload_id or "(new)")
-            status, headers = "500 Internal Server Error", {}
         finally:
             cut.release()
+            if upload_id and status[:1] != "2":
+                self._forget(upload_id, _offset(cut.environ))
             self._done(upload_id)
         upload_id = upload_id or headers.get("location", "").rsplit("/", 1)[-1] or "(none)"
         figures = metrics.get()
@@ -185,6 +208,13 @@ class CutBodies:
                 close()
         return answer.get("status", "500"), answer.get("headers", {})
 
+    def _forget(self, upload_id: str, offset: int | None) -> None:
+        """The prefix was not kept: a repeat of the request may go on after all."""
+        with self._guard:
+            recent = self._kept.get(upload_id)
+            if recent is not None and recent[0] == offset:
+                del self._kept[upload_id]
+
     def _done(self, upload_id: str | None) -> None:
         if not upload_id:
             return
@@ -232,3 +262,8 @@ def _count(counts: dict[str, int], key: str, step: int) -> None:
         counts[key] = left
     else:
         counts.pop(key, None)
+
+
+def _offset(environ: dict[str, Any]) -> int | None:
+    text = environ.get("HTTP_UPLOAD_OFFSET", "").strip()
+    return int(text) if text.isdigit() else None

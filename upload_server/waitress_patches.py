@@ -60,6 +60,28 @@ class InsufficientStorage(waitress.utilities.Error):
     reason = "Insufficient Storage"
 
 
+class StaleOffset(waitress.utilities.Error):
+    """A tus PATCH that repeats a cut request whose prefix is kept: refused on its headers, so the
+    client does not send a body that could only be refused once it had all arrived."""
+
+    code = 409
+    reason = "Conflict"
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"the upload's offset is {offset}")
+        self.offset = offset
+
+    def to_response(self, ident: str | None = None):
+        body = error_body(
+            "offset_mismatch",
+            f"Upload-Offset repeats a request whose connection was cut; the upload's offset is "
+            f"{self.offset}",
+            offset=self.offset,
+        )
+        headers = [("Content-Type", "application/json"), ("Upload-Offset", str(self.offset))]
+        return f"{self.code} {self.reason}", headers, body
+
+
 class BodyObserver(Protocol):
     """Told about request bodies as waitress receives them (see `cut_bodies.CutBodies`). Every
     call comes from waitress's I/O thread and must return at once."""
@@ -69,6 +91,10 @@ class BodyObserver(Protocol):
 
     def body_ended(self, key: str) -> None:
         """The body of `key` is complete or gone."""
+
+    def stale_offset(self, method: str, path: str, headers: dict[str, str]) -> int | None:
+        """The offset a request must start at instead, when its headers show that its body
+        repeats bytes already kept (None: it may go on)."""
 
     def body_cut(self, cut: CutRequest) -> bool:
         """The connection ended mid-body: take the prefix (True) or let it be dropped."""
@@ -81,14 +107,18 @@ class _NoObserver:
     def body_ended(self, key: str) -> None:
         pass
 
+    def stale_offset(self, method: str, path: str, headers: dict[str, str]) -> int | None:
+        return None
+
     def body_cut(self, cut: CutRequest) -> bool:
         return False
 
 
 class AdmittingParser(waitress.parser.HTTPRequestParser):
     """Asks `admit` about a declared Content-Length once the headers are parsed (a chunked body
-    declares none; the app checks it once it has arrived), and tells `observer` when a body
-    starts and when it is complete or dropped."""
+    declares none; the app checks it once it has arrived), asks `observer` whether the body
+    repeats bytes already kept, and tells it when a body starts and when it is complete or
+    dropped."""
 
     admit: Callable[[int], str | None] = staticmethod(lambda length: None)
     observer: BodyObserver = _NoObserver()
@@ -102,6 +132,11 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
                 self.error = InsufficientStorage(refusal)
                 self.completed = True
         if not self.completed and self.body_rcv is not None:
+            offset = self.observer.stale_offset(self.command, self.path, self.headers)
+            if offset is not None:
+                self.error = StaleOffset(offset)
+                self.completed = True
+                return
             self.watch_key = self.observer.body_started(self.command, self.path, self.headers)
 
     def received(self, data: bytes) -> int:
