@@ -28,6 +28,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
@@ -54,26 +55,34 @@ class CutBodies:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="cut-body")
         self._guard = threading.Condition()
         self._pending: dict[str, int] = {}  # upload id -> cut prefixes being stored
-        self._in_flight: dict[str, int] = {}  # upload id -> PATCH bodies being received
-        # upload id -> (Upload-Offset, length, when) of its last cut PATCH whose prefix is kept
-        self._kept: dict[str, tuple[int, int, float]] = {}
+        self._in_flight: dict[str, set[_InFlight]] = {}  # upload id -> PATCH bodies arriving
+        self._kept: dict[str, _Kept] = {}  # upload id -> its last cut PATCH whose prefix is kept
         self._closed = False
 
     # -- on waitress's I/O thread: decide and queue, never block ---------------------------
 
-    def body_started(self, method: str, path: str, headers: dict[str, str]) -> str | None:
+    def body_started(
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+    ) -> object | None:
         """A tus PATCH body begins: until it is complete or cut, a HEAD of that upload may be
-        a client's retry that has not yet seen its own bytes (see `wait`)."""
+        a client's retry that has not yet seen its own bytes (see `wait`), and if a cut request
+        of the same offset is kept meanwhile, this one is its repeat (`abort`)."""
         target = self._target(method, path, headers)
         if target is None or target[1] is None:
             return None
+        request = (_offset_of(headers.get("UPLOAD_OFFSET", "")), headers.get("AUTHORIZATION"))
+        key = _InFlight(target[1], request, abort)
         with self._guard:
-            _count(self._in_flight, target[1], +1)
-        return target[1]
+            self._in_flight.setdefault(key.upload_id, set()).add(key)
+        return key
 
-    def body_ended(self, key: str) -> None:
+    def body_ended(self, key: object) -> None:
+        assert isinstance(key, _InFlight)
         with self._guard:
-            _count(self._in_flight, key, -1)
+            bodies = self._in_flight.get(key.upload_id, set())
+            bodies.discard(key)
+            if not bodies:
+                self._in_flight.pop(key.upload_id, None)
             self._guard.notify_all()
 
     def stale_offset(self, method: str, path: str, headers: dict[str, str]) -> int | None:
@@ -86,10 +95,10 @@ class CutBodies:
             return None
         with self._guard:
             recent = self._kept.get(target[1])
-        if recent is None or time.monotonic() - recent[2] > REPEAT_WINDOW:
+        if recent is None or time.monotonic() - recent.since > REPEAT_WINDOW:
             return None
-        offset, length, _ = recent
-        return offset + length if headers.get("UPLOAD_OFFSET", "").strip() == str(offset) else None
+        same = (_offset_of(headers.get("UPLOAD_OFFSET", "")), headers.get("AUTHORIZATION"))
+        return recent.offset + recent.length if same == recent.request else None
 
     def body_cut(self, cut: CutRequest) -> bool:
         """Take a cut request if its prefix can count; False lets waitress drop it."""
@@ -115,11 +124,17 @@ class CutBodies:
         with self._guard:
             if self._closed:
                 return False
+            repeats: list[_InFlight] = []
             if upload_id:
                 _count(self._pending, upload_id, +1)
-                offset = _offset(environ)
-                if offset is not None:
-                    self._kept[upload_id] = (offset, cut.length, time.monotonic())
+                request = (_offset(environ), environ.get("HTTP_AUTHORIZATION"))
+                if request[0] is not None:
+                    kept = _Kept(request, cut.length, time.monotonic())
+                    self._kept[upload_id] = kept
+                    bodies = self._in_flight.get(upload_id, ())
+                    repeats = [body for body in bodies if body.request == request]
+        for repeat in repeats:  # re-sent before this cut was seen: it would only get 409
+            repeat.abort(kept.offset + kept.length)
         try:
             self._executor.submit(self._keep, cut, kind, upload_id)
         except RuntimeError:  # shut down in between
@@ -212,7 +227,7 @@ class CutBodies:
         """The prefix was not kept: a repeat of the request may go on after all."""
         with self._guard:
             recent = self._kept.get(upload_id)
-            if recent is not None and recent[0] == offset:
+            if recent is not None and recent.offset == offset:
                 del self._kept[upload_id]
 
     def _done(self, upload_id: str | None) -> None:
@@ -264,6 +279,37 @@ def _count(counts: dict[str, int], key: str, step: int) -> None:
         counts.pop(key, None)
 
 
-def _offset(environ: dict[str, Any]) -> int | None:
-    text = environ.get("HTTP_UPLOAD_OFFSET", "").strip()
+# What makes a PATCH the repeat of another: the same Upload-Offset and the same credential (a
+# browser's own re-send carries the very same headers; another client's request is not refused).
+RequestKey = tuple[int | None, str | None]
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A PATCH body being received (identity is the key)."""
+
+    upload_id: str
+    request: RequestKey
+    abort: Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A cut PATCH whose prefix is kept or being stored."""
+
+    request: RequestKey
+    length: int
+    since: float
+
+    @property
+    def offset(self) -> int:
+        return self.request[0] or 0
+
+
+def _offset_of(text: str) -> int | None:
+    text = text.strip()
     return int(text) if text.isdigit() else None
+
+
+def _offset(environ: dict[str, Any]) -> int | None:
+    return _offset_of(environ.get("HTTP_UPLOAD_OFFSET", ""))

@@ -86,10 +86,13 @@ class BodyObserver(Protocol):
     """Told about request bodies as waitress receives them (see `cut_bodies.CutBodies`). Every
     call comes from waitress's I/O thread and must return at once."""
 
-    def body_started(self, method: str, path: str, headers: dict[str, str]) -> str | None:
-        """A body begins; a key to report its end with, or None when it is of no interest."""
+    def body_started(
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+    ) -> object | None:
+        """A body begins; a key to report its end with, or None when it is of no interest.
+        `abort(offset)` refuses the request at once (409, the upload's offset is `offset`)."""
 
-    def body_ended(self, key: str) -> None:
+    def body_ended(self, key: object) -> None:
         """The body of `key` is complete or gone."""
 
     def stale_offset(self, method: str, path: str, headers: dict[str, str]) -> int | None:
@@ -101,10 +104,12 @@ class BodyObserver(Protocol):
 
 
 class _NoObserver:
-    def body_started(self, method: str, path: str, headers: dict[str, str]) -> str | None:
+    def body_started(
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+    ) -> object | None:
         return None
 
-    def body_ended(self, key: str) -> None:
+    def body_ended(self, key: object) -> None:
         pass
 
     def stale_offset(self, method: str, path: str, headers: dict[str, str]) -> int | None:
@@ -122,7 +127,8 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
 
     admit: Callable[[int], str | None] = staticmethod(lambda length: None)
     observer: BodyObserver = _NoObserver()
-    watch_key: str | None = None
+    watch_key: object | None = None
+    channel: KeepingChannel | None = None  # set by the channel that creates it
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
@@ -137,7 +143,9 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
                 self.error = StaleOffset(offset)
                 self.completed = True
                 return
-            self.watch_key = self.observer.body_started(self.command, self.path, self.headers)
+            self.watch_key = self.observer.body_started(
+                self.command, self.path, self.headers, self._abort
+            )
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
@@ -146,6 +154,10 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         if self.completed:
             self.end_watch()
         return consumed
+
+    def _abort(self, offset: int) -> None:
+        if self.channel is not None:
+            self.channel.abort(self, StaleOffset(offset))
 
     def end_watch(self) -> None:
         key, self.watch_key = self.watch_key, None
@@ -209,6 +221,37 @@ class KeepingChannel(waitress.channel.HTTPChannel):
     Every way a channel ends (the peer closed, a socket error, the idle timeout of
     `maintenance`) goes through `handle_close`, where waitress would let the incomplete parser and
     the body buffer in it go. The parser's observer answers at once whether it takes the request."""
+
+    discarding = False  # a request was refused mid-body: what else arrives is dropped
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parser_class = self._new_parser
+
+    def _new_parser(self, adj: Any) -> AdmittingParser:
+        parser = AdmittingParser(adj)
+        parser.channel = self
+        return parser
+
+    def received(self, data: bytes) -> bool:
+        if self.discarding:
+            return False
+        return super().received(data)
+
+    def abort(self, request: AdmittingParser, error: waitress.utilities.Error) -> None:
+        """Refuse `request`, still receiving its body, with `error` now (on the I/O thread): its
+        answer is sent, the rest of its body is dropped, and the connection closes."""
+        with self.requests_lock:
+            if self.request is not request:
+                return
+            request.error = error
+            request.completed = True
+            request.end_watch()
+            self.request = None
+            self.discarding = True
+            self.requests.append(request)
+            if len(self.requests) == 1:
+                self.server.add_task(self)
 
     def handle_close(self) -> None:
         request, self.request = self.request, None
