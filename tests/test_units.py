@@ -259,3 +259,10 @@ def test_reconcile_counts_what_the_disk_holds(data, files, before, after, cut_to
     session = _tus_session(*before)
     assert segments.reconcile(session, data, files.get) == cut_to
     assert (session.bytes_written, session.segments) == after
+
+
+def test_cut_bodies_read_only_ascii_offsets():
+    from upload_server.cut_bodies import _offset_of
+
+    assert _offset_of(" 42 ") == 42
+    assert _offset_of("²³") is None and _offset_of("-1") is None and _offset_of("") is None

@@ -308,7 +308,7 @@ class _Kept:
 
 def _offset_of(text: str) -> int | None:
     text = text.strip()
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _offset(environ: dict[str, Any]) -> int | None:

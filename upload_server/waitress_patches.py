@@ -138,14 +138,20 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
                 self.error = InsufficientStorage(refusal)
                 self.completed = True
         if not self.completed and self.body_rcv is not None:
-            offset = self.observer.stale_offset(self.command, self.path, self.headers)
-            if offset is not None:
-                self.error = StaleOffset(offset)
-                self.completed = True
-                return
-            self.watch_key = self.observer.body_started(
-                self.command, self.path, self.headers, self._abort
-            )
+            try:
+                self._observe()
+            except Exception:  # a request's headers must never break waitress's loop
+                log.exception("the body observer failed on a request's headers")
+
+    def _observe(self) -> None:
+        offset = self.observer.stale_offset(self.command, self.path, self.headers)
+        if offset is not None:
+            self.error = StaleOffset(offset)
+            self.completed = True
+            return
+        self.watch_key = self.observer.body_started(
+            self.command, self.path, self.headers, self._abort
+        )
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
