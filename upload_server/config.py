@@ -266,6 +266,13 @@ SETTINGS: tuple[Setting, ...] = (
         "max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"
     ),
     Setting(
+        "writer_stall_timeout",
+        parse_duration,
+        10.0,
+        "A writer holding work with no heartbeat or progress this long is killed and replaced.",
+        "DURATION",
+    ),
+    Setting(
         "threads",
         _positive_int,
         32,
@@ -412,6 +419,7 @@ class Config:
     writers: int
     max_upload_size: int
     max_bytes_per_second: int
+    writer_stall_timeout: float
     threads: int
     recv_bytes: int
     start_method: str
@@ -457,6 +465,8 @@ class Config:
             raise ValueError("chunk_size must be at least 1 byte")
         if self.max_upload_size < 1:
             raise ValueError("max_upload_size must be at least 1 byte")
+        if self.writer_stall_timeout <= 0:
+            raise ValueError("writer_stall_timeout must be above 0")
         if self.shared and self.storage == "local":
             raise ValueError(
                 "--session-store redis:// shares uploads between nodes, so their data must be "

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from workers.pool import WriterPool
 from workers.writer import WriterSettings
@@ -66,6 +66,8 @@ class Runtime:
         self.sweeper: Sweeper | None = None
         self._lock_fd: int | None = None
         self._on_close: list[Callable[[], None]] = []
+        self._ctx: Any = None
+        self.manager_restarts = 0
         self.started = time.time()
 
     def start(self) -> Runtime:
@@ -93,7 +95,11 @@ class Runtime:
             self.config.writers,
             self.config.log_level,
             self.config.log_format,
+            self.config.writer_stall_timeout,
         )
+        self._ctx = ctx
+        self.pool.manager_sentinel = self.manager._process.sentinel
+        self.pool.on_manager_death = self._heal
         self.pool.start()
         self.uploads = Uploads(
             self.config, self.layout, live, self.store, self.storage, self.pool, self.hooks
@@ -139,13 +145,56 @@ class Runtime:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _recover(self, live: LiveSessions) -> list[Session]:
+    def _heal(self) -> None:
+        """The Manager died: start a new one, rebuild the live view from the durable records as
+        start-up does, and restart every writer on it. Called by the pool's monitor thread, which
+        lives as long as the server (the new Manager dies with that thread: PR_SET_PDEATHSIG).
+        Meanwhile requests get 503 with Retry-After. A server that cannot heal exits non-zero, for
+        its supervisor to restart it."""
+        pool, uploads = self.pool, self.uploads
+        assert pool is not None and uploads is not None
+        began = time.monotonic()
+        pool.healing = True
+        try:
+            pool.kill_all()  # no writer may write a record while the view is rebuilt from them
+            old, self.manager = self.manager, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old._process.join(1)
+            manager = SyncManager(ctx=self._ctx)
+            manager.start(initializer=processes.become_child)
+            live = LiveSessions(manager.dict())
+            recovered = self._recover(live, startup=False)
+            uploads.live.replace(live.proxy)
+            self.manager = manager
+            pool.manager_sentinel = manager._process.sentinel
+            pool.restart_all(manager)
+        except Exception:
+            log.critical("the session Manager could not be restarted; exiting", exc_info=True)
+            logging.shutdown()
+            os._exit(70)  # EX_SOFTWARE: a supervisor starts the server again
+        finally:
+            pool.healing = False
+        for session in recovered:
+            pool.drain(session)
+        self.manager_restarts += 1
+        log.warning(
+            "the session Manager was restarted (pid %s) in %.2fs: %d sessions, %d carry on",
+            manager._process.pid,
+            time.monotonic() - began,
+            len(live),
+            len(recovered),
+        )
+
+    def _recover(self, live: LiveSessions, startup: bool = True) -> list[Session]:
         """Rebuild the live view; return the sessions that carry on by themselves: seed uploads
         from their spool, tus uploads whose records name segments (counted bytes that are still
         to be copied into the data: they are replayed, never thrown away).
 
-        No request is in flight yet, so half-written spool files and segments that no record names
-        are leftovers of a crash: their clients were never answered and will send them again."""
+        At start-up no request is in flight yet, so half-written spool files and segments that no
+        record names are leftovers of a crash: their clients were never answered and will send
+        them again. When the Manager is replaced (`startup` False) requests may be spooling right
+        now, so nothing is deleted: the next start-up sweeps what is left."""
         sessions = list(self.store.all())
         named = {
             self.layout.segment(s.id, offset).name
@@ -157,7 +206,7 @@ class Runtime:
             *self.layout.spool_dir.glob("*.seg"),
             *self.layout.spool_dir.glob("*.tmp"),
         ]:
-            if leftover.name not in named:
+            if startup and leftover.name not in named:
                 leftover.unlink(missing_ok=True)
         resumable = []
         for session in sessions:

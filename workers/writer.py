@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator
@@ -36,7 +37,7 @@ from upload_server.backends import Backends
 from upload_server.layout import Layout
 from upload_server.sessions import record as states
 from upload_server.sessions import segments
-from upload_server.sessions.live import LiveSessions
+from upload_server.sessions.live import LiveSessions, LiveViewLost
 from upload_server.sessions.record import Session
 from upload_server.sessions.store import SessionStore
 from upload_server.storage import Adopting, CommittedData, ReadBack, Storage, UploadData
@@ -66,6 +67,13 @@ CHECKPOINT_INTERVAL = 1.0  # seconds between durable records while a drain runs
 IDLE_RELEASE = 30.0
 PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 PROGRESS, COMMIT, STATE = 0, 1, 2
+# The writer's vital signs, a small shared array the pool's monitor reads (`WriterPool`): a heartbeat
+# counted by a thread of its own, the main loop's turns (progress, a rate limit's sleeps included),
+# the tasks it holds and the messages it has taken from its inbox.
+BEAT, STEPS, TASKS, RECEIVED = range(4)
+VITALS = 4
+HEARTBEAT_INTERVAL = 0.1  # seconds
+MAX_SLEEP = 0.5  # the loop turns at least this often while it holds work (a rate limit's sleep)
 
 
 class Interrupted(Exception):
@@ -130,8 +138,10 @@ class Writer:
         store: SessionStore,
         storage: Storage,
         layout: Layout,
+        vitals: Any = None,
     ) -> None:
         self.settings = settings
+        self.vitals = vitals if vitals is not None else [0] * VITALS
         self.inbox = inbox
         self.replies = replies
         self.live = live
@@ -149,6 +159,17 @@ class Writer:
     # -- the loop ---------------------------------------------------------------------------
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        except LiveViewLost as exc:
+            # The Manager is gone: nothing this writer does can be published. Its records on disk
+            # are consistent (data is written before the record that counts it), so stop here;
+            # the front end restarts every writer once a new Manager is up.
+            log.error("writer %d: the live view is gone (%s); exiting", self.settings.index, exc)
+            os._exit(3)
+
+    def _serve(self) -> None:
+        vitals = self.vitals
         while not self.stopping:
             timeout = self._idle_timeout()
             try:
@@ -164,12 +185,15 @@ class Writer:
                 self._run_one_step()
                 if self.shared:
                     self._release_idle()
+            vitals[STEPS] += 1
+            vitals[TASKS] = len(self.tasks)
         self._checkpoint_all()
 
     def _idle_timeout(self) -> float | None:
         timeout = None
         if self.tasks:
-            timeout = max(0.0, min(t.next_time for t in self.tasks) - time.monotonic())
+            due = min(t.next_time for t in self.tasks) - time.monotonic()
+            timeout = min(MAX_SLEEP, max(0.0, due))
         if self.shared and self.held:
             timeout = IDLE_RELEASE if timeout is None else min(timeout, IDLE_RELEASE)
         return timeout
@@ -185,7 +209,9 @@ class Writer:
 
     def _receive_all(self) -> None:
         while self.inbox.poll(0):
-            self._handle(self.inbox.recv())
+            message = self.inbox.recv()
+            self.vitals[RECEIVED] += 1
+            self._handle(message)
             if self.stopping:
                 return
 
@@ -217,6 +243,8 @@ class Writer:
             except StopIteration:
                 self._remove(task)
                 return
+            except LiveViewLost:
+                raise
             except Exception:
                 log.exception("writer %d: task for %s failed", self.settings.index, task.session_id)
                 self._remove(task)
@@ -1074,9 +1102,12 @@ def main(
     sessions_proxy: Any,
     log_level: str,
     log_format: str,
+    vitals: Any = None,
 ) -> None:
     """Entry point of a writer process (a top-level function, so `spawn` can import it)."""
     processes.become_child()
+    if vitals is not None:
+        threading.Thread(target=_heartbeat, args=(vitals,), name="heartbeat", daemon=True).start()
     logs.configure(log_level, log_format)
     layout = Layout(Path(settings.upload_dir))
     writer = Writer(
@@ -1087,8 +1118,17 @@ def main(
         settings.backends.open_store(layout),
         settings.backends.open_storage(layout, writeback=settings.fsync != "never"),
         layout,
+        vitals,
     )
     writer.serve()
+
+
+def _heartbeat(vitals: Any) -> None:
+    """Count, from a thread of its own, that this process runs: a stopped (SIGSTOP) or frozen
+    writer stops counting; one that is only busy (a long write, a rate limit's sleep) does not."""
+    while True:
+        vitals[BEAT] += 1
+        time.sleep(HEARTBEAT_INTERVAL)
 
 
 def _moved_on(held: Session, stored: Session) -> bool:

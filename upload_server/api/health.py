@@ -73,6 +73,8 @@ class ReadyResource:
         except Exception as exc:  # the Manager is gone or wedged
             sessions = None
             problems.append(f"the session Manager is unreachable: {exc}")
+        if pool and pool.healing:
+            problems.append("the session Manager is being restarted")
         if runtime.cluster is not None:
             problems += runtime.cluster.problems()
         free = shutil.disk_usage(runtime.layout.root).free
@@ -86,7 +88,9 @@ class ReadyResource:
             "writersAlive": alive,
             "writerPids": pool.pids() if pool else [],
             "writerRestarts": pool.restarts if pool else 0,
+            "writerStalls": pool.stalls if pool else 0,
             "managerPid": runtime.manager._process.pid if runtime.manager else None,
+            "managerRestarts": runtime.manager_restarts,
             "sessions": sessions,
             "diskFreeBytes": free,
             "uptimeSeconds": round(time.time() - runtime.started, 1),

@@ -3,17 +3,40 @@
 The front end reads it to answer status and HEAD without asking a writer; writers replace a session's
 record in it after every chunk. Values are plain dicts replaced whole (the Manager does not proxy
 nested values), so a reader always sees one consistent record.
+
+When the Manager process dies, every call raises `LiveViewLost` (a 503 with Retry-After for a
+client, never a 500) until the runtime has started a new Manager, rebuilt the view from the durable
+records and put the new dict in place (`replace`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import Unavailable
 from .record import Session
+
+# What a proxy raises once its Manager is gone: refused, reset or broken connections, or EOF.
+_LOST = (OSError, EOFError)
+
+
+class LiveViewLost(Unavailable):
+    """The Manager that holds the live view does not answer; the server is restarting it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"the server's session store is restarting ({type(cause).__name__}); try again",
+            code="sessions_unavailable",
+            headers={"Retry-After": "1"},
+        )
 
 
 class LiveSessions:
     def __init__(self, proxy: Any) -> None:
+        self._proxy = proxy
+
+    def replace(self, proxy: Any) -> None:
+        """Use a new Manager's dict (after the old Manager died and the view was rebuilt)."""
         self._proxy = proxy
 
     @property
@@ -22,18 +45,35 @@ class LiveSessions:
         return self._proxy
 
     def get(self, session_id: str) -> Session | None:
-        data = self._proxy.get(session_id)
+        try:
+            data = self._proxy.get(session_id)
+        except _LOST as exc:
+            raise LiveViewLost(exc) from None
         return Session.from_dict(data) if data is not None else None
 
     def put(self, session: Session) -> None:
-        self._proxy[session.id] = session.to_dict()
+        record = session.to_dict()
+        try:
+            self._proxy[session.id] = record
+        except _LOST as exc:
+            raise LiveViewLost(exc) from None
 
     def remove(self, session_id: str) -> None:
-        self._proxy.pop(session_id, None)
+        try:
+            self._proxy.pop(session_id, None)
+        except _LOST as exc:
+            raise LiveViewLost(exc) from None
 
     def all(self) -> list[Session]:
         """A snapshot of every record (one round trip to the Manager)."""
-        return [Session.from_dict(d) for d in self._proxy.copy().values()]
+        try:
+            records = self._proxy.copy()
+        except _LOST as exc:
+            raise LiveViewLost(exc) from None
+        return [Session.from_dict(d) for d in records.values()]
 
     def __len__(self) -> int:
-        return len(self._proxy)
+        try:
+            return len(self._proxy)
+        except _LOST as exc:
+            raise LiveViewLost(exc) from None
