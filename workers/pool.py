@@ -9,7 +9,7 @@ callers can retry. No session is left looking "in progress" without a writer beh
 
 The monitor also watches each writer's vital signs (`writer.VITALS`: a heartbeat counted by a thread
 of the writer's own, and the main loop's progress). A writer whose heartbeat has been silent for
-`UNRESPONSIVE_AFTER` is unresponsive: the requests waiting on it are answered at once (503, try
+`UNRESPONSIVE_AFTER` (`STOPPED_AFTER` when the kernel says it is stopped) is unresponsive: the requests waiting on it are answered at once (503, try
 again; their bodies stay in the spool) and new ones are not sent to it, so no front-end thread waits
 on a stopped process. One that holds work and shows neither heartbeat nor progress for the stall
 timeout (`--writer-stall-timeout`) is killed with SIGKILL, so that it can never write stale bytes
@@ -51,6 +51,8 @@ CRASH_WINDOW = 10.0  # seconds over which a writer's deaths are counted
 CRASHES_BEFORE_DELAY = 3  # deaths in the window before restarts are delayed
 MAX_RESTART_DELAY = 30.0
 UNRESPONSIVE_AFTER = 1.0  # seconds of heartbeat silence before requests stop waiting on a writer
+# ... or this many, when the kernel says the process is stopped (SIGSTOP, a debugger; Linux only)
+STOPPED_AFTER = 0.3
 START_ALLOWANCE = 60.0  # seconds a new writer may take to beat for the first time (spawn imports)
 CHECK_INTERVAL = 0.1  # seconds between looks at the vital signs
 
@@ -401,7 +403,10 @@ class WriterPool:
                     self._stalled(handle, silent)
                 continue
             busy = handle.holds_work() or handle.wanted or self._waiting_on(handle.index)
-            if silent >= min(UNRESPONSIVE_AFTER, self.stall_timeout) and not handle.unresponsive:
+            if not handle.unresponsive and (
+                silent >= min(UNRESPONSIVE_AFTER, self.stall_timeout)
+                or (silent >= STOPPED_AFTER and _stopped(handle.process.pid))
+            ):
                 handle.unresponsive = True
                 log.warning(
                     "writer %d (pid %s): no heartbeat for %.1fs; answering its requests 503 "
@@ -573,3 +578,12 @@ class WriterPool:
                 and session.state in (states.QUEUED, states.WRITING)
             ):
                 self._send(dead.index, Drain(session.id))
+
+
+def _stopped(pid: int | None) -> bool:
+    """The kernel's word that a process is stopped (state T or t in /proc; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,271 @@
+"""Any one process dying or hanging: the Manager, a writer, the front end (issue 13).
+
+Real servers, real signals. A stopped process is always continued or killed in a `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import requests
+
+from .conftest import MiB, Server, sha256_file, wait_for
+from .tus_http import Tus
+
+
+def readyz(server: Server) -> dict:
+    return requests.get(server.url("/readyz"), timeout=10).json()
+
+
+def writer_of(server: Server, session_id: str) -> int:
+    """The index of the writer a session is pinned to, from its durable record."""
+    path = server.upload_dir / ".upload_server" / "sessions" / f"{session_id}.json"
+    return json.loads(path.read_text())["writer"]
+
+
+class RetryingTus:
+    """A tus client that does what a real one does on 503 (wait, HEAD, go on) and on 409, and
+    remembers every status it was answered."""
+
+    def __init__(self, server: Server, data: bytes, chunk: int = MiB) -> None:
+        self.tus = Tus(server.base)
+        self.data = data
+        self.chunk = chunk
+        self.statuses: list[int] = []
+        self.url = self.tus.new(len(data), filename="faults.bin")
+        self.session_id = self.url.rsplit("/", 1)[1]
+
+    def offset(self) -> int:
+        while True:
+            answer = self.tus.head(self.url)
+            self.statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                return int(answer.headers["Upload-Offset"])
+            assert answer.status_code == 503, answer.text
+            time.sleep(0.2)
+
+    def run(self, deadline: float = 60.0) -> None:
+        end = time.monotonic() + deadline
+        offset = 0
+        while offset < len(self.data):
+            assert time.monotonic() < end, "the upload did not finish in time"
+            answer = self.tus.patch(self.url, offset, self.data[offset : offset + self.chunk])
+            self.statuses.append(answer.status_code)
+            if answer.status_code == 204:
+                offset = int(answer.headers["Upload-Offset"])
+                continue
+            assert answer.status_code in (409, 503), (answer.status_code, answer.text)
+            if answer.status_code == 503:
+                assert answer.headers.get("Retry-After"), answer.headers
+                time.sleep(0.2)
+            offset = self.offset()
+
+
+def _watch_status(server: Server, session_ids: list[str], stop: threading.Event) -> list[int]:
+    """Poll the status of sessions while something breaks; every answer's status code."""
+    seen: list[int] = []
+
+    def run() -> None:
+        while not stop.is_set():
+            for session_id in session_ids:
+                with contextlib.suppress(requests.RequestException):
+                    seen.append(
+                        requests.get(
+                            server.url("/upload/status"),
+                            params={"sessionID": session_id},
+                            timeout=10,
+                        ).status_code
+                    )
+            time.sleep(0.05)
+
+    threading.Thread(target=run, daemon=True).start()
+    return seen
+
+
+def test_a_killed_manager_is_replaced_and_uploads_complete(make_server, tmp_path):
+    server = make_server(["--max-bytes-per-second", "4MiB"])
+    seed_data = random.Random(61).randbytes(12 * MiB)
+    seed_file = tmp_path / "seed.bin"
+    seed_file.write_bytes(seed_data)
+    tus_data = random.Random(62).randbytes(10 * MiB)
+    client = RetryingTus(server, tus_data, chunk=MiB)
+    answer = server.post_file(seed_file)
+    assert answer.status_code == 201, answer.text
+    seed_id = answer.json()["sessionID"]
+    stop = threading.Event()
+    seen = _watch_status(server, [seed_id, client.session_id], stop)
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(client.run)
+        time.sleep(1.0)  # both are being written (4 MiB/s each)
+        before = readyz(server)
+        assert server.status(seed_id)["state"] == "writing"
+        os.kill(before["managerPid"], signal.SIGKILL)
+        killed = time.monotonic()
+        healed = wait_for(
+            lambda: (
+                (r := readyz(server))["managerPid"] not in (None, before["managerPid"])
+                and r["ready"]
+                and r
+            ),
+            timeout=20,
+            interval=0.05,
+        )
+        heal_time = time.monotonic() - killed
+        upload.result(timeout=60)
+    stop.set()
+    assert healed["managerRestarts"] == 1
+    assert set(healed["writerPids"]).isdisjoint(before["writerPids"])  # writers were restarted
+    assert 500 not in seen and 500 not in client.statuses, (seen, client.statuses)
+    assert 503 in seen or 503 in client.statuses  # it was noticed, and answered as "try again"
+    status = server.wait_state(client.session_id, "completed", timeout=30)
+    assert (
+        sha256_file(server.upload_dir / status["storedAs"]) == hashlib.sha256(tus_data).hexdigest()
+    )
+    status = server.wait_state(seed_id, "completed", timeout=30)
+    assert (
+        sha256_file(server.upload_dir / status["storedAs"]) == hashlib.sha256(seed_data).hexdigest()
+    )
+    # new uploads work, by both APIs
+    fresh = RetryingTus(server, b"after the heal" * 1000)
+    fresh.run()
+    assert server.wait_state(fresh.session_id, "completed")
+    assert server.post_file(seed_file, filename="again.bin").status_code == 201
+    print(f"manager healed in {heal_time:.2f}s")
+    assert heal_time < 10
+
+
+def test_a_stopped_writer_is_replaced_and_blocks_no_one(make_server):
+    server = make_server(["--writer-stall-timeout", "2s", "--max-bytes-per-second", "4MiB"])
+    data = random.Random(63).randbytes(8 * MiB)
+    victim = RetryingTus(server, data, chunk=4 * MiB)  # the first session: writer 0
+    other = RetryingTus(server, random.Random(64).randbytes(4 * MiB), chunk=256 * 1024)
+    assert (writer_of(server, victim.session_id), writer_of(server, other.session_id)) == (0, 1)
+    queued = []
+    while len(queued) < 40:  # sessions pinned to the victim's writer
+        url = Tus(server.base).new(64 * 1024, filename="queued.bin")
+        if writer_of(server, url.rsplit("/", 1)[1]) == 0:
+            queued.append(url)
+    pid = readyz(server)["writerPids"][0]
+    healthz: list[float] = []
+    other_times: list[float] = []
+    queued_answers: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            assert requests.get(server.url("/healthz"), timeout=30).status_code == 200
+            healthz.append(time.monotonic() - began)
+            time.sleep(0.05)
+
+    def patch_queued(url: str) -> None:
+        began = time.monotonic()
+        answer = Tus(server.base).patch(url, 0, b"q" * 64 * 1024)
+        queued_answers.append((answer.status_code, time.monotonic() - began))
+
+    def timed_other() -> None:
+        original = other.tus.patch
+
+        def patch(*args, **kwargs):
+            began = time.monotonic()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                other_times.append(time.monotonic() - began)
+
+        other.tus.patch = patch
+        other.run()
+
+    try:
+        with ThreadPoolExecutor(48) as pool:
+            upload = pool.submit(victim.run)
+            wait_for(lambda: server.status(victim.session_id)["state"] == "writing", timeout=10)
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            prober = threading.Thread(target=probe, daemon=True)
+            prober.start()
+            answers = [pool.submit(patch_queued, url) for url in queued]
+            others = pool.submit(timed_other)
+            for answer in answers:
+                answer.result(timeout=30)
+            others.result(timeout=60)
+            wait_for(lambda: readyz(server)["writerStalls"] >= 1, timeout=20, interval=0.05)
+            replaced = time.monotonic() - stopped
+            ready = wait_for(lambda: (r := readyz(server))["ready"] and r, timeout=20)
+            upload.result(timeout=60)
+            stop.set()
+            prober.join(10)
+        assert pid not in ready["writerPids"]
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        status = server.wait_state(victim.session_id, "completed", timeout=30)
+        stored = server.upload_dir / status["storedAs"]
+        assert sha256_file(stored) == hashlib.sha256(data).hexdigest()
+        assert server.wait_state(other.session_id, "completed")
+        codes = [code for code, _ in queued_answers]
+        assert set(codes) <= {204, 503}, codes
+        assert 500 not in victim.statuses and 503 in victim.statuses, victim.statuses
+        slowest_queued = max(t for _, t in queued_answers)
+        print(
+            f"writer replaced after {replaced:.2f}s; /healthz max {max(healthz) * 1000:.0f}ms "
+            f"({len(healthz)} probes); other writer's PATCH max {max(other_times) * 1000:.0f}ms; "
+            f"40 queued PATCHes answered {codes.count(503)}x503 {codes.count(204)}x204, "
+            f"slowest {slowest_queued:.2f}s"
+        )
+        assert max(healthz) < 1.5, healthz
+        assert max(other_times) < 2.0, other_times
+        assert slowest_queued < 2.5
+    finally:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_slow_rate_limited_patch_is_not_a_stall(make_server):
+    """A rate limit's sleeps are progress: 1 MiB chunks at 384 KiB/s sleep 2.7s between chunks,
+    longer than the stall timeout, and the PATCH is still answered 204."""
+    server = make_server(["--writer-stall-timeout", "1s", "--max-bytes-per-second", "384KiB"])
+    data = random.Random(65).randbytes(3 * MiB)
+    tus = Tus(server.base)
+    url = tus.new(len(data), filename="slow.bin")
+    began = time.monotonic()
+    answer = tus.patch(url, 0, data)
+    assert answer.status_code == 204, answer.text
+    assert time.monotonic() - began > 5  # it really was slow
+    assert readyz(server)["writerStalls"] == 0
+
+
+def test_front_end_death_leaves_no_process_and_a_restart_recovers(make_server, tmp_path):
+    server = make_server(["--max-bytes-per-second", "2MiB"])
+    data = random.Random(66).randbytes(3 * MiB)
+    tus = Tus(server.base)
+    url = tus.new(len(data), filename="front.bin")
+    assert tus.patch(url, 0, data[: 2 * MiB]).status_code == 204
+    seed_file = tmp_path / "front-seed.bin"
+    seed_file.write_bytes(random.Random(67).randbytes(6 * MiB))
+    seed_id = server.post_file(seed_file).json()["sessionID"]
+    children = server.family()[1:]
+    assert len(children) >= 3  # the Manager and two writers
+    server.proc.kill()  # the front end alone
+    server.proc.wait()
+    began = time.monotonic()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, alive
+    print(f"{len(children)} helper processes gone {time.monotonic() - began:.2f}s after the kill")
+    again = make_server(upload_dir=server.upload_dir, port=server.port)
+    tus = Tus(again.base)
+    assert int(tus.head(url).headers["Upload-Offset"]) == 2 * MiB
+    assert tus.patch(url, 2 * MiB, data[2 * MiB :]).status_code == 204
+    status = again.wait_state(url.rsplit("/", 1)[1], "completed")
+    assert sha256_file(again.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()
+    status = again.wait_state(seed_id, "completed", timeout=30)
+    assert sha256_file(again.upload_dir / status["storedAs"]) == sha256_file(seed_file)
