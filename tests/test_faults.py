@@ -11,9 +11,12 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import requests
@@ -269,3 +272,38 @@ def test_front_end_death_leaves_no_process_and_a_restart_recovers(make_server, t
     assert sha256_file(again.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()
     status = again.wait_state(seed_id, "completed", timeout=30)
     assert sha256_file(again.upload_dir / status["storedAs"]) == sha256_file(seed_file)
+
+
+HEAL_FAILS = """
+import os, signal, sys, time
+from multiprocessing.managers import SyncManager
+from upload_server.config import Config
+from upload_server.hooks import Hooks
+from upload_server.runtime import Runtime
+
+config = Config.load(["--upload-dir", sys.argv[1], "--writers", "1"], environ={})
+runtime = Runtime(config, Hooks(config)).start()
+
+def refuse(self, *args, **kwargs):
+    raise OSError("no new Manager today")
+
+SyncManager.start = refuse
+os.kill(runtime.manager._process.pid, signal.SIGKILL)
+time.sleep(20)
+sys.exit(0)  # not reached: the server exits as soon as it cannot heal
+"""
+
+
+def test_a_server_that_cannot_heal_exits_non_zero(tmp_path):
+    """Exiting is what lets a supervisor (systemd, a PaaS) start it again."""
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", HEAL_FAILS, str(tmp_path / "uploads")],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 70, done.stderr
+    assert "could not be restarted" in done.stderr
+    assert time.monotonic() - began < 15
