@@ -146,12 +146,18 @@ def test_a_killed_manager_is_replaced_and_uploads_complete(make_server, tmp_path
     assert heal_time < 10
 
 
-def test_a_stopped_writer_is_replaced_and_blocks_no_one(make_server):
+def test_a_stopped_writer_is_replaced_and_blocks_no_one(make_server, tmp_path):
     server = make_server(["--writer-stall-timeout", "2s", "--max-bytes-per-second", "4MiB"])
     data = random.Random(63).randbytes(8 * MiB)
     victim = RetryingTus(server, data, chunk=4 * MiB)  # the first session: writer 0
     other = RetryingTus(server, random.Random(64).randbytes(4 * MiB), chunk=256 * 1024)
     assert (writer_of(server, victim.session_id), writer_of(server, other.session_id)) == (0, 1)
+    seed_file = tmp_path / "stalled-seed.bin"
+    seed_file.write_bytes(random.Random(68).randbytes(12 * MiB))
+    answer = server.post_file(seed_file)  # the third session: writer 0 too, a seed drain
+    assert answer.status_code == 201, answer.text
+    seed_id = answer.json()["sessionID"]
+    assert writer_of(server, seed_id) == 0
     queued = []
     while len(queued) < 40:  # sessions pinned to the victim's writer
         url = Tus(server.base).new(64 * 1024, filename="queued.bin")
@@ -193,6 +199,7 @@ def test_a_stopped_writer_is_replaced_and_blocks_no_one(make_server):
             upload = pool.submit(victim.run)
             wait_for(lambda: server.status(victim.session_id)["state"] == "writing", timeout=10)
             time.sleep(0.3)
+            seed_before = server.status(seed_id)
             os.kill(pid, signal.SIGSTOP)
             stopped = time.monotonic()
             prober = threading.Thread(target=probe, daemon=True)
@@ -214,6 +221,9 @@ def test_a_stopped_writer_is_replaced_and_blocks_no_one(make_server):
         stored = server.upload_dir / status["storedAs"]
         assert sha256_file(stored) == hashlib.sha256(data).hexdigest()
         assert server.wait_state(other.session_id, "completed")
+        assert seed_before["state"] == "writing", seed_before  # it was being copied when stopped
+        status = server.wait_state(seed_id, "completed", timeout=30)
+        assert sha256_file(server.upload_dir / status["storedAs"]) == sha256_file(seed_file)
         codes = [code for code, _ in queued_answers]
         assert set(codes) <= {204, 503}, codes
         assert 500 not in victim.statuses and 503 in victim.statuses, victim.statuses
