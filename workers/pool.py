@@ -421,7 +421,12 @@ class WriterPool:
                 )
             if busy and silent >= self.stall_timeout and still >= self.stall_timeout:
                 self._stalled(handle, silent)
-            elif busy and still >= self.stall_timeout and not handle.progress_warned:
+            elif (
+                busy
+                and still >= self.stall_timeout
+                and not handle.unresponsive
+                and not handle.progress_warned
+            ):
                 handle.progress_warned = True
                 log.warning(
                     "writer %d (pid %s) holds work and has made no progress for %.0fs, but its "
