@@ -317,3 +317,36 @@ def test_a_server_that_cannot_heal_exits_non_zero(tmp_path):
     assert done.returncode == 70, done.stderr
     assert "could not be restarted" in done.stderr
     assert time.monotonic() - began < 15
+
+
+def test_a_writer_continued_before_the_stall_timeout_skips_what_was_answered_503(make_server):
+    """SIGSTOP then SIGCONT: the writer is used again, not killed, and the append its client was
+    told failed (503) is not applied behind the client's back over the body it re-sent."""
+    server = make_server(["--writer-stall-timeout", "30s", "--writers", "1"])
+    data = random.Random(69).randbytes(2 * MiB)
+    tus = Tus(server.base)
+    url = tus.new(len(data), filename="continued.bin")
+    session_id = url.rsplit("/", 1)[1]
+    pid = readyz(server)["writerPids"][0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        first = tus.patch(url, 0, data[: MiB + 123])  # sent to the stopped writer, then let go
+        assert first.status_code == 503, first.text
+        assert first.headers["Retry-After"]
+        assert time.monotonic() - began < 2
+        again = tus.patch(url, 0, data[:MiB])  # refused at once: not sent
+        assert again.status_code == 503
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: readyz(server)["ready"], timeout=10)
+    time.sleep(0.5)  # the writer has read its inbox
+    status = server.status(session_id)
+    assert status["state"] == "waiting" and status["bytesWritten"] == 0, status
+    assert tus.patch(url, 0, data[: MiB // 2]).status_code == 204
+    assert tus.patch(url, MiB // 2, data[MiB // 2 :]).status_code == 204
+    status = server.wait_state(session_id, "completed")
+    assert sha256_file(server.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()
+    ready = readyz(server)
+    assert ready["writerPids"] == [pid] and ready["writerStalls"] == 0
+    assert "answered 503 while this writer was stopped" in server.log()

@@ -408,6 +408,7 @@ class WriterPool:
                 or (silent >= STOPPED_AFTER and _stopped(handle.process.pid))
             ):
                 handle.unresponsive = True
+                handle.vitals[writer.ABANDONED] = handle.sent  # see writer.ABANDONED
                 log.warning(
                     "writer %d (pid %s): no heartbeat for %.1fs; answering its requests 503 "
                     "until it answers again or is replaced",

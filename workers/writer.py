@@ -69,9 +69,12 @@ PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 PROGRESS, COMMIT, STATE = 0, 1, 2
 # The writer's vital signs, a small shared array the pool's monitor reads (`WriterPool`): a heartbeat
 # counted by a thread of its own, the main loop's turns (progress, a rate limit's sleeps included),
-# the tasks it holds and the messages it has taken from its inbox.
-BEAT, STEPS, TASKS, RECEIVED = range(4)
-VITALS = 4
+# the tasks it holds and the messages it has taken from its inbox. ABANDONED is written by the pool:
+# the messages sent up to it whose requesters were answered 503 while this writer did not answer;
+# if it runs again, it skips the appends among them that it had not taken yet (their clients retry,
+# and may already have spooled a new body under the same segment name).
+BEAT, STEPS, TASKS, RECEIVED, ABANDONED = range(5)
+VITALS = 5
 HEARTBEAT_INTERVAL = 0.1  # seconds
 MAX_SLEEP = 0.5  # the loop turns at least this often while it holds work (a rate limit's sleep)
 
@@ -211,6 +214,17 @@ class Writer:
         while self.inbox.poll(0):
             message = self.inbox.recv()
             self.vitals[RECEIVED] += 1
+            if isinstance(message, Append | Concat) and (
+                self.vitals[RECEIVED] <= self.vitals[ABANDONED]
+            ):
+                log.warning(
+                    "writer %d: skipping request %d for %s, answered 503 while this writer was "
+                    "stopped",
+                    self.settings.index,
+                    message.request_id,
+                    message.session_id,
+                )
+                continue
             self._handle(message)
             if self.stopping:
                 return
