@@ -9,12 +9,13 @@ callers can retry. No session is left looking "in progress" without a writer beh
 
 The monitor also watches each writer's vital signs (`writer.VITALS`: a heartbeat counted by a thread
 of the writer's own, and the main loop's progress). A writer whose heartbeat has been silent for
-`UNRESPONSIVE_AFTER` (`STOPPED_AFTER` when the kernel says it is stopped) is unresponsive: the requests waiting on it are answered at once (503, try
-again; their bodies stay in the spool) and new ones are not sent to it, so no front-end thread waits
-on a stopped process. One that holds work and shows neither heartbeat nor progress for the stall
-timeout (`--writer-stall-timeout`) is killed with SIGKILL, so that it can never write stale bytes
-later, and replaced like a dead one. A writer that is only slow (a rate limit's sleep, a long write)
-keeps its heartbeat and is never touched.
+`UNRESPONSIVE_AFTER` (`STOPPED_AFTER` when the kernel says it is stopped) is unresponsive: the
+requests waiting on it are answered at once (503, try again; their bodies stay in the spool) and new
+ones are not sent to it, so no front-end thread waits on a stopped process (if it runs again, it
+skips the appends answered so: `writer.ABANDONED`). One that holds work and shows neither heartbeat
+nor progress for the stall timeout (`--writer-stall-timeout`) is killed with SIGKILL, so that it can
+never write stale bytes later, and replaced like a dead one. A writer that is only slow (a rate
+limit's sleep, a long write) keeps its heartbeat and is never touched.
 
 The monitor also watches the Manager's process: when it dies, `on_manager_death` (the runtime) starts
 a new one and calls `restart_all` (see `Runtime._heal`).
