@@ -9,14 +9,18 @@ import sys
 
 
 def become_child() -> None:
-    """Die with the parent, and leave Ctrl-C to it.
+    """Die with the parent, and leave Ctrl-C and SIGTERM to it.
 
-    Ctrl-C reaches the whole foreground process group; the front end decides when writers stop (after
-    they checkpoint), so children ignore SIGINT. On Linux the kernel kills a child whose parent dies,
+    Ctrl-C reaches the whole foreground process group, and a supervisor may send SIGTERM to the whole
+    group (systemd's default `KillMode=control-group`); the front end decides when writers and the
+    Manager stop (writers after they checkpoint; either is killed if it does not stop in time), so
+    children ignore both. Were the Manager to die of that SIGTERM, the front end would first take it
+    for a crash and start replacing it. On Linux the kernel kills a child whose parent dies,
     so a `kill -9` of the server leaves no orphan holding files or the listening socket. The kernel
     means the parent *thread*: start children only from threads that live as long as the server.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -371,6 +371,8 @@ class WriterPool:
                 ready = wait([*manager, *handles, *sentinels], timeout=max(timeout, 0.0))
             except OSError:
                 continue
+            if self._closing:
+                return
             if manager and manager[0] in ready:
                 self._manager_died()
                 continue  # every writer was replaced: the old handles mean nothing now
