@@ -274,3 +274,42 @@ def test_the_client_is_the_address_and_ipv6_its_slash_64():
     assert client_key(("2001:db8:1:2::1", 5000)) != client_key(("2001:db8:1:3::1", 5000))
     assert client_key(("::ffff:10.0.0.1", 5000)) == "10.0.0.1"
     assert client_key("") is None  # a unix socket: not capped
+
+
+def test_the_loop_runs_on_select_where_there_is_no_epoll():
+    """Windows has only select(): the same loop on a SelectSelector serves requests."""
+    import selectors
+
+    import waitress.server
+
+    from upload_server.event_loop import SelectorLoop
+
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    loop = SelectorLoop()
+    loop.selector_class = selectors.SelectSelector
+    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=2)
+    server.asyncore = loop
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            loop.loop(timeout=0.05, map=server._map, count=20)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.effective_port}/"
+        for size in (0, 10, 3 * MiB):
+            payload = os.urandom(size)
+            response = requests.post(url, data=payload, timeout=10)
+            assert response.status_code == 200
+            assert response.content == payload
+        loop.settle(2, 1.0)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
