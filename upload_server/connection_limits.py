@@ -12,7 +12,13 @@
   window must bring at least rate x window bytes. A connection below it is closed through
   `handle_close`, so a cut tus PATCH keeps what arrived.
 
-The checks run on waitress's I/O thread, from the event loop's tick (once a second).
+- Request bodies held in memory: each body stays in memory up to waitress's `inbuf_overflow`
+  (512 KiB) while all of them together hold at most `BODY_MEMORY`; past it a new body spills to
+  its (spool) file after `SMALL_SPILL`. 2,000 connections that each sent 400 KiB of a body then
+  keep the process near 160 MiB, not 860.
+
+The checks run on waitress's I/O thread, from the event loop's tick (once a second). Also here:
+waitress's accept, which answers the refusals, and its listener's `readable`, whose limit is ours.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import waitress.server
 import waitress.wasyncore
 
 from .errors import error_body
@@ -40,6 +47,8 @@ SELECT_LIMIT = 500  # where only select() exists (Windows: 512 sockets per call)
 RETRY_AFTER = 5  # seconds, in the Retry-After of a refusal
 REFUSAL_LINGER = 2.0  # seconds a refused connection may take to send its request and read why
 REFUSALS_HELD = 64  # refused connections lingering at once, at most; past it they just close
+BODY_MEMORY = 128 * 1024**2  # request body bytes held in memory by all connections together
+SMALL_SPILL = 16 * 1024  # where a body spills to disk once the memory above is spoken for
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,18 @@ class Admission:
         self.channels: dict[Any, str | None] = {}
         self.per_client: dict[str, int] = {}
         self.refusals: dict[Refusal, float] = {}
+        self.body_memory = 0  # bytes of BODY_MEMORY reserved by bodies being received
+
+    def reserve_body_memory(self, wanted: int) -> int:
+        """How many bytes of a new body may stay in memory before it spills to a file: `wanted`
+        while the budget lasts, else a little. `release_body_memory` gives it back."""
+        if self.body_memory + wanted <= BODY_MEMORY:
+            self.body_memory += wanted
+            return wanted
+        return min(wanted, SMALL_SPILL)
+
+    def release_body_memory(self, reserved: int) -> None:
+        self.body_memory = max(0, self.body_memory - reserved)
 
     def configure(self, limits: Limits, max_connections: int) -> None:
         self.limits = limits
@@ -301,3 +322,45 @@ def _send_and_close(conn: socket.socket, data: bytes) -> None:
 
 
 ADMISSION = Admission()
+
+
+ACCEPT_BATCH = 128  # connections accepted in one pass of the loop, at most
+
+
+def accept_waiting(self: waitress.server.BaseWSGIServer) -> None:
+    """waitress's `handle_accept`, repeated until no connection waits (or the limit is reached):
+    one per pass would leave a burst of clients waiting one loop pass each."""
+    for _ in range(ACCEPT_BATCH):
+        if len(self._map) >= ADMISSION.hard_limit:
+            return
+        try:
+            accepted = self.accept()
+        except OSError:
+            if self.adj.log_socket_errors:
+                self.logger.warning("server accept() threw an exception", exc_info=True)
+            return
+        if accepted is None:
+            return
+        conn, addr = accepted
+        try:
+            self.set_socket_options(conn)
+        except OSError:  # the peer closed before it was accepted
+            conn.close()
+            continue
+        addr = self.fix_addr(addr)
+        refusal = ADMISSION.refusal(addr)
+        if refusal is not None:
+            ADMISSION.refuse(conn, refusal, self._map)
+            continue
+        self.channel_class(self, conn, addr, self.adj, map=self._map)
+
+
+def accepting(self: waitress.server.BaseWSGIServer) -> bool:
+    """waitress's `readable` for a listener (maintenance every `cleanup_interval`), with its
+    connection limit replaced by ours: past `--max-connections` connections are still accepted,
+    to be answered 503 at once, up to room for those answers."""
+    now = time.time()
+    if now >= self.next_channel_cleanup:
+        self.next_channel_cleanup = now + self.adj.cleanup_interval
+        self.maintenance(now)
+    return bool(self.accepting) and len(self._map) < ADMISSION.hard_limit

@@ -118,6 +118,7 @@ class SelectorLoop:
         self._changed = threading.Condition()
         self._wake: Callable[[], None] = lambda: None
         self.on_tick: Callable[[float], None] = lambda now: None
+        self._active: _Registrations | None = None
 
     def loop(
         self,
@@ -131,10 +132,21 @@ class SelectorLoop:
             if isinstance(obj, waitress.trigger.trigger):
                 self._wake = obj.pull_trigger
         registrations = _Registrations(self.selector_class(), socket_map)
+        self._active = registrations
         try:
             self._run(registrations, timeout, count)
         finally:
+            self._active = None
             registrations.close()
+
+    def closing(self, fd: int | None, obj: Any) -> None:
+        """A dispatcher is about to close its socket: stop watching it first. (epoll watches the
+        socket itself, not its number: a socket that a forked process still holds stays watched
+        after it is closed here, and its events would come under a number that may by then be
+        another connection's.)"""
+        registrations = self._active
+        if registrations is not None and fd is not None:
+            registrations.forget(fd, obj)
 
     def _run(self, reg: _Registrations, timeout: float, count: int | None) -> None:
         socket_map = reg.map
@@ -209,3 +221,13 @@ class SelectorLoop:
 
 
 LOOP = SelectorLoop()
+
+
+_del_channel = waitress.wasyncore.dispatcher.del_channel
+
+
+def unwatch_then_del_channel(self: waitress.wasyncore.dispatcher, map: Any = None) -> None:
+    """wasyncore's `del_channel` (called by `close` before the socket is closed), telling the
+    event loop first, while the socket is still open."""
+    LOOP.closing(self._fileno, self)
+    _del_channel(self, map)

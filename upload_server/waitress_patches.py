@@ -22,11 +22,13 @@
    (and for bursts of clients) a pass accepts every waiting connection, not one.
 7. Connection limits and deadlines (`connection_limits`): a connection past `--max-connections`
    or its client's share is answered 503/429 at once; the loop's tick closes connections whose
-   headers or bodies are too slow.
+   headers or bodies are too slow; a body spills to disk early once the bodies held in memory
+   reach their budget. The loop is told of a socket's close before it happens (`del_channel`).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import time
@@ -45,9 +47,15 @@ import waitress.utilities
 import waitress.wasyncore
 
 from . import fileio
-from .connection_limits import ADMISSION, Limits, effective_max_connections
+from .connection_limits import (
+    ADMISSION,
+    Limits,
+    accept_waiting,
+    accepting,
+    effective_max_connections,
+)
 from .errors import error_body
-from .event_loop import LOOP
+from .event_loop import LOOP, unwatch_then_del_channel
 from .protocol import tus
 
 log = logging.getLogger("upload_server.waitress")
@@ -133,10 +141,17 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
     observer: BodyObserver = _NoObserver()
     watch_key: object | None = None
     started = 0.0  # time.monotonic() of its first byte
+    memory_reserved = 0  # bytes of the in-memory body budget it holds (see connection_limits)
     rate_mark: tuple[float, int] | None = None  # (when, body bytes then): the body rate's window
     channel: KeepingChannel | None = None  # set by the channel that creates it
 
     def parse_header(self, header_plus: bytes) -> None:
+        default = self.adj.inbuf_overflow
+        self.memory_reserved = ADMISSION.reserve_body_memory(default)
+        if self.memory_reserved < default:  # memory is spoken for: this body spills early
+            self.adj = copy.copy(self.adj)
+            self.adj.inbuf_overflow = self.memory_reserved
+            self.memory_reserved = 0
         super().parse_header(header_plus)
         if self.content_length > 0:
             refusal = self.admit(self.content_length)
@@ -178,6 +193,8 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
 
     def close(self) -> None:
         self.end_watch()
+        reserved, self.memory_reserved = self.memory_reserved, 0
+        ADMISSION.release_body_memory(reserved)
         super().close()
 
 
@@ -331,48 +348,6 @@ def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[Binar
     return file, len(inner)
 
 
-ACCEPT_BATCH = 128  # connections accepted in one pass of the loop, at most
-
-
-def _accept_waiting(self: waitress.server.BaseWSGIServer) -> None:
-    """waitress's `handle_accept`, repeated until no connection waits (or the limit is reached):
-    one per pass would leave a burst of clients waiting one loop pass each."""
-    for _ in range(ACCEPT_BATCH):
-        if len(self._map) >= ADMISSION.hard_limit:
-            return
-        try:
-            accepted = self.accept()
-        except OSError:
-            if self.adj.log_socket_errors:
-                self.logger.warning("server accept() threw an exception", exc_info=True)
-            return
-        if accepted is None:
-            return
-        conn, addr = accepted
-        try:
-            self.set_socket_options(conn)
-        except OSError:  # the peer closed before it was accepted
-            conn.close()
-            continue
-        addr = self.fix_addr(addr)
-        refusal = ADMISSION.refusal(addr)
-        if refusal is not None:
-            ADMISSION.refuse(conn, refusal, self._map)
-            continue
-        self.channel_class(self, conn, addr, self.adj, map=self._map)
-
-
-def _accepting(self: waitress.server.BaseWSGIServer) -> bool:
-    """waitress's `readable` for a listener (maintenance every `cleanup_interval`), with its
-    connection limit replaced by ours: past `--max-connections` connections are still accepted,
-    to be answered 503 at once, up to room for those answers."""
-    now = time.time()
-    if now >= self.next_channel_cleanup:
-        self.next_channel_cleanup = now + self.adj.cleanup_interval
-        self.maintenance(now)
-    return bool(self.accepting) and len(self._map) < ADMISSION.hard_limit
-
-
 def install(
     spool_dir: Path,
     allow_origin: Callable[[str], str | None],
@@ -396,8 +371,9 @@ def install(
     waitress.channel.HTTPChannel.task_class = KeepAliveTask
     AdmittingParser.observer = observer
     waitress.server.BaseWSGIServer.asyncore = LOOP
-    waitress.server.BaseWSGIServer.handle_accept = _accept_waiting
-    waitress.server.BaseWSGIServer.readable = _accepting
+    waitress.server.BaseWSGIServer.handle_accept = accept_waiting
+    waitress.server.BaseWSGIServer.readable = accepting
+    waitress.wasyncore.dispatcher.del_channel = unwatch_then_del_channel
     waitress.server.MultiSocketServer.asyncore = LOOP
     waitress.server.BaseWSGIServer.channel_class = KeepingChannel
     waitress.buffers.TempfileBasedBuffer.newfile = lambda self: fileio.linkable_tempfile(spool_dir)
