@@ -266,6 +266,36 @@ def test_at_the_connection_limit_new_connections_get_503_at_once(make_server):
     wait_for(lambda: raw_get(server, "/healthz")[0] == 200, timeout=5)
 
 
+def test_bodies_held_by_many_connections_stay_within_the_memory_budget(make_server, files):
+    """1,000 connections that each sent 400 KiB of a 1 MiB body: in memory that would be 400 MiB;
+    the budget (128 MiB) sends the rest to disk."""
+    import psutil
+
+    server = make_server(["--min-body-rate", "0"])
+    tus = Tus(server.base)
+    url = tus.new(1024 * MiB)
+    tus.http.close()
+    head = (
+        f"PATCH {path_of(url)} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        f"Upload-Offset: 0\r\nContent-Type: {OCTET}\r\nContent-Length: {MiB}\r\n\r\n"
+    ).encode()
+    body = os.urandom(400 * 1024)
+    socks: list[socket.socket] = []
+    try:
+        for n in range(1000):
+            sock = connect_from(server, SOURCES[n % len(SOURCES)])
+            socks.append(sock)
+            sock.sendall(head)
+            sock.sendall(body)
+        assert healthz_latency(server, 3) < 5.0  # the server has read them all
+        rss = psutil.Process(server.proc.pid).memory_info().rss
+        report(rss_mib_1000_connections_400kib_each=rss / MiB)
+        assert rss < 300 * MiB, rss / MiB
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_the_client_is_the_address_and_ipv6_its_slash_64():
     from upload_server.connection_limits import client_key
 

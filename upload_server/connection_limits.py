@@ -24,7 +24,6 @@ waitress's accept, which answers the refusals, and its listener's `readable`, wh
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import os
@@ -290,9 +289,9 @@ class Refusal(waitress.wasyncore.dispatcher):
             return
         try:
             sent = self.socket.send(self.pending)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return
+        except BlockingIOError:
+            return
+        except OSError:
             self.close()
             return
         self.pending = self.pending[sent:]
