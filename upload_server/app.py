@@ -13,7 +13,7 @@ from typing import Any
 
 import falcon
 
-from . import errors, logs, metrics, waitress_patches
+from . import connection_limits, errors, logs, metrics, waitress_patches
 from .api import health, middleware, openapi, seed, tus, web
 from .auth import Authenticator
 from .config import Config
@@ -47,7 +47,17 @@ def create_app(
     runtime = Runtime(config, Hooks(config, hook)).start()
     cut_bodies = CutBodies(config.tus_path)
     waitress_patches.install(
-        layout.spool_dir, cors.allow_origin, runtime.uploads.space_refusal, cut_bodies
+        layout.spool_dir,
+        cors.allow_origin,
+        runtime.uploads.space_refusal,
+        cut_bodies,
+        connection_limits.Limits(
+            max_connections=config.max_connections,
+            max_connections_per_client=config.max_connections_per_client,
+            header_timeout=config.header_timeout,
+            min_body_rate=config.min_body_rate,
+            min_body_rate_window=config.min_body_rate_window,
+        ),
     )
     atexit.register(runtime.close)
     runtime.on_close(cut_bodies.close)

@@ -20,6 +20,7 @@ import waitress
 from . import credentials
 from .app import create_app
 from .config import Config
+from .connection_limits import ADMISSION
 from .runtime import DirectoryLocked
 
 log = logging.getLogger("upload_server")
@@ -39,6 +40,9 @@ def waitress_options(config: Config) -> dict[str, Any]:
         "channel_timeout": config.idle_timeout,
         "cleanup_interval": max(1.0, min(30.0, config.idle_timeout / 2)),
         "ident": "upload_server",
+        # waitress's own limit, past which it stops accepting: ours (which answers 503 first,
+        # see connection_limits) plus room for those answers
+        "connection_limit": ADMISSION.hard_limit,
         "asyncore_use_poll": True,
         "clear_untrusted_proxy_headers": True,
     }

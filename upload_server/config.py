@@ -85,6 +85,13 @@ def _positive_int(text: str | int) -> int:
     return value
 
 
+def _positive_duration(text: str | float) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0 seconds, not {value}")
+    return value
+
+
 def _port(text: str | int) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -333,6 +340,41 @@ SETTINGS: tuple[Setting, ...] = (
         "DURATION",
     ),
     Setting(
+        "header_timeout",
+        parse_duration,
+        30.0,
+        "A request's headers must be complete this long after its first byte (0 = off).",
+        "DURATION",
+    ),
+    Setting(
+        "min_body_rate",
+        parse_size,
+        1024,
+        "Close a connection sending a body slower than this many bytes/s (0 = off).",
+        "SIZE",
+    ),
+    Setting(
+        "min_body_rate_window",
+        _positive_duration,
+        60.0,
+        "The window --min-body-rate is measured over (checked after the first).",
+        "DURATION",
+    ),
+    Setting(
+        "max_connections",
+        _positive_int,
+        2048,
+        "Most open connections (503 beyond); lowered to the open-file limit.",
+        "N",
+    ),
+    Setting(
+        "max_connections_per_client",
+        parse_int,
+        256,
+        "Most open connections per client address, IPv6 per /64 (429 beyond; 0 = no cap).",
+        "N",
+    ),
+    Setting(
         "max_header_size",
         parse_size,
         64 * 1024,
@@ -438,6 +480,11 @@ class Config:
     max_sessions_per_owner: int
     min_free_space: int
     idle_timeout: float
+    header_timeout: float
+    min_body_rate: int
+    min_body_rate_window: float
+    max_connections: int
+    max_connections_per_client: int
     max_header_size: int
     trusted_proxy: str
     trusted_proxy_count: int

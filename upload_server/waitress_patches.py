@@ -1,4 +1,4 @@
-"""Six adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
+"""Seven adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
 
 1. JSON errors: waitress answers some requests itself (body too large, malformed HTTP, headers too
    large) before the app sees them; those answers get the app's `{"error": ...}` shape, plus the
@@ -16,17 +16,21 @@
    dropped: the channel hands its headers and the prefix that arrived (a `CutRequest`) to `on_cut`
    (see `cut_bodies`), which may keep it; the same observer hears when each body starts and ends.
    This runs on waitress's I/O thread, so the observer only decides and queues.
-6. waitress's loop counts its passes (`LOOP`), so a request thread can wait until the I/O thread
-   has read every socket again (`LOOP.settle`): a client's retry that overtook its own cut
-   connection then still finds the cut seen. For that (and for bursts of clients) a pass accepts
-   every waiting connection, not one.
+6. waitress's loop is `event_loop.LOOP` (a persistent selector that counts its passes), so a
+   request thread can wait until the I/O thread has read every socket again (`LOOP.settle`): a
+   client's retry that overtook its own cut connection then still finds the cut seen. For that
+   (and for bursts of clients) a pass accepts every waiting connection, not one.
+7. Connection limits and deadlines (`connection_limits`): a connection past `--max-connections`
+   or its client's share is answered 503/429 at once; the loop's tick closes connections whose
+   headers or bodies are too slow; a body spills to disk early once the bodies held in memory
+   reach their budget. The loop is told of a socket's close before it happens (`del_channel`).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +47,15 @@ import waitress.utilities
 import waitress.wasyncore
 
 from . import fileio
+from .connection_limits import (
+    ADMISSION,
+    Limits,
+    accept_waiting,
+    accepting,
+    effective_max_connections,
+)
 from .errors import error_body
+from .event_loop import LOOP, unwatch_then_del_channel
 from .protocol import tus
 
 log = logging.getLogger("upload_server.waitress")
@@ -128,9 +140,18 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
     admit: Callable[[int], str | None] = staticmethod(lambda length: None)
     observer: BodyObserver = _NoObserver()
     watch_key: object | None = None
+    started = 0.0  # time.monotonic() of its first byte
+    memory_reserved = 0  # bytes of the in-memory body budget it holds (see connection_limits)
+    rate_mark: tuple[float, int] | None = None  # (when, body bytes then): the body rate's window
     channel: KeepingChannel | None = None  # set by the channel that creates it
 
     def parse_header(self, header_plus: bytes) -> None:
+        default = self.adj.inbuf_overflow
+        self.memory_reserved = ADMISSION.reserve_body_memory(default)
+        if self.memory_reserved < default:  # memory is spoken for: this body spills early
+            self.adj = copy.copy(self.adj)
+            self.adj.inbuf_overflow = self.memory_reserved
+            self.memory_reserved = 0
         super().parse_header(header_plus)
         if self.content_length > 0:
             refusal = self.admit(self.content_length)
@@ -172,6 +193,8 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
 
     def close(self) -> None:
         self.end_watch()
+        reserved, self.memory_reserved = self.memory_reserved, 0
+        ADMISSION.release_body_memory(reserved)
         super().close()
 
 
@@ -230,13 +253,28 @@ class KeepingChannel(waitress.channel.HTTPChannel):
 
     discarding = False  # a request was refused mid-body: what else arrives is dropped
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    had_request = False  # its first request began (the header deadline then counts from it)
+    cut_reason: str | None = None  # set when the server closes it for being too slow
+
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+        self.opened_at = time.monotonic()
+        self.addr = addr  # known before `add_channel` counts it against its client's cap
+        super().__init__(server, sock, addr, adj, map=map)
         self.parser_class = self._new_parser
 
+    def add_channel(self, map: Any = None) -> None:
+        super().add_channel(map)
+        ADMISSION.opened(self)
+
+    def del_channel(self, map: Any = None) -> None:
+        super().del_channel(map)
+        ADMISSION.closed(self)
+
     def _new_parser(self, adj: Any) -> AdmittingParser:
-        parser = AdmittingParser(adj)
+        parser = AdmittingParser(adj)  # made when a request's first byte arrives
         parser.channel = self
+        parser.started = time.monotonic()
+        self.had_request = True
         return parser
 
     def received(self, data: bytes) -> bool:
@@ -289,7 +327,9 @@ class KeepingChannel(waitress.channel.HTTPChannel):
         environ["CONTENT_LENGTH"] = str(length)
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         idle = time.time() - self.last_activity
-        reason = "timeout" if idle >= self.adj.channel_timeout else "disconnected"
+        reason = self.cut_reason or (
+            "timeout" if idle >= self.adj.channel_timeout else "disconnected"
+        )
         return CutRequest(environ, length, request.content_length, reason, request.close)
 
 
@@ -308,90 +348,21 @@ def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[Binar
     return file, len(inner)
 
 
-class CountingLoop:
-    """Stands in for the `wasyncore` module in waitress's servers (they call `asyncore.loop` and
-    `asyncore.dispatcher`): the same loop, counting its passes."""
-
-    dispatcher = waitress.wasyncore.dispatcher
-
-    def __init__(self) -> None:
-        self._passes = 0
-        self._changed = threading.Condition()
-        self._wake: Callable[[], None] = lambda: None
-
-    def loop(
-        self,
-        timeout: float = 30.0,
-        use_poll: bool = False,
-        map: dict[int, Any] | None = None,
-        count: int | None = None,
-    ) -> None:
-        poll = waitress.wasyncore.poll2 if use_poll else waitress.wasyncore.poll
-        for obj in (map or {}).values():
-            if isinstance(obj, waitress.trigger.trigger):
-                self._wake = obj.pull_trigger
-        while map and (count is None or count > 0):
-            poll(timeout, map)
-            with self._changed:
-                self._passes += 1
-                self._changed.notify_all()
-            if count is not None:
-                count -= 1
-
-    def settle(self, passes: int, timeout: float) -> None:
-        """Wait (from a request thread) until the I/O thread has made `passes` more passes, each
-        reading every socket that has data: what reached this host before now has been seen.
-        Bounded by `timeout`; returns at once when no loop runs (another WSGI server)."""
-        with self._changed:
-            if not self._passes:
-                return
-            target = self._passes + passes
-        deadline = time.monotonic() + timeout
-        while True:
-            self._wake()
-            with self._changed:
-                left = deadline - time.monotonic()
-                if self._passes >= target or left <= 0:
-                    return
-                self._changed.wait(min(left, 0.005))
-
-
-LOOP = CountingLoop()
-ACCEPT_BATCH = 128  # connections accepted in one pass of the loop, at most
-
-
-def _accept_waiting(self: waitress.server.BaseWSGIServer) -> None:
-    """waitress's `handle_accept`, repeated until no connection waits (or the limit is reached):
-    one per pass would leave a burst of clients waiting one loop pass each."""
-    for _ in range(ACCEPT_BATCH):
-        if len(self._map) >= self.adj.connection_limit:
-            return
-        try:
-            accepted = self.accept()
-        except OSError:
-            if self.adj.log_socket_errors:
-                self.logger.warning("server accept() threw an exception", exc_info=True)
-            return
-        if accepted is None:
-            return
-        conn, addr = accepted
-        try:
-            self.set_socket_options(conn)
-        except OSError:  # the peer closed before it was accepted
-            conn.close()
-            continue
-        self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
-
-
 def install(
     spool_dir: Path,
     allow_origin: Callable[[str], str | None],
     admit: Callable[[int], str | None],
     observer: BodyObserver,
-) -> None:
+    limits: Limits | None = None,
+) -> int:
     """`allow_origin` maps a request's Origin to its Access-Control-Allow-Origin (None: none);
     `admit` says why a body of that many bytes cannot be stored (None: it can); `observer` follows
-    request bodies and is offered every one cut off mid-way."""
+    request bodies and is offered every one cut off mid-way; `limits` are the connection limits
+    and deadlines. Returns the connection limit in force (lowered to the open-file limit)."""
+    limits = limits or Limits()
+    max_connections = effective_max_connections(limits.max_connections)
+    ADMISSION.configure(limits, max_connections)
+    LOOP.on_tick = ADMISSION.check
     waitress.utilities.Error.to_response = _json_response
     AdmittingParser.admit = staticmethod(admit)
     waitress.channel.HTTPChannel.parser_class = AdmittingParser
@@ -400,7 +371,10 @@ def install(
     waitress.channel.HTTPChannel.task_class = KeepAliveTask
     AdmittingParser.observer = observer
     waitress.server.BaseWSGIServer.asyncore = LOOP
-    waitress.server.BaseWSGIServer.handle_accept = _accept_waiting
+    waitress.server.BaseWSGIServer.handle_accept = accept_waiting
+    waitress.server.BaseWSGIServer.readable = accepting
+    waitress.wasyncore.dispatcher.del_channel = unwatch_then_del_channel
     waitress.server.MultiSocketServer.asyncore = LOOP
     waitress.server.BaseWSGIServer.channel_class = KeepingChannel
     waitress.buffers.TempfileBasedBuffer.newfile = lambda self: fileio.linkable_tempfile(spool_dir)
+    return max_connections

@@ -1,0 +1,233 @@
+"""waitress's I/O loop on a persistent `selectors` selector (epoll on Linux), counting its passes.
+
+`wasyncore.poll2` builds a new `select.poll()` of every connection on every pass and asks each
+one `readable()`/`writable()` first, so a pass costs time in proportion to the open connections:
+1,000 idle connections cut one fast upload's intake to a fifth. Here each connection is registered
+once, and its interest is looked at again only when something may have changed it:
+
+- after it had an event (it read, wrote or closed),
+- after the trigger fired (a request thread queued output or finished a task) or a listener
+  accepted connections: then every connection is looked at once (one cheap pass),
+- at least once a second (`TICK`), when `on_tick` also runs (the deadline checks).
+
+Listening sockets are asked every pass, as before: their `readable()` runs waitress's maintenance
+and its connection limit. Events are handed to `wasyncore.readwrite`, so channels see the same
+`handle_read_event` / `handle_write_event` / `handle_close` / `handle_error` calls as before.
+Where only `select` exists (Windows), `DefaultSelector` is a `SelectSelector`: the same code, with
+that call's socket limit (see `connection_limits`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import selectors
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import waitress.trigger
+import waitress.wasyncore
+
+log = logging.getLogger("upload_server.waitress")
+
+TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick`
+POLLIN = getattr(select, "POLLIN", 1)
+POLLOUT = getattr(select, "POLLOUT", 4)
+
+
+def _interest(obj: Any) -> int:
+    events = 0
+    if obj.readable():
+        events |= selectors.EVENT_READ
+    if obj.writable() and not obj.accepting:
+        events |= selectors.EVENT_WRITE
+    return events
+
+
+class _Registrations:
+    """What the selector watches for each dispatcher of one socket map."""
+
+    def __init__(self, selector: selectors.BaseSelector, socket_map: dict[int, Any]) -> None:
+        self.selector = selector
+        self.map = socket_map
+        self.known: dict[int, tuple[Any, int]] = {}  # fd -> (dispatcher, events registered)
+        self.listeners: list[tuple[int, Any]] = []
+
+    def update(self, fd: int, obj: Any) -> None:
+        if self.map.get(fd) is not obj:  # closed (its fd may already be someone else's)
+            self.forget(fd, obj)
+            return
+        events = _interest(obj)
+        old = self.known.get(fd)
+        if old is not None and old[0] is obj and old[1] == events:
+            return
+        if old is not None and old[1]:
+            if old[0] is obj and events:
+                try:
+                    self.selector.modify(fd, events, obj)
+                    self.known[fd] = (obj, events)
+                    return
+                except (OSError, ValueError, KeyError):
+                    pass
+            self._unregister(fd)
+        if events:
+            try:
+                self.selector.register(fd, events, obj)
+            except (OSError, ValueError, KeyError):
+                self._unregister(fd)
+                self.selector.register(fd, events, obj)
+        self.known[fd] = (obj, events)
+
+    def forget(self, fd: int, obj: Any = None) -> None:
+        old = self.known.get(fd)
+        if old is None or (obj is not None and old[0] is not obj):
+            return
+        del self.known[fd]
+        if old[1]:
+            self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.selector.unregister(fd)
+
+    def rescan(self) -> None:
+        """Look at every dispatcher once: new ones are registered, gone ones dropped."""
+        items = list(self.map.items())
+        for fd, obj in items:
+            self.update(fd, obj)
+        for fd in [fd for fd in self.known if fd not in self.map]:
+            self.forget(fd)
+        self.listeners = [(fd, obj) for fd, obj in items if obj.accepting]
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+class SelectorLoop:
+    """Stands in for the `wasyncore` module in waitress's servers (they call `asyncore.loop` and
+    `asyncore.dispatcher`): the loop described above, counting its passes for `settle`."""
+
+    dispatcher = waitress.wasyncore.dispatcher
+    selector_class: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector
+
+    def __init__(self) -> None:
+        self._passes = 0
+        self._changed = threading.Condition()
+        self._wake: Callable[[], None] = lambda: None
+        self.on_tick: Callable[[float], None] = lambda now: None
+        self._active: _Registrations | None = None
+
+    def loop(
+        self,
+        timeout: float = 30.0,
+        use_poll: bool = False,
+        map: dict[int, Any] | None = None,
+        count: int | None = None,
+    ) -> None:
+        socket_map = waitress.wasyncore.socket_map if map is None else map
+        for obj in socket_map.values():
+            if isinstance(obj, waitress.trigger.trigger):
+                self._wake = obj.pull_trigger
+        registrations = _Registrations(self.selector_class(), socket_map)
+        self._active = registrations
+        try:
+            self._run(registrations, timeout, count)
+        finally:
+            self._active = None
+            registrations.close()
+
+    def closing(self, fd: int | None, obj: Any) -> None:
+        """A dispatcher is about to close its socket: stop watching it first. (epoll watches the
+        socket itself, not its number: a socket that a forked process still holds stays watched
+        after it is closed here, and its events would come under a number that may by then be
+        another connection's.)"""
+        registrations = self._active
+        if registrations is not None and fd is not None:
+            registrations.forget(fd, obj)
+
+    def _run(self, reg: _Registrations, timeout: float, count: int | None) -> None:
+        socket_map = reg.map
+        rescan = True
+        touched: list[tuple[int, Any]] = []
+        next_tick = time.monotonic()
+        while socket_map and (count is None or count > 0):
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self._tick()
+                rescan = True
+            if rescan or len(reg.known) != len(socket_map):
+                reg.rescan()
+            else:
+                for fd, obj in touched:
+                    reg.update(fd, obj)
+                for fd, obj in reg.listeners:
+                    reg.update(fd, obj)
+            rescan = False
+            touched = []
+            wait = max(0.0, min(timeout, next_tick - time.monotonic()))
+            if not reg.selector.get_map():
+                time.sleep(wait)
+                events: list[tuple[selectors.SelectorKey, int]] = []
+            else:
+                try:
+                    events = reg.selector.select(wait)
+                except InterruptedError:
+                    events = []
+            for key, mask in events:
+                obj, fd = key.data, key.fd
+                if socket_map.get(fd) is not obj:
+                    continue
+                mask &= reg.known.get(fd, (None, 0))[1]
+                flags = (POLLIN if mask & selectors.EVENT_READ else 0) | (
+                    POLLOUT if mask & selectors.EVENT_WRITE else 0
+                )
+                if flags:
+                    waitress.wasyncore.readwrite(obj, flags)
+                touched.append((fd, obj))
+                if obj.accepting or isinstance(obj, waitress.trigger.trigger):
+                    rescan = True  # new connections, or a request thread changed some
+            with self._changed:
+                self._passes += 1
+                self._changed.notify_all()
+            if count is not None:
+                count -= 1
+
+    def _tick(self) -> None:
+        try:
+            self.on_tick(time.time())
+        except Exception:  # the deadline checks must never stop the loop
+            log.exception("the I/O loop's periodic check failed")
+
+    def settle(self, passes: int, timeout: float) -> None:
+        """Wait (from a request thread) until the I/O thread has made `passes` more passes, each
+        reading every socket that has data: what reached this host before now has been seen.
+        Bounded by `timeout`; returns at once when no loop runs (another WSGI server)."""
+        with self._changed:
+            if not self._passes:
+                return
+            target = self._passes + passes
+        deadline = time.monotonic() + timeout
+        while True:
+            self._wake()
+            with self._changed:
+                left = deadline - time.monotonic()
+                if self._passes >= target or left <= 0:
+                    return
+                self._changed.wait(min(left, 0.005))
+
+
+LOOP = SelectorLoop()
+
+
+_del_channel = waitress.wasyncore.dispatcher.del_channel
+
+
+def unwatch_then_del_channel(self: waitress.wasyncore.dispatcher, map: Any = None) -> None:
+    """wasyncore's `del_channel` (called by `close` before the socket is closed), telling the
+    event loop first, while the socket is still open."""
+    LOOP.closing(self._fileno, self)
+    _del_channel(self, map)
