@@ -309,7 +309,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("token_secret", str, "", "HMAC secret for signed upload tokens.", "SECRET"),
     Setting("max_sessions", parse_int, 10000, "Most unfinished sessions in all (429 beyond).", "N"),
     Setting(
-        "max_sessions_per_owner", parse_int, 1000, "Most unfinished sessions per credential.", "N"
+        "max_sessions_per_owner",
+        parse_int,
+        1000,
+        "Most unfinished sessions per credential (auth off: per client address, IPv6 per /64).",
+        "N",
     ),
     Setting(
         "min_free_space",

@@ -14,6 +14,7 @@ import falcon
 
 from .. import errors, logs, metrics
 from ..auth import Authenticator
+from ..clients import client_key
 from ..protocol import tus
 
 _OVERRIDABLE = {"PATCH", "DELETE", "HEAD", "GET", "OPTIONS", "PUT"}
@@ -193,7 +194,11 @@ class Authenticate:
     it with 401. Health checks, metrics, the OpenAPI document, the web page and preflights stay
     public; `principal` is None wherever authentication is off. A download (GET or HEAD under the
     tus path) may carry its credential as `?access_token=`: a browser cannot add headers to a link.
-    Nothing else may, so credentials stay out of the URLs that proxies and logs keep."""
+    Nothing else may, so credentials stay out of the URLs that proxies and logs keep.
+
+    It also puts `req.context.client`, the client's address key (`clients.client_key` of
+    `REMOTE_ADDR`, which waitress sets to the forwarded address behind a trusted proxy): with
+    authentication off, the per-owner session limit counts per client. It is never an owner."""
 
     def __init__(
         self, authenticator: Authenticator, protected: tuple[str, ...], tus_path: str
@@ -207,6 +212,7 @@ class Authenticate:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.principal = None
+        req.context.client = client_key(req.env.get("REMOTE_ADDR"))
         if req.method == "OPTIONS" or not self._is_protected(req.path):
             return
         download = req.method in ("GET", "HEAD") and req.path.startswith(self.downloads)
