@@ -7,7 +7,11 @@ Real servers in subprocesses, loopback only. Clients bind their socket's source 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import http.client
+import json
 import random
+import shutil
 import socket
 
 import pytest
@@ -15,7 +19,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .conftest import MiB, wait_for
-from .tus_http import Tus
+from .tus_http import OCTET, TUS, Tus
 
 # -- clients by source address -----------------------------------------------------------------
 
@@ -131,3 +135,139 @@ def test_client_keys_group_ipv6_by_64():
     assert client_key("fe80::1%eth0") == "ip:fe80::/64"
     assert client_key(None) is None and client_key("") is None
     assert client_key("not an address") == "addr:not an address"
+
+
+@needs_loopback_aliases
+def test_forwarded_client_counts_behind_a_trusted_proxy(make_server):
+    # behind a trusted proxy the client is the forwarded address waitress computes
+    server = make_server(["--max-sessions-per-owner", "2", "--trusted-proxy", "127.0.0.1"])
+    tus = Tus(server.base)
+
+    def create(forwarded: str) -> int:
+        return tus.create(10, headers={"X-Forwarded-For": forwarded}).status_code
+
+    assert [create("198.51.100.1") for _ in range(3)] == [201, 201, 429]
+    assert create("198.51.100.2") == 201
+    assert create("2001:db8::1") == 201
+    assert create("2001:db8::2") == 201  # the same /64
+    assert create("2001:db8::3") == 429
+    # from an address that is not the trusted proxy, the header is not believed
+    untrusted = tus_from(server, "127.0.0.2")
+    codes = [
+        untrusted.create(10, headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+        for i in range(3)
+    ]
+    assert codes == [201, 201, 429]
+
+
+# -- errors always answer ------------------------------------------------------------------------
+
+
+def _fill(disk, leave: int) -> None:
+    """Fill the small disk so that about `leave` bytes stay free."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as handle:
+        handle.truncate(0)
+        remaining = max(0, free - leave)
+        block = b"\0" * MiB
+        while remaining > 0:
+            handle.write(block[: min(MiB, remaining)])
+            remaining -= min(MiB, remaining)
+
+
+def test_full_disk_during_a_body_spill_answers_507(small_disk, make_server):
+    # no reserve: nothing refuses the body up front, and waitress spills it (past 512 KiB) to a
+    # file in the spool directory on the full disk
+    server = make_server(["--min-free-space", "0"], upload_dir=small_disk / "uploads")
+    tus = Tus(server.base)
+    url = tus.new(8 * MiB)
+    data = random.Random(3).randbytes(8 * MiB)
+    _fill(small_disk, leave=MiB)
+    for attempt in range(3):
+        response = tus.patch(url, 0, data)
+        assert response.status_code == 507, (attempt, response.text)
+        assert response.json()["error"]["code"] == "disk_full"
+        assert response.headers["Tus-Resumable"] == "1.0.0"
+        seed = requests.post(server.url("/upload"), files={"file": ("f", data)}, timeout=60)
+        assert seed.status_code == 507, seed.text
+        assert seed.json()["error"]["code"] == "disk_full"
+    # without Expect: 100-continue, the whole body on the wire at once, raw
+    with socket.create_connection((server.host, server.port), timeout=30) as raw:
+        raw.sendall(
+            f"PATCH {url.split(str(server.port), 1)[1]} HTTP/1.1\r\nHost: x\r\n"
+            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: {OCTET}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+        )
+        answer = b""
+        with contextlib.suppress(OSError):
+            raw.sendall(data)
+        with contextlib.suppress(OSError):
+            while chunk := raw.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 507 "), answer[:200]
+    assert b'"disk_full"' in answer
+    assert not list((server.upload_dir / ".upload_server" / "spool").iterdir())
+    assert tus.head(url).headers["Upload-Offset"] == "0"
+
+    # room again: the same upload goes on, and the server is none the worse
+    (small_disk / "filler").unlink()
+    assert tus.patch(url, 0, data).status_code == 204
+    status = server.status(url.rsplit("/", 1)[1])
+    assert status["completed"] and (server.upload_dir / status["storedAs"]).read_bytes() == data
+
+
+def test_error_answer_to_a_post_overridden_to_head_is_framed(server):
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    override = {"X-HTTP-Method-Override": "HEAD", **TUS}
+    for path, status in (
+        ("/files/AAAAAAAAAAAAAAAAAAAAAA", 404),
+        ("/files/nope", 404),
+        ("/upload/status", 405),
+    ):
+        connection.request("POST", path, headers=override)
+        response = connection.getresponse()
+        body = response.read()  # as much as Content-Length says: the connection stays usable
+        assert response.status == status
+        assert int(response.headers["Content-Length"]) == len(body) > 0
+        assert json.loads(body)["error"]["code"]
+    # a successful one (the offset) too, and a real HEAD is unchanged
+    url = Tus(server.base).new(10)
+    path = url.split(str(server.port), 1)[1]
+    connection.request("POST", path, headers=override)
+    response = connection.getresponse()
+    assert response.status == 200 and response.read() == b""
+    assert response.headers["Upload-Offset"] == "0"
+    assert response.headers["Content-Length"] == "0"
+    connection.request("HEAD", "/files/AAAAAAAAAAAAAAAAAAAAAA", headers=TUS)
+    response = connection.getresponse()
+    assert response.status == 404 and response.read() == b""
+    connection.close()
+
+
+def test_seed_filenames_lose_bidi_overrides_controls_and_invalid_bytes(server):
+    names = {
+        b"invoice\xe2\x80\xaefdp.exe": "invoice_fdp.exe",  # U+202E, raw UTF-8
+        b"c1\xc2\x85\xc2\x9f.txt": "c1__.txt",  # U+0085, U+009F
+        b"bad\x80\xff.bin": "bad__.bin",  # not UTF-8 at all
+        "r\u00e9sum\u00e9.txt".encode(): "r\u00e9sum\u00e9.txt",
+    }
+    for raw, expected in names.items():
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + raw + b'"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\nabc\r\n--b--\r\n"
+        )
+        response = requests.post(
+            server.url("/upload"),
+            data=body,
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+            timeout=30,
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["files"][0]["filename"] == expected
+        stored = server.wait_state(response.json()["sessionID"], "completed")["storedAs"]
+        assert stored.startswith(expected.rsplit(".", 1)[0]), stored
+    # the same through tus metadata
+    tus = Tus(server.base)
+    url = tus.new(3, filename="x\u202egpj.exe\u0085")
+    assert tus.patch(url, 0, b"abc").status_code == 204
+    assert server.status(url.rsplit("/", 1)[1])["filename"] == "x_gpj.exe_"

@@ -109,12 +109,24 @@ class RequestLog:
 
 
 class MethodOverride:
-    """`X-HTTP-Method-Override` on a POST, for clients and proxies that cannot send PATCH."""
+    """`X-HTTP-Method-Override` on a POST, for clients and proxies that cannot send PATCH.
+
+    On the wire the request stays a POST, so its answer must be framed as one: for an override to
+    HEAD, Falcon would drop the body but still announce its length (waitress then closes the
+    connection short of it, and the client reads a truncated answer). So once the app has
+    answered, the request is a POST again for Falcon, and an error's JSON body is sent whole."""
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         override = req.get_header("X-HTTP-Method-Override")
         if override and req.method == "POST" and override.upper() in _OVERRIDABLE:
             req.method = override.upper()
+            req.context.overridden = True
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
+    ) -> None:
+        if req.method == "HEAD" and req.context.get("overridden"):
+            req.method = "POST"
 
 
 class TusVersion:
