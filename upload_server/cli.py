@@ -39,7 +39,7 @@ def waitress_options(config: Config) -> dict[str, Any]:
         "channel_timeout": config.idle_timeout,
         "cleanup_interval": max(1.0, min(30.0, config.idle_timeout / 2)),
         "ident": "upload_server",
-        "asyncore_use_poll": True,
+        "asyncore_use_poll": not config.portable,  # select(), as on Windows, when portable
         "clear_untrusted_proxy_headers": True,
     }
     if config.trusted_proxy:

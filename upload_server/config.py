@@ -398,6 +398,13 @@ SETTINGS: tuple[Setting, ...] = (
         "How long a node's lock on an upload lasts unless renewed.",
         "DURATION",
     ),
+    Setting(
+        "portable",
+        parse_bool,
+        False,
+        "Turn off every Linux-only fast path, as on Windows (for tests; see README).",
+        "BOOL",
+    ),
     Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
     Setting("web_path", _web_path, "/", "Where the upload page lives.", "PATH"),
 )
@@ -453,6 +460,7 @@ class Config:
     s3_part_size: int
     node_id: str
     lease_ttl: float
+    portable: bool
     web: bool
     web_path: str
 
@@ -500,6 +508,7 @@ class Config:
             if name not in _BY_NAME:
                 raise TypeError(f"unknown setting {name!r}")
             values[name] = raw if not isinstance(raw, str) else _convert(_BY_NAME[name], raw)
+        explicit_start_method = "start_method" in values
         for setting in SETTINGS:
             if setting.name not in values:
                 default = setting.default
@@ -508,6 +517,8 @@ class Config:
                 )
         if values["writers"] is None:
             values["writers"] = _cpu_count()
+        if values["portable"] and not explicit_start_method:
+            values["start_method"] = "spawn"  # what Windows has
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from . import portable
+
 
 def become_child() -> None:
     """Die with the parent, and leave Ctrl-C to it.
@@ -17,7 +19,7 @@ def become_child() -> None:
     means the parent *thread*: start children only from threads that live as long as the server.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or portable.active():
         return
     import ctypes
 
