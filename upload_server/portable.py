@@ -10,7 +10,7 @@ runs a pass of the tests with it, to keep the fall-backs working:
 | `copy_file_range` | mmap windows + writes |
 | `os.pwrite` / `os.pread` | seek + write / mmap reads |
 | `sync_file_range` (early writeback) | none |
-| `PR_SET_PDEATHSIG` (children die with the front end) | none |
+| `PR_SET_PDEATHSIG` (children die with the front end) | none (the Manager outlives a kill -9) |
 | directory `fsync` after a rename | none (Windows cannot open a directory) |
 | `fork` start method | `spawn` (unless `--start-method` says otherwise) |
 | `poll` in waitress's loop | `select` |
