@@ -272,3 +272,36 @@ def test_seed_filenames_lose_bidi_overrides_controls_and_invalid_bytes(server):
     url = tus.new(3, filename="x\u202egpj.exe\u0085")
     assert tus.patch(url, 0, b"abc").status_code == 204
     assert server.status(url.rsplit("/", 1)[1])["filename"] == "x_gpj.exe_"
+
+
+# -- portable mode ---------------------------------------------------------------------------------
+
+
+def _spooled(server, how: str) -> float:
+    text = requests.get(server.url("/metrics"), timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(f'upload_server_bytes_spooled_total{{how="{how}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("portable", ["0", "1"])
+def test_portable_mode_takes_the_fall_backs(make_server, portable):
+    # UPLOAD_SERVER_PORTABLE=1: the body buffer is not an O_TMPFILE file, so a PATCH body is
+    # copied into the spool instead of linked; writers are spawned; the bytes are the same
+    server = make_server(
+        env={"UPLOAD_SERVER_PORTABLE": portable, "UPLOAD_SERVER_LOG_LEVEL": "INFO"}
+    )
+    data = random.Random(9).randbytes(3 * MiB + 1)
+    url = Tus(server.base).upload(data, chunk=2 * MiB, filename="p.bin")
+    status = server.status(url.rsplit("/", 1)[1])
+    assert (server.upload_dir / status["storedAs"]).read_bytes() == data
+    seed = requests.post(server.url("/upload"), files={"file": ("s.bin", data)}, timeout=60)
+    stored = server.wait_state(seed.json()["sessionID"], "completed")["storedAs"]
+    assert (server.upload_dir / stored).read_bytes() == data
+    if portable == "1":
+        assert _spooled(server, "linked") == 0
+        assert _spooled(server, "copied") >= 2 * len(data)
+        assert "writers (spawn)" in server.log()
+    else:
+        assert _spooled(server, "linked") >= 2 * MiB

@@ -11,7 +11,8 @@
    can be linked: a tus PATCH body then becomes its spool segment by a link, with no copy at all.
 4. A body that would eat into the free-space reserve is refused with 507 as soon as its headers
    arrive, before waitress reads (and spills to disk) a byte of it; no refusal, this one or a 413,
-   is preceded by a `100 Continue` that would invite the body.
+   is preceded by a `100 Continue` that would invite the body. A body that meets a full disk
+   while it is buffered anyway (no reserve) is answered 507 `disk_full`, not reset.
 5. A request whose connection closes, errors or times out in the middle of its body is not simply
    dropped: the channel hands its headers and the prefix that arrived (a `CutRequest`) to `on_cut`
    (see `cut_bodies`), which may keep it; the same observer hears when each body starts and ends.
