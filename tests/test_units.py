@@ -35,6 +35,14 @@ from upload_server.sessions.record import Session
         ("nul\x00byte", "nul_byte"),
         ("tab\there", "tab_here"),
         ("日本語.txt", "日本語.txt"),
+        ("résumé.pdf", "résumé.pdf"),
+        ("invoice\u202efdp.exe", "invoice_fdp.exe"),  # shown as "invoiceexe.pdf"
+        ("\u2067a\u2069\u200f\u200e\u061c.txt", "_a____.txt"),
+        ("\u202a\u202b\u202c\u202d\u2066\u2068x", "______x"),
+        ("c1\x80\x85\x9f.txt", "c1___.txt"),
+        ("del\x7f.txt", "del_.txt"),
+        ("line\u2028para\u2029.txt", "line_para_.txt"),
+        ("bad\ufffdbyte.txt", "bad_byte.txt"),
     ],
 )
 def test_sanitize(raw, expected):
@@ -53,6 +61,7 @@ def test_sanitize_always_gives_one_safe_component(raw):
     name = sanitize(raw)
     assert name and not name.startswith(".")
     assert "/" not in name and "\\" not in name and "\x00" not in name
+    assert not any(0x80 <= ord(c) <= 0x9F or c in "\u202e\u2066\u200f\ufffd" for c in name)
     assert name not in (".", "..")
     assert len(name.encode()) <= MAX_NAME_BYTES
 
@@ -86,6 +95,16 @@ def test_multipart_locates_parts():
     assert body.read(parts[0].start, parts[0].end) == b"value"
     assert parts[1].filename == "a.bin"
     assert body.read(parts[1].start, parts[1].end) == b"\r\n--Xy\r\n" * 3
+
+
+def test_multipart_filename_with_invalid_utf8_bytes():
+    data = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="caf\xe9 \x80\xff.txt"'
+        b"\r\n\r\nabc\r\n--b--\r\n"
+    )
+    parts = multipart.parse(_body(data), "b")
+    assert parts[0].filename == "caf\ufffd \ufffd\ufffd.txt"  # each invalid byte replaced
+    assert sanitize(parts[0].filename) == "caf_ __.txt"
 
 
 def test_multipart_extended_filename():

@@ -13,7 +13,7 @@ from typing import Any
 
 import falcon
 
-from . import connection_limits, errors, logs, metrics, waitress_patches
+from . import connection_limits, errors, logs, metrics, portable, waitress_patches
 from .api import health, middleware, openapi, seed, tus, web
 from .auth import Authenticator
 from .config import Config
@@ -38,6 +38,7 @@ def create_app(
     """Build the app. `hook` is called with every upload event (see `hooks`); a pre-create hook
     refuses an upload by raising `upload_server.hooks.HookRejected`."""
     config = config if config is not None else Config.load(**overrides)
+    portable.configure(config.portable)  # before any process starts: they inherit it
     logs.configure(config.log_level, config.log_format)
     layout = Layout(config.upload_dir.absolute())
     layout.create()

@@ -43,7 +43,7 @@ def waitress_options(config: Config) -> dict[str, Any]:
         # waitress's own limit, past which it stops accepting: ours (which answers 503 first,
         # see connection_limits) plus room for those answers
         "connection_limit": ADMISSION.hard_limit,
-        "asyncore_use_poll": True,
+        "asyncore_use_poll": not config.portable,  # select(), as on Windows, when portable
         "clear_untrusted_proxy_headers": True,
     }
     if config.trusted_proxy:

@@ -323,7 +323,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("token_secret", str, "", "HMAC secret for signed upload tokens.", "SECRET"),
     Setting("max_sessions", parse_int, 10000, "Most unfinished sessions in all (429 beyond).", "N"),
     Setting(
-        "max_sessions_per_owner", parse_int, 1000, "Most unfinished sessions per credential.", "N"
+        "max_sessions_per_owner",
+        parse_int,
+        1000,
+        "Most unfinished sessions per credential (auth off: per client address, IPv6 per /64).",
+        "N",
     ),
     Setting(
         "min_free_space",
@@ -443,6 +447,13 @@ SETTINGS: tuple[Setting, ...] = (
         "How long a node's lock on an upload lasts unless renewed.",
         "DURATION",
     ),
+    Setting(
+        "portable",
+        parse_bool,
+        False,
+        "Turn off every Linux-only fast path, as on Windows (for tests; see README).",
+        "BOOL",
+    ),
     Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
     Setting("web_path", _web_path, "/", "Where the upload page lives.", "PATH"),
 )
@@ -504,6 +515,7 @@ class Config:
     s3_part_size: int
     node_id: str
     lease_ttl: float
+    portable: bool
     web: bool
     web_path: str
 
@@ -553,6 +565,7 @@ class Config:
             if name not in _BY_NAME:
                 raise TypeError(f"unknown setting {name!r}")
             values[name] = raw if not isinstance(raw, str) else _convert(_BY_NAME[name], raw)
+        explicit_start_method = "start_method" in values
         for setting in SETTINGS:
             if setting.name not in values:
                 default = setting.default
@@ -561,6 +574,8 @@ class Config:
                 )
         if values["writers"] is None:
             values["writers"] = _cpu_count()
+        if values["portable"] and not explicit_start_method:
+            values["start_method"] = "spawn"  # what Windows has
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from typing import Any
 import waitress.trigger
 import waitress.wasyncore
 
+from . import portable
+
 log = logging.getLogger("upload_server.waitress")
 
 TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick`
@@ -131,7 +133,8 @@ class SelectorLoop:
         for obj in socket_map.values():
             if isinstance(obj, waitress.trigger.trigger):
                 self._wake = obj.pull_trigger
-        registrations = _Registrations(self.selector_class(), socket_map)
+        selector = selectors.SelectSelector() if portable.active() else self.selector_class()
+        registrations = _Registrations(selector, socket_map)
         self._active = registrations
         try:
             self._run(registrations, timeout, count)

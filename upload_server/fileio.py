@@ -4,6 +4,9 @@ They move bytes without Python-level copies where the OS allows: a range of one 
 `copy_file_range` (inside the kernel), bytes from memory with `pwrite` of a memoryview, and file
 contents read through bounded `mmap` windows so that hashing reads the page cache directly and the
 resident size of a process stays flat however large the file is.
+
+Each Linux-only call has a fall-back for other systems; `portable.active()` (`--portable`) takes
+the fall-backs on Linux too, so that the tests exercise them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from . import portable
+
 WINDOW = 8 * 1024 * 1024
 _GRANULARITY = mmap.ALLOCATIONGRANULARITY
 _BINARY = getattr(os, "O_BINARY", 0)
@@ -32,7 +37,7 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         done = 0
         while done < len(view):
             with view[done:] as rest:
-                if hasattr(os, "pwrite"):
+                if hasattr(os, "pwrite") and not portable.ACTIVE:
                     done += os.pwrite(fd, rest, offset + done)
                 else:  # Windows: one writer per file, so seek + write is safe
                     os.lseek(fd, offset + done, os.SEEK_SET)
@@ -73,7 +78,7 @@ def find(fd: int, needle: bytes, start: int, end: int) -> int:
 
 
 def pread(fd: int, length: int, offset: int) -> bytes:
-    if hasattr(os, "pread"):
+    if hasattr(os, "pread") and not portable.ACTIVE:
         return os.pread(fd, length, offset)
     with mapped(fd, offset, length) as view:
         return bytes(view)
@@ -90,7 +95,7 @@ def windows(offset: int, length: int, size: int = WINDOW) -> Iterator[tuple[int,
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
     """Copy `length` bytes between two files, inside the kernel where it can."""
-    if hasattr(os, "copy_file_range"):
+    if hasattr(os, "copy_file_range") and not portable.ACTIVE:
         try:
             while length > 0:
                 n = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
@@ -115,6 +120,14 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, er
 def linkable_tempfile(directory: os.PathLike | str) -> BinaryIO:
     """An anonymous temporary file in `directory` that can later be given a name (Linux
     O_TMPFILE without O_EXCL); elsewhere an ordinary temporary file."""
+    if portable.ACTIVE:  # what systems without O_TMPFILE get: a file with no name, not linkable
+        fd, name = tempfile.mkstemp(dir=directory)
+        try:
+            os.unlink(name)
+        except OSError:
+            os.close(fd)
+            raise
+        return open(fd, "w+b")
     if hasattr(os, "O_TMPFILE"):
         try:
             fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -141,7 +154,7 @@ def _libc() -> ctypes.CDLL | None:
 def link_anonymous(fd: int, path: os.PathLike | str) -> bool:
     """Give the anonymous file open as `fd` the name `path`, without copying it. False when the
     file cannot be linked (not from `linkable_tempfile`, another filesystem, not Linux)."""
-    libc = _libc()
+    libc = _libc() if not portable.ACTIVE else None
     if libc is None:
         return False
     source = f"/proc/self/fd/{fd}".encode()
@@ -153,7 +166,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing a range to disk now, without waiting for it (Linux
     sync_file_range). The fsync at the end of an upload then finds little left to write, so the
     disk works while the network does instead of after it."""
-    libc = _libc()
+    libc = _libc() if not portable.ACTIVE else None
     if libc is not None:
         libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), 2)
 

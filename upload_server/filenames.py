@@ -1,8 +1,9 @@
 """Turn a client's filename into one that is safe to create inside the upload directory.
 
 A client's filename is never trusted: only its last path component survives, characters that are
-unsafe on Linux or Windows are replaced, Windows device names are defused, hidden and empty names are
-renamed, and the result fits in 200 bytes of UTF-8. Callers may rely on the result being a single
+unsafe on Linux or Windows or misleading on screen (controls, bidirectional overrides) are
+replaced, Windows device names are defused, hidden and empty names are renamed, and the result
+fits in 200 bytes of UTF-8. Callers may rely on the result being a single
 non-empty path component that does not start with a dot.
 """
 
@@ -15,7 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MAX_NAME_BYTES = 200
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+# C0 and C1 controls, what Windows forbids, bidirectional overrides, embeddings, isolates and
+# marks (U+202E makes "gpj.exe" read as "exe.jpg"), line and paragraph separators, and U+FFFD
+# (what a filename's invalid UTF-8 bytes decode to)
+_UNSAFE = re.compile(
+    '[\x00-\x1f\x7f-\x9f<>:"/\\\\|?*\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ufffd]'
+)
 _WINDOWS_DEVICES = {
     "CON",
     "PRN",

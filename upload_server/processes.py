@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from . import portable
+
 
 def become_child() -> None:
     """Die with the parent, and leave Ctrl-C and SIGTERM to it.
@@ -21,7 +23,7 @@ def become_child() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or portable.active():
         return
     import ctypes
 

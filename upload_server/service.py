@@ -7,10 +7,12 @@ moves file contents through Python and never touches upload data: that is the wr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,12 +55,18 @@ class NewUpload:
     metadata_header: str | None = None
     expected_sha256: str | None = None
     principal: Principal | None = None
+    client: str | None = None  # `clients.client_key` of the creating request: for limits only
     concat: str | None = None
     parts: tuple[str, ...] = ()
 
     @property
     def owner(self) -> str | None:
         return self.principal.id if self.principal else None
+
+    @property
+    def limit_key(self) -> str | None:
+        """See `Session.limit_key`: the credential, or with auth off the client."""
+        return self.owner if self.owner is not None else self.client
 
     def describe(self) -> dict[str, Any]:
         """What a pre-create hook is told."""
@@ -94,11 +102,13 @@ class Uploads:
         self.hooks = hooks
         self.cluster = cluster
         self.spool = Spool(layout, sync=config.fsync == "always")
+        # unfinished session ids by `limit_key` (credential, or client with auth off); rebuilt
+        # here from the records recovered at start-up, which carry that key
         self._active: dict[str | None, set[str]] = {}
         self._active_lock = threading.Lock()
         for session in live.all():
             if not session.is_final:
-                self._active.setdefault(session.owner, set()).add(session.id)
+                self._active.setdefault(session.limit_key, set()).add(session.id)
         pool.on_event = self._on_writer_event
 
     # -- lookup -------------------------------------------------------------------------------
@@ -149,7 +159,8 @@ class Uploads:
     def create(self, new: NewUpload) -> Session:
         """Record a new session (durably, then in the live view) pinned to a writer."""
         session = self._new_session(new)
-        self._save(session)
+        with self._releasing_on_failure(session):
+            self._save(session)
         return session
 
     def create_seed(self, new: NewUpload, body: RequestBody, start: int, end: int) -> Session:
@@ -158,47 +169,64 @@ class Uploads:
         The spool is whole before the record exists, so a crash in between leaves only an orphan
         spool file (swept later), never a session that claims data it does not have."""
         session = self._new_session(new)
-        self._spool_seed(session, body, start, end)
-        self._save(session)
+        with self._releasing_on_failure(session):
+            self._spool_seed(session, body, start, end)
+            self._save(session)
         self.pool.drain(session)
         metrics.get().bytes_received.labels(states.SEED).inc(end - start)
         return session
 
     def _new_session(self, new: NewUpload) -> Session:
-        """Check every limit and ask the pre-create hook; nothing is stored before both agree."""
+        """Check every limit and ask the pre-create hook; nothing is stored before both agree.
+        The new session holds its place in the limits from here on (checked and taken at once,
+        so concurrent creations cannot overshoot them); a failure before it is saved gives the
+        place back."""
         if new.total_bytes is not None and new.total_bytes > self.config.max_upload_size:
             raise errors.TooLarge(
                 f"the upload is {new.total_bytes} bytes; the limit is {self.config.max_upload_size}",
                 code="upload_too_large",
             )
         check_upload(new.principal, new.total_bytes, new.filename, new.filetype)
-        self._check_session_limits(new.owner)
-        copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole first
-        if self.config.storage != "local":
-            copies -= 1  # the data itself goes to remote storage
-        self.check_space((new.total_bytes or 0) * copies)
-        self.hooks.pre_create(new.describe())
         session_id = new_session_id()
-        session = Session(
-            id=session_id,
-            protocol=new.protocol,
-            filename=sanitize(new.filename, fallback=session_id),
-            chunk_size=self.config.chunk_size,
-            writer=self.pool.assign(),
-            total_bytes=new.total_bytes,
-            state=states.QUEUED if new.protocol == states.SEED else states.WAITING,
-            filetype=new.filetype,
-            metadata=dict(new.metadata or {}),
-            metadata_header=new.metadata_header,
-            expected_sha256=new.expected_sha256,
-            owner=new.owner,
-            concat=new.concat,
-            parts=list(new.parts),
-            node=self.cluster.node_id if self.cluster is not None else None,
-        )
+        self._take_session_slot(new.limit_key, session_id, by_client=new.owner is None)
+        try:
+            copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole
+            if self.config.storage != "local":
+                copies -= 1  # the data itself goes to remote storage
+            self.check_space((new.total_bytes or 0) * copies)
+            self.hooks.pre_create(new.describe())
+            session = Session(
+                id=session_id,
+                protocol=new.protocol,
+                filename=sanitize(new.filename, fallback=session_id),
+                chunk_size=self.config.chunk_size,
+                writer=self.pool.assign(),
+                total_bytes=new.total_bytes,
+                state=states.QUEUED if new.protocol == states.SEED else states.WAITING,
+                filetype=new.filetype,
+                metadata=dict(new.metadata or {}),
+                metadata_header=new.metadata_header,
+                expected_sha256=new.expected_sha256,
+                owner=new.owner,
+                client=new.client,
+                concat=new.concat,
+                parts=list(new.parts),
+                node=self.cluster.node_id if self.cluster is not None else None,
+            )
+        except BaseException:
+            self._release_slot(new.limit_key, session_id)
+            raise
         if self.config.expiry:
             session.expires_at = session.created_at + self.config.expiry
         return session
+
+    @contextlib.contextmanager
+    def _releasing_on_failure(self, session: Session) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._release_slot(session.limit_key, session.id)
+            raise
 
     def _save(self, session: Session) -> None:
         # under on-complete, a new record is written atomically but not synced: a power loss
@@ -206,7 +234,7 @@ class Uploads:
         self.store.save(session, durable=self.config.fsync == "always")
         self.live.put(session)
         with self._active_lock:
-            self._active.setdefault(session.owner, set()).add(session.id)
+            self._active.setdefault(session.limit_key, set()).add(session.id)
         metrics.get().uploads_started.labels(session.protocol).inc()
         self.hooks.emit("post-create", status_of(session))
 
@@ -224,28 +252,57 @@ class Uploads:
         its own front end; the sweep's view of the shared records takes it off this node's count."""
         ended = {s.id for s in sessions if s.is_final}
         with self._active_lock:
-            for ids in self._active.values():
+            for key, ids in list(self._active.items()):
                 ids -= ended
+                if not ids:
+                    del self._active[key]
 
     # -- limits -------------------------------------------------------------------------------
 
-    def _check_session_limits(self, owner: str | None) -> None:
+    def _take_session_slot(self, key: str | None, session_id: str, *, by_client: bool) -> None:
+        """Check the per-owner limit for `key` (a credential, or with auth off the client's
+        address key: no one client can use up the server's share for everyone), then the global
+        one, and count `session_id` under `key`, all under one lock."""
         with self._active_lock:
-            mine = len(self._active.get(owner, ()))
+            mine = len(self._active.get(key, ()))
             everyone = sum(len(ids) for ids in self._active.values())
+            if mine < self.config.max_sessions_per_owner and everyone < self.config.max_sessions:
+                self._active.setdefault(key, set()).add(session_id)
+                return
         if mine >= self.config.max_sessions_per_owner:
+            who = "this client (address)" if by_client else "this credential"
             raise errors.UploadError(
-                f"this credential already has {mine} unfinished uploads; finish or terminate some",
+                f"{who} already has {mine} unfinished uploads; finish or terminate some",
                 code="too_many_sessions",
-                status=429,
-            )
-        if everyone >= self.config.max_sessions:
-            raise errors.UploadError(
-                "the server has too many unfinished uploads; try again later",
-                code="server_busy",
                 status=429,
                 headers={"Retry-After": "60"},
             )
+        raise errors.UploadError(
+            "the server has too many unfinished uploads; try again later",
+            code="server_busy",
+            status=429,
+            headers={"Retry-After": "60"},
+        )
+
+    def _release_slot(self, key: str | None, session_id: str) -> None:
+        with self._active_lock:
+            ids = self._active.get(key)
+            if ids is not None:
+                ids.discard(session_id)
+                if not ids:
+                    del self._active[key]
+
+    def _forget_active(self, session: Session) -> None:
+        with self._active_lock:
+            key = session.limit_key
+            ids = self._active.get(key)
+            if ids is None or session.id not in ids:  # a record that lost its key: look for it
+                key = next((k for k, v in self._active.items() if session.id in v), key)
+                ids = self._active.get(key)
+            if ids is not None:
+                ids.discard(session.id)
+                if not ids:
+                    del self._active[key]
 
     def space_refusal(self, needed: int) -> str | None:
         """Why `needed` more bytes would leave less than --min-free-space on the upload disk, or
@@ -270,8 +327,7 @@ class Uploads:
         """Called by the pool's monitor thread: keep the limits' index current, tell the hooks."""
         session = Session.from_dict(event.session)
         if session.is_final:
-            with self._active_lock:
-                self._active.get(session.owner, set()).discard(session.id)
+            self._forget_active(session)
             self.pool.forget(session.id)
         figures = metrics.get()
         if event.kind == "completed":

@@ -11,7 +11,8 @@
    can be linked: a tus PATCH body then becomes its spool segment by a link, with no copy at all.
 4. A body that would eat into the free-space reserve is refused with 507 as soon as its headers
    arrive, before waitress reads (and spills to disk) a byte of it; no refusal, this one or a 413,
-   is preceded by a `100 Continue` that would invite the body.
+   is preceded by a `100 Continue` that would invite the body. A body that meets a full disk
+   while it is buffered anyway (no reserve) is answered 507 `disk_full`, not reset.
 5. A request whose connection closes, errors or times out in the middle of its body is not simply
    dropped: the channel hands its headers and the prefix that arrived (a `CutRequest`) to `on_cut`
    (see `cut_bodies`), which may keep it; the same observer hears when each body starts and ends.
@@ -28,7 +29,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import io
 import logging
 import time
@@ -70,6 +73,21 @@ def _json_response(self: waitress.utilities.Error, ident: str | None = None):
 class InsufficientStorage(waitress.utilities.Error):
     code = 507
     reason = "Insufficient Storage"
+
+
+class DiskFull(InsufficientStorage):
+    """A request body that could not be buffered because the upload disk is full."""
+
+    def to_response(self, ident: str | None = None):
+        body = error_body("disk_full", f"the server's disk is full ({self.body}); try again later")
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+
+
+class BufferFailed(waitress.utilities.InternalServerError):
+    """A request body that could not be buffered for another reason (an I/O error)."""
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class StaleOffset(waitress.utilities.Error):
@@ -175,12 +193,38 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         )
 
     def received(self, data: bytes) -> int:
-        consumed = super().received(data)
+        try:
+            consumed = super().received(data)
+        except OSError as exc:  # the body buffer's file could not take the bytes: answer that
+            consumed = self._buffer_failed(exc, len(data))
         if self.error is not None:
             self.expect_continue = False  # refused (507, 413, ...): the client must not send on
         if self.completed:
             self.end_watch()
         return consumed
+
+    def _buffer_failed(self, exc: OSError, received: int) -> int:
+        """waitress could not buffer the body (it spills to a file in the spool directory past
+        512 KiB): with the disk full, 507 `disk_full`; another error, 500. The body is dropped,
+        and so is the rest of it as it arrives, until the answer is sent and the connection
+        closes (a reset with no answer is what the client would get otherwise)."""
+        full = exc.errno in _DISK_FULL
+        log.warning(
+            "could not buffer a request body (%s %s): %s; answering %s",
+            self.command,
+            self.path,
+            exc.strerror or exc,
+            507 if full else 500,
+        )
+        self.error = DiskFull(str(exc.strerror or exc)) if full else BufferFailed(str(exc))
+        self.completed = True
+        receiver, self.body_rcv = self.body_rcv, None
+        if receiver is not None:
+            with contextlib.suppress(OSError, ValueError):
+                receiver.getbuf().close()  # frees its disk space at once
+        if self.channel is not None:
+            self.channel.discarding = True
+        return received
 
     def _abort(self, offset: int) -> None:
         if self.channel is not None:

@@ -14,6 +14,7 @@ import falcon
 
 from .. import errors, logs, metrics
 from ..auth import Authenticator
+from ..clients import client_key
 from ..protocol import tus
 
 _OVERRIDABLE = {"PATCH", "DELETE", "HEAD", "GET", "OPTIONS", "PUT"}
@@ -108,12 +109,24 @@ class RequestLog:
 
 
 class MethodOverride:
-    """`X-HTTP-Method-Override` on a POST, for clients and proxies that cannot send PATCH."""
+    """`X-HTTP-Method-Override` on a POST, for clients and proxies that cannot send PATCH.
+
+    On the wire the request stays a POST, so its answer must be framed as one: for an override to
+    HEAD, Falcon would drop the body but still announce its length (waitress then closes the
+    connection short of it, and the client reads a truncated answer). So once the app has
+    answered, the request is a POST again for Falcon, and an error's JSON body is sent whole."""
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         override = req.get_header("X-HTTP-Method-Override")
         if override and req.method == "POST" and override.upper() in _OVERRIDABLE:
             req.method = override.upper()
+            req.context.overridden = True
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
+    ) -> None:
+        if req.method == "HEAD" and req.context.get("overridden"):
+            req.method = "POST"
 
 
 class TusVersion:
@@ -193,7 +206,11 @@ class Authenticate:
     it with 401. Health checks, metrics, the OpenAPI document, the web page and preflights stay
     public; `principal` is None wherever authentication is off. A download (GET or HEAD under the
     tus path) may carry its credential as `?access_token=`: a browser cannot add headers to a link.
-    Nothing else may, so credentials stay out of the URLs that proxies and logs keep."""
+    Nothing else may, so credentials stay out of the URLs that proxies and logs keep.
+
+    It also puts `req.context.client`, the client's address key (`clients.client_key` of
+    `REMOTE_ADDR`, which waitress sets to the forwarded address behind a trusted proxy): with
+    authentication off, the per-owner session limit counts per client. It is never an owner."""
 
     def __init__(
         self, authenticator: Authenticator, protected: tuple[str, ...], tus_path: str
@@ -207,6 +224,7 @@ class Authenticate:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.principal = None
+        req.context.client = client_key(req.env.get("REMOTE_ADDR"))
         if req.method == "OPTIONS" or not self._is_protected(req.path):
             return
         download = req.method in ("GET", "HEAD") and req.path.startswith(self.downloads)

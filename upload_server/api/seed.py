@@ -81,6 +81,7 @@ class UploadResource(_SeedResource):
                     filetype=part.content_type,
                     expected_sha256=digest,
                     principal=req.context.principal,
+                    client=req.context.client,
                 )
                 sessions.append(self.uploads.create_seed(new, body, part.start, part.end))
         resp.status = falcon.HTTP_201

@@ -118,6 +118,7 @@ class TusCollection(_TusResource):
                 metadata_header=header,
                 expected_sha256=_declared_sha256(req, metadata),
                 principal=req.context.principal,
+                client=req.context.client,
                 concat=concat.kind if concat else None,
                 parts=tuple(p.id for p in parts),
             )

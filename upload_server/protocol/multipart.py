@@ -128,11 +128,9 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
         name, sep, value = line.partition(b":")
         if not sep or not name.strip():
             raise MultipartError("malformed part header line")
-        # browsers send UTF-8 filenames raw; fall back to latin-1 so no byte sequence is fatal
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = value.decode("latin-1")
+        # browsers send UTF-8 filenames raw; a byte that is not UTF-8 becomes U+FFFD (no byte
+        # sequence is fatal), which `filenames.sanitize` replaces like any unsafe character
+        text = value.decode("utf-8", errors="replace")
         headers[name.decode("latin-1").strip().lower()] = text.strip()
     return headers
 

@@ -66,6 +66,9 @@ class Session:
     sha256: str | None = None
     expected_sha256: str | None = None
     owner: str | None = None
+    # Whose share of the session limits this counts against when it has no owner (auth off): the
+    # creating client's address key (`clients.client_key`). Never used to decide who may see it.
+    client: str | None = None
     concat: str | None = None
     parts: list[str] = field(default_factory=list)
     # True while a seed upload's counted bytes are verified in its spool, which becomes its data
@@ -99,6 +102,12 @@ class Session:
     def data_bytes(self) -> int:
         """How many of the counted bytes are in the upload's data (the rest are in segments)."""
         return self.segments[0][0] if self.segments else self.bytes_written
+
+    @property
+    def limit_key(self) -> str | None:
+        """What the per-owner session limit counts this under: its owner (a credential), else
+        the client that created it, else one shared bucket (records written before `client`)."""
+        return self.owner if self.owner is not None else self.client
 
     @property
     def is_final(self) -> bool:

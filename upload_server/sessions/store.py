@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from .. import portable
 from .record import Session, is_session_id
 
 log = logging.getLogger("upload_server.store")
@@ -36,7 +37,7 @@ class SessionStore(Protocol):
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink in `path` durable (a no-op where directories cannot be opened)."""
-    if os.name == "nt":
+    if os.name == "nt" or portable.active():
         return
     fd = os.open(path, os.O_RDONLY)
     try:

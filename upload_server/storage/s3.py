@@ -464,7 +464,7 @@ class _FileSlice(_Seekable):
         n = min(len(buffer), self.length - self.pos)
         if n <= 0:
             return 0
-        data = os.pread(self.fd, n, self.start + self.pos)
+        data = fileio.pread(self.fd, n, self.start + self.pos)  # os.pread is not on Windows
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
