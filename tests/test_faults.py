@@ -350,3 +350,22 @@ def test_a_writer_continued_before_the_stall_timeout_skips_what_was_answered_503
     ready = readyz(server)
     assert ready["writerPids"] == [pid] and ready["writerStalls"] == 0
     assert "answered 503 while this writer was stopped" in server.log()
+
+
+def test_a_replacement_writer_holds_no_client_connection(make_server):
+    """A writer forked while clients are connected closes its copies of their sockets: a
+    connection the server closes must not stay half-open in a writer."""
+    import socket
+
+    server = make_server()
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        before = readyz(server)["writerPids"]
+        os.kill(before[0], signal.SIGKILL)
+        after = wait_for(
+            lambda: (r := readyz(server))["ready"] and before[0] not in r["writerPids"] and r
+        )
+        replacement = next(pid for pid in after["writerPids"] if pid not in before)
+        held = psutil.Process(replacement).net_connections(kind="inet")
+        assert held == [], held
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(1024).startswith(b"HTTP/1.1 200")
