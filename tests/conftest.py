@@ -63,6 +63,13 @@ def settled_offset(server: Server, session_id: str, quiet: float = 1.5) -> int:
     raise AssertionError(f"the offset of {session_id} kept moving for 30 s")
 
 
+def stored(server: Server, url: str) -> Path:
+    """The stored file of a tus upload (by its URL) once it has completed."""
+    status = server.wait_state(url.rsplit("/", 1)[1], "completed", "failed")
+    assert status["state"] == "completed", status
+    return server.upload_dir / status["storedAs"]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

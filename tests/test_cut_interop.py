@@ -15,7 +15,7 @@ import pytest
 import requests
 from tusclient import client as tus_client
 
-from .conftest import MiB, sha256_file
+from .conftest import MiB, sha256_file, stored
 from .netproxy import CuttingProxy
 
 pytestmark = pytest.mark.frontend  # the clients' side of tus does not depend on how writers start
@@ -37,12 +37,6 @@ def cutting_proxy(cut_server):
     instance = CuttingProxy(cut_server.port, cut_every=N)
     yield instance
     instance.close()
-
-
-def stored(server, url: str):
-    status = server.wait_state(url.rsplit("/", 1)[1], "completed", "failed")
-    assert status["state"] == "completed", status
-    return server.upload_dir / status["storedAs"]
 
 
 def kept_bytes(server) -> float:

@@ -12,7 +12,7 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
-from .conftest import MiB, sha256_file
+from .conftest import MiB, sha256_file, stored
 from .netproxy import CuttingProxy
 
 pytestmark = pytest.mark.frontend  # the clients' side of tus does not depend on how writers start
@@ -26,12 +26,6 @@ def proxy(server):
     instance = CuttingProxy(server.port)
     yield instance
     instance.close()
-
-
-def stored(server, url: str):
-    status = server.wait_state(url.rsplit("/", 1)[1], "completed", "failed")
-    assert status["state"] == "completed", status
-    return server.upload_dir / status["storedAs"]
 
 
 def offset_of(server, url: str) -> int:
