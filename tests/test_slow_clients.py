@@ -297,13 +297,13 @@ def test_bodies_held_by_many_connections_stay_within_the_memory_budget(make_serv
 
 
 def test_the_client_is_the_address_and_ipv6_its_slash_64():
-    from upload_server.connection_limits import client_key
+    from upload_server.connection_limits import peer_key
 
-    assert client_key(("127.0.0.2", 5000)) == "127.0.0.2"
-    assert client_key(("2001:db8:1:2:aaaa::1", 5000)) == client_key(("2001:db8:1:2:bbbb::9", 1))
-    assert client_key(("2001:db8:1:2::1", 5000)) != client_key(("2001:db8:1:3::1", 5000))
-    assert client_key(("::ffff:10.0.0.1", 5000)) == "10.0.0.1"
-    assert client_key("") is None  # a unix socket: not capped
+    assert peer_key(("127.0.0.2", 5000)) == "ip:127.0.0.2"
+    assert peer_key(("2001:db8:1:2:aaaa::1", 5000)) == peer_key(("2001:db8:1:2:bbbb::9", 1))
+    assert peer_key(("2001:db8:1:2::1", 5000)) != peer_key(("2001:db8:1:3::1", 5000))
+    assert peer_key(("::ffff:10.0.0.1", 5000)) == "ip:10.0.0.1"
+    assert peer_key("") is None  # a unix socket: not capped
 
 
 def test_the_loop_runs_on_select_where_there_is_no_epoll():
@@ -343,3 +343,38 @@ def test_the_loop_runs_on_select_where_there_is_no_epoll():
         stop.set()
         thread.join(5)
         server.close()
+
+
+def test_behind_a_trusted_proxy_the_cap_counts_forwarded_clients(make_server):
+    """Behind an explicit --trusted-proxy the proxy's own connections are not capped (they carry
+    many clients); requests in flight are capped per forwarded address instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .tus_http import Tus
+
+    server = make_server(
+        [
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--max-connections-per-client",
+            "2",
+            "--max-bytes-per-second",
+            "512KiB",
+        ]
+    )
+    tus = Tus(server.base)
+    urls = [tus.new(MiB) for _ in range(4)]
+    body = b"p" * MiB
+
+    def patch(url: str, client: str) -> int:
+        headers = {"X-Forwarded-For": client}
+        return Tus(server.base).patch(url, 0, body, headers=headers).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(patch, url, "203.0.113.5") for url in urls[:2]]
+        time.sleep(0.8)  # both are in the app, waiting for their writer (2 s each)
+        third = pool.submit(patch, urls[2], "203.0.113.5").result(timeout=30)
+        other = pool.submit(patch, urls[3], "203.0.113.6").result(timeout=30)
+        assert [f.result(timeout=30) for f in slow] == [204, 204]
+    assert third == 429
+    assert other == 204

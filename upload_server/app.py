@@ -16,6 +16,7 @@ import falcon
 from . import connection_limits, errors, logs, metrics, portable, waitress_patches
 from .api import health, middleware, openapi, seed, tus, web
 from .auth import Authenticator
+from .clients import client_key, explicit_proxies
 from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
@@ -47,6 +48,7 @@ def create_app(
     authenticator = Authenticator(config)
     runtime = Runtime(config, Hooks(config, hook)).start()
     cut_bodies = CutBodies(config.tus_path)
+    forwarding = explicit_proxies(config.trusted_proxy)
     waitress_patches.install(
         layout.spool_dir,
         cors.allow_origin,
@@ -58,6 +60,7 @@ def create_app(
             header_timeout=config.header_timeout,
             min_body_rate=config.min_body_rate,
             min_body_rate_window=config.min_body_rate_window,
+            uncapped=frozenset(filter(None, [client_key(proxy) for proxy in forwarding])),
         ),
     )
     atexit.register(runtime.close)
@@ -69,6 +72,11 @@ def create_app(
             middleware.Authenticate(authenticator, ("/upload", config.tus_path), config.tus_path),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
+            *(
+                [middleware.ForwardedClientShare(config.max_connections_per_client)]
+                if forwarding and config.max_connections_per_client
+                else []
+            ),
         ]
     )
     app.runtime = runtime

@@ -34,3 +34,11 @@ def client_key(address: str | None) -> str | None:
         network = ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False)
         return f"ip:{network}"
     return f"ip:{ip}"
+
+
+def explicit_proxies(trusted_proxy: str | None) -> list[str]:
+    """The addresses of `--trusted-proxy` when it names them (waitress takes one address; `*`
+    trusts every peer and names none, so no peer's connections are counted as many clients)."""
+    if not trusted_proxy or trusted_proxy.strip() == "*":
+        return []
+    return [part.strip() for part in trusted_proxy.split(",") if part.strip()]

@@ -24,7 +24,6 @@ waitress's accept, which answers the refusals, and its listener's `readable`, wh
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import selectors
@@ -36,6 +35,7 @@ from typing import Any
 import waitress.server
 import waitress.wasyncore
 
+from .clients import client_key
 from .errors import error_body
 
 log = logging.getLogger("upload_server.waitress")
@@ -57,6 +57,9 @@ class Limits:
     header_timeout: float = 30.0
     min_body_rate: int = 1024
     min_body_rate_window: float = 60.0
+    # peers the per-client cap does not count: an explicit --trusted-proxy, whose connections
+    # carry many clients (the app counts those by their forwarded address instead)
+    uncapped: frozenset[str] = frozenset()
 
 
 def uses_select() -> bool:
@@ -101,20 +104,11 @@ def _open_fds() -> int:
         return 64
 
 
-def client_key(addr: Any) -> str | None:
-    """The peer's address as the per-client cap counts it: IPv6 by its /64 (None: not IP)."""
+def peer_key(addr: Any) -> str | None:
+    """A connection's peer as the per-client cap counts it (`clients.client_key` of its host;
+    None for a UNIX socket, which is not capped)."""
     host = addr[0] if isinstance(addr, tuple | list) and addr else None
-    if not isinstance(host, str) or not host:
-        return None
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return client_key(host) if isinstance(host, str) else None
 
 
 class Admission:
@@ -157,7 +151,9 @@ class Admission:
                 "the server is at its connection limit",
             )
         cap = self.limits.max_connections_per_client
-        key = client_key(addr)
+        key = peer_key(addr)
+        if key in self.limits.uncapped:
+            return None
         if cap and key is not None and self.per_client.get(key, 0) >= cap:
             return (
                 "429 Too Many Requests",
@@ -167,7 +163,7 @@ class Admission:
         return None
 
     def opened(self, channel: Any) -> None:
-        key = client_key(getattr(channel, "addr", None))
+        key = peer_key(getattr(channel, "addr", None))
         self.channels[channel] = key
         if key is not None:
             self.per_client[key] = self.per_client.get(key, 0) + 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 
@@ -232,3 +233,45 @@ class Authenticate:
         req.context.principal = self.authenticator.authenticate(
             req.get_header("Authorization"), query
         )
+
+
+class ForwardedClientShare:
+    """Behind an explicit `--trusted-proxy` every connection comes from the proxy, so the
+    per-client connection cap cannot tell clients apart (and does not count the proxy). This caps,
+    at `--max-connections-per-client`, the requests in flight per forwarded client instead (the
+    address waitress took from the proxy's headers): past it, 429 `too_many_connections`."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.share = None
+        key = req.context.client
+        if key is None:
+            return
+        with self._lock:
+            count = self._in_flight.get(key, 0)
+            if count >= self.cap:
+                raise errors.UploadError(
+                    f"at most {self.cap} requests at once per client",
+                    code="too_many_connections",
+                    status=429,
+                    headers={"Retry-After": "1"},
+                )
+            self._in_flight[key] = count + 1
+        req.context.share = key
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        key = getattr(req.context, "share", None)
+        if key is None:
+            return
+        with self._lock:
+            left = self._in_flight.get(key, 1) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
