@@ -220,7 +220,9 @@ def test_dropped_network_resumes_by_itself(make_server, open_page, tmp_path):
         assert proxy.cut_at is None, "the network was never cut"
         session_id = finished_urls(page)["flaky.bin"].rsplit("/", 1)[1]
         assert sha256_file(stored_file(server, session_id)) == sha256_file(source)
-        assert proxy.upstream_bytes <= source.stat().st_size + MiB + OVERHEAD
+        # at most the cut chunk twice: Chromium re-sends a PATCH cut on a reused connection by
+        # itself, and pushes part of it before the server refuses that repeat (409)
+        assert proxy.upstream_bytes <= source.stat().st_size + 2 * MiB + OVERHEAD
     finally:
         proxy.close()
 
