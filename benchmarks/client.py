@@ -113,11 +113,15 @@ class Connection:
     port: int
     timeout: float = 300.0
     idle_limit: float = 2.0
+    source: str | None = None  # the local address to connect from (default: the kernel's choice)
     _conn: http.client.HTTPConnection = field(init=False)
     _last_used: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        source = (self.source, 0) if self.source else None
+        self._conn = http.client.HTTPConnection(
+            self.host, self.port, timeout=self.timeout, source_address=source
+        )
 
     def request(
         self,

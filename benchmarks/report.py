@@ -49,6 +49,8 @@ class Row:
 
     def vs_tus(self, key: str) -> float | None:
         mine, theirs = self.median(key), self.median(TUS_NODE)
+        if mine is not None and mine == theirs:
+            return 1.0  # a tie, also at zero (e.g. no connection closed on either)
         if mine is None or theirs is None or mine <= 0 or theirs <= 0:
             return None
         return mine / theirs if self.metric.higher_is_better else theirs / mine

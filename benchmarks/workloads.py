@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
+import slow
 import tusjs
 from client import (
     Connection,
@@ -52,6 +53,8 @@ class Sizes:
     small: tuple[int, int, int]  # (uploads, bytes each, at once)
     memory: tuple[int, ...]  # file sizes for the memory workload, smallest first
     cut: tuple[int, int]  # (file size, bytes each connection carries upstream before it is cut)
+    # (fast file size, slow connection counts, connections holding part of a body, bytes each holds)
+    slow: tuple[int, tuple[int, ...], int, int]
 
 
 FULL = Sizes(
@@ -63,6 +66,7 @@ FULL = Sizes(
     small=(500, MiB, 32),
     memory=(256 * MiB, GiB, 2 * GiB),
     cut=(64 * MiB, 24 * MiB),
+    slow=(GiB, (1000, 2000), 2000, 400 * KiB),
 )
 QUICK = Sizes(
     reps=1,
@@ -73,6 +77,7 @@ QUICK = Sizes(
     small=(20, 64 * KiB, 32),
     memory=(64 * MiB,),
     cut=(8 * MiB, 3 * MiB),
+    slow=(32 * MiB, (100,), 100, 400 * KiB),
 )
 
 
@@ -442,6 +447,85 @@ def _cut(ctx: Context, target: Target) -> dict[str, float]:
     return {"cut-seconds": outcome.seconds, **figures, "cut-completed": 1.0}
 
 
+# -- a fast upload among many slow connections -------------------------------------------------
+
+SLOW_UPLOAD_TIMEOUT = 60.0  # the longest the fast client waits for any one answer
+
+
+def _slow_metrics(s: Sizes) -> list[Metric]:
+    size, counts, holders, held = s.slow
+    rows = [Metric("slow-alone", f"tus 1x{size_text(size)}, 8 MiB PATCHes, alone", "MiB/s")]
+    for count in counts:
+        rows += [
+            Metric(f"slow-{count}", f"  with {count:,} slow connections open", "MiB/s"),
+            Metric(f"slow-{count}-ratio", f"  with {count:,} slow connections / alone", "x"),
+        ]
+    return [
+        *rows,
+        Metric("slow-closed", "  slow connections the server closed (replaced)", "conns", False),
+        Metric("slow-rss-idle", "front end RSS, no slow connections", "MiB", False),
+        Metric(
+            "slow-rss",
+            f"front end peak RSS, {holders:,} connections holding {size_text(held)} of a body",
+            "MiB",
+            False,
+        ),
+    ]
+
+
+def _slow_upload(ctx: Context, target: Target, size: int) -> float:
+    """MiB/s of one tus upload in 8 MiB PATCHes, from 127.0.0.1; verified afterwards."""
+    payload = ctx.pattern.payload(size)
+    conn = Connection(target.host, target.port, timeout=SLOW_UPLOAD_TIMEOUT)
+    try:
+        start = time.perf_counter()
+        timings = tus_upload(conn, TUS_ENDPOINT, payload, DEFAULT_PATCH)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    ctx.check_later(target, "slow", "tus", timings.location, payload)
+    return rate(size, elapsed)
+
+
+def _slow(ctx: Context, target: Target) -> dict[str, float]:
+    """A fast tus upload alone, then with each count of slow connections open (half a header line,
+    then a byte every 2 s, from 127.0.0.2..9; replaced at once if the server closes one); then the
+    server's own process's peak RSS (not its children's) while `holders` connections each hold
+    `held` bytes of a 1 MiB PATCH body to an upload of their own."""
+    size, counts, holders, held = ctx.sizes.slow
+    slow.check_platform(max(*counts, holders))
+    assert target.proc is not None
+    pid = target.proc.pid
+    figures = {"slow-alone": _slow_upload(ctx, target, size)}
+    closed = 0
+    for count in counts:
+        with slow.Tricklers(target.host, target.port, count) as tricklers:
+            tricklers.wait_open()
+            figures[f"slow-{count}"] = _slow_upload(ctx, target, size)
+            closed += tricklers.replaced
+        figures[f"slow-{count}-ratio"] = figures[f"slow-{count}"] / figures["slow-alone"]
+        slow.wait_released(target.port)
+    figures["slow-closed"] = float(closed)
+    figures["slow-rss-idle"] = psutil.Process(pid).memory_info().rss / MiB
+    locations = slow.create_uploads(target.host, target.port, TUS_ENDPOINT, holders, MiB)
+    with (
+        slow.PeakRss(pid) as peak,
+        slow.HeldBodies(target.host, target.port, locations, MiB, held) as bodies,
+    ):
+        bodies.wait_read()
+        time.sleep(1.0)  # what the server does once it has read them shows in the peak too
+        answered = bodies.answered()
+    figures["slow-rss"] = peak.peak / MiB
+    slow.wait_released(target.port)
+    slow.wait_quiet(target.processes)
+    if answered:
+        raise Incomplete(
+            f"the server answered or closed {answered} of the {holders} partial bodies early",
+            figures,
+        )
+    return figures
+
+
 # -- memory and CPU -----------------------------------------------------------------------------
 
 
@@ -594,6 +678,13 @@ def workloads(sizes: Sizes) -> list[Workload]:
             "tus-js-client defaults through a connection cut every few MiB",
             _cut_metrics,
             _cut,
+            lambda target: target.verifiable and "tus" in target.apis,
+        ),
+        Workload(
+            "slow",
+            "a fast tus upload among many slow connections, and memory with partial bodies",
+            _slow_metrics,
+            _slow,
             lambda target: target.verifiable and "tus" in target.apis,
         ),
         *(
