@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from . import connection_limits, errors, logs, metrics, portable, waitress_patches
-from .api import health, middleware, openapi, seed, tus, web
+from .api import health, middleware, openapi, refusals, seed, tus, web
 from .auth import Authenticator
 from .clients import client_key, explicit_proxies
 from .config import Config
@@ -83,6 +83,7 @@ def create_app(
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = False
     errors.install(app)
+    refusals.install(app, config.tus_path)
     uploads = runtime.uploads
     app.add_route("/upload", seed.UploadResource(uploads))
     app.add_route("/upload/status", seed.StatusResource(uploads))

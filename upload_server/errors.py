@@ -93,6 +93,11 @@ def _status_line(status: int) -> str:
 def _handle_upload_error(
     req: falcon.Request, resp: falcon.Response, ex: UploadError, params
 ) -> None:
+    render(resp, ex)
+
+
+def render(resp: falcon.Response, ex: UploadError) -> None:
+    """Write `ex` as the response: its status, the JSON error object and its headers."""
     resp.status = _status_line(ex.status)
     resp.content_type = falcon.MEDIA_JSON
     resp.data = error_body(ex.code, ex.message, **ex.extra)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workers.messages import RESUME, Append, Concat, Event
+from workers.messages import Append, Concat, Event
 from workers.pool import WriterPool, WriterUnavailable
 
 from . import errors, metrics
@@ -26,6 +26,7 @@ from .config import Config
 from .filenames import sanitize
 from .hooks import Hooks
 from .layout import Layout
+from .sessions import lifecycle
 from .sessions import record as states
 from .sessions.live import LiveSessions
 from .sessions.record import Session, is_session_id, new_session_id
@@ -366,7 +367,7 @@ class Uploads:
         """Apply a command with this server's writer. A seed upload resumes from its spool, so
         this server must have all of it."""
         if (
-            action == RESUME
+            action == lifecycle.RESUME
             and session.protocol == states.SEED
             and self.spool.seed_size(session.id) != session.total_bytes
         ):
@@ -387,20 +388,16 @@ class Uploads:
     def resume(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
         its spool; a tus upload is released for PATCH requests again."""
-        resumable = (states.PAUSED, states.FAILED)
-        if session.protocol == states.SEED:
-            resumable += (states.WAITING,)  # its spool was lost: the client sends the file again
-        if session.state not in resumable:
-            raise errors.Conflict(f"the upload is {session.state}, not paused", code="not_paused")
+        lifecycle.check_command(session, lifecycle.RESUME)
         if session.protocol == states.TUS:
             if part is not None:
                 raise errors.Conflict(
                     "a tus upload takes its data by PATCH; resume it without a file",
                     code="tus_upload",
                 )
-            return self.control(session, RESUME)
+            return self.control(session, lifecycle.RESUME)
         if part is None:
-            return self.control(session, RESUME)
+            return self.control(session, lifecycle.RESUME)
         if part.size != session.total_bytes:
             raise errors.Conflict(
                 f"the file's size differs: {part.size} bytes sent, but this upload is "
@@ -409,7 +406,7 @@ class Uploads:
             )
         if self.cluster is not None and session.node != self.cluster.node_id:
             try:  # the node that spooled it may still have all of it
-                return self.control(session, RESUME)
+                return self.control(session, lifecycle.RESUME)
             except errors.Conflict as exc:
                 if exc.code != "spool_missing":
                     raise
@@ -420,7 +417,7 @@ class Uploads:
         """Spool a re-sent file (but the bytes the storage has) and resume the upload from it."""
         self._spool_seed(session, body, part.start, part.end)
         metrics.get().bytes_received.labels(states.SEED).inc(part.size - session.bytes_written)
-        return self.control_here(session, RESUME, {})
+        return self.control_here(session, lifecycle.RESUME, {})
 
     # -- appends (tus) ------------------------------------------------------------------------
 
@@ -470,10 +467,11 @@ class Uploads:
 
     @staticmethod
     def _result(reply: Any) -> Session:
+        """The record after the writer's work, or its refusal (the API answers it by protocol)."""
         session = Session.from_dict(reply.session) if reply.session else None
         if not reply.ok:
-            extra = {"offset": session.bytes_written} if session is not None else {}
-            raise errors.UploadError(reply.message, code=reply.code, status=reply.status, **extra)
+            offset = session.bytes_written if session is not None else None
+            raise lifecycle.Refusal(reply.code, reply.message, offset=offset)
         assert session is not None
         return session
 

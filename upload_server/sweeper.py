@@ -24,6 +24,7 @@ from pathlib import Path
 from . import errors
 from .service import Uploads
 from .sessions import record as states
+from .sessions.lifecycle import Refusal
 
 log = logging.getLogger("upload_server.sweeper")
 
@@ -76,7 +77,8 @@ class Sweeper:
     def _expire(self, session) -> None:
         try:
             self.uploads.control(session, "expire")
-        except errors.UploadError as exc:  # it moved on (resumed, completed) since we looked
+        except (errors.UploadError, Refusal) as exc:  # it moved on (resumed, completed) since we
+            # looked
             log.info("not expiring %s: %s", session.id, exc.message)
             return
         if self.uploads.cluster is None:

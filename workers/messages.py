@@ -15,12 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-PAUSE = "pause"
-RESUME = "resume"
-TERMINATE = "terminate"
-EXPIRE = "expire"
-ACTIONS = (PAUSE, RESUME, TERMINATE, EXPIRE)
-
 
 @dataclass(frozen=True)
 class Drain:
@@ -95,11 +89,11 @@ class Event:
 
 @dataclass(frozen=True)
 class Reply:
-    """The outcome of a request: the session record after it, or an error for the client."""
+    """The outcome of a request: the session record after it, or a refusal's code and message
+    (the front end decides what a client is told: `api/refusals.py`)."""
 
     request_id: int
     session: dict[str, Any] | None = None
-    status: int = 200
     code: str | None = None
     message: str | None = None
 

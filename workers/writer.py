@@ -35,18 +35,15 @@ from typing import Any
 from upload_server import fileio, logs, metrics, processes
 from upload_server.backends import Backends
 from upload_server.layout import Layout
+from upload_server.sessions import lifecycle, segments
 from upload_server.sessions import record as states
-from upload_server.sessions import segments
+from upload_server.sessions.lifecycle import Refusal
 from upload_server.sessions.live import LiveSessions, LiveViewLost
 from upload_server.sessions.record import Session
 from upload_server.sessions.store import SessionStore
 from upload_server.storage import Adopting, CommittedData, ReadBack, Storage, UploadData
 
 from .messages import (
-    EXPIRE,
-    PAUSE,
-    RESUME,
-    TERMINATE,
     Append,
     Command,
     Concat,
@@ -79,20 +76,9 @@ HEARTBEAT_INTERVAL = 0.1  # seconds
 MAX_SLEEP = 0.5  # the loop turns at least this often while it holds work (a rate limit's sleep)
 
 
-class Interrupted(Exception):
-    """Thrown into a task when a command stops it; `reply` says what its requester is told."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-class Refused(Exception):
-    """A request the writer will not carry out (the front end's checks raced with a change)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+class Interrupted(Refusal):
+    """Thrown into a task when a command stops it; its code and message are what its requester
+    is told."""
 
 
 @dataclass
@@ -295,9 +281,7 @@ class Writer:
             held.session.set_error(code, message)
             with contextlib.suppress(Exception):
                 self._publish(held, STATE)
-        self._reply(
-            task.request_id, held.session if held else None, status=500, code=code, message=message
-        )
+        self._reply(task.request_id, held.session if held else None, code=code, message=message)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -313,7 +297,7 @@ class Writer:
             if stored is None:
                 if held is not None:
                     self._release(held)
-                raise Refused(404, "not_found", f"no session {session_id}")
+                raise Refusal("not_found", f"no session {session_id}")
             if held is not None and not _moved_on(held.session, stored):
                 held.last_used = time.monotonic()
                 return held
@@ -329,7 +313,7 @@ class Writer:
         else:
             session = self.live.get(session_id) or self.store.load(session_id)
         if session is None:
-            raise Refused(404, "not_found", f"no session {session_id}")
+            raise Refusal("not_found", f"no session {session_id}")
         held = Held(session)
         self.held[session_id] = held
         return held
@@ -469,7 +453,7 @@ class Writer:
         """Carry a session on by itself: a seed upload from its spool, a tus upload's segments."""
         try:
             held = self._hold(session_id)
-        except Refused:
+        except Refusal:
             return
         session = held.session
         if session.state not in (states.QUEUED, states.WRITING, states.FAILED, states.WAITING):
@@ -614,7 +598,7 @@ class Writer:
             recorded = [msg.offset, msg.length] in session.segments
             if not recorded:
                 self._check_appendable(held, msg)
-        except Refused as exc:
+        except Refusal as exc:
             self._discard_segment(msg)
             self._refuse(msg.request_id, msg.session_id, exc)
             return
@@ -675,7 +659,6 @@ class Writer:
                 self._reply(
                     msg.request_id,
                     session,
-                    status=460,
                     code="checksum_mismatch",
                     message=f"the {msg.checksum[0]} checksum of the request body does "
                     "not match Upload-Checksum; the chunk was discarded",
@@ -810,40 +793,27 @@ class Writer:
             and not os.path.exists(msg.segment)
         )
 
-    def _refuse(self, request_id: int | None, session_id: str, exc: Refused | Interrupted) -> None:
+    def _refuse(self, request_id: int | None, session_id: str, exc: Refusal) -> None:
         held = self.held.get(session_id)
         self._reply(
             request_id,
             held.session if held else None,
-            status=exc.status,
             code=exc.code,
             message=exc.message,
         )
 
     def _check_appendable(self, held: Held, msg: Append) -> None:
+        """The session rules (`lifecycle.check_append`) against the record as this writer holds
+        it, reconciled with the data first: the record's offset is trusted only then."""
         session = held.session
-        if session.state in (states.TERMINATED, states.EXPIRED):
-            raise Refused(410, "gone", f"the upload was {session.state}")
-        if session.state == states.PAUSED:
-            raise Refused(423, "paused", "the upload is paused; resume it first")
-        if session.state == states.COMPLETED:
-            raise Refused(409, "completed", "the upload is already complete")
+        lifecycle.check_writable(session)
         try:
-            self._data(held)  # the record's offset is trusted once reconciled with the data
+            self._data(held)
         except OSError as exc:
-            raise Refused(
-                503, "storage_unavailable", f"the upload's storage failed: {exc}; try again"
+            raise Refusal(
+                "storage_unavailable", f"the upload's storage failed: {exc}; try again"
             ) from None
-        if msg.offset != session.bytes_written:
-            raise Refused(
-                409,
-                "offset_mismatch",
-                f"Upload-Offset {msg.offset} does not match the upload's offset "
-                f"{session.bytes_written}",
-            )
-        total = msg.declare_length if msg.declare_length is not None else session.total_bytes
-        if total is not None and msg.offset + msg.length > total:
-            raise Refused(413, "exceeds_length", "the body goes past the upload's length")
+        lifecycle.check_append(session, msg.offset, msg.length, declared=msg.declare_length)
 
     def _rollback(self, held: Held, offset: int, hasher: Any, total_bytes: int | None) -> None:
         """Undo a refused append: its bytes, its part of the digest, and a length it declared."""
@@ -860,7 +830,7 @@ class Writer:
     def _concat(self, msg: Concat) -> Generator[int, None, None]:
         try:
             held = self._hold(msg.session_id)
-        except Refused as exc:
+        except Refusal as exc:
             self._refuse(msg.request_id, msg.session_id, exc)
             return
         session = held.session
@@ -974,7 +944,7 @@ class Writer:
         self._publish(held, STATE)
         self._emit("failed", session)
         self._release(held)
-        self._reply(request_id, session, status=460, **session.error)
+        self._reply(request_id, session, **session.error)
         return False
 
     def _discard_data(self, held: Held) -> None:
@@ -1018,9 +988,7 @@ class Writer:
         with contextlib.suppress(OSError):
             self._publish(held, STATE)
         self._emit("failed", session)
-        self._reply(
-            request_id, session, status=507 if disk_full else 500, code=code, message=message
-        )
+        self._reply(request_id, session, code=code, message=message)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -1040,53 +1008,39 @@ class Writer:
             try:
                 held = self._hold(nudge.session_id)
                 session = self._apply(held, command)
-            except Refused as exc:
+            except Refusal as exc:
                 self._refuse(command.request_id, nudge.session_id, exc)
             else:
                 self._reply(command.request_id, session)
 
     def _apply(self, held: Held, command: Command) -> Session:
+        """Carry out a control command, if the session rules allow it now."""
         session = held.session
         action = command.action
-        if session.state in (states.TERMINATED, states.EXPIRED):
-            raise Refused(
-                410 if action != RESUME else 409, "gone", f"the upload was {session.state}"
-            )
-        if action == PAUSE:
-            if session.state == states.COMPLETED:
-                raise Refused(409, "completed", "the upload is already complete")
-            self._interrupt(session.id, 423, "paused", "the upload was paused")
-            session.state = states.PAUSED
+        completed_too = bool(command.args.get("completed_too"))
+        lifecycle.check_command(session, action, completed_too=completed_too)
+        if action == lifecycle.PAUSE:
+            self._interrupt(session.id, lifecycle.PAUSED, "the upload was paused")
+            lifecycle.pause(session)
             self._publish(held, STATE)
-        elif action == RESUME:
-            if session.state not in (states.PAUSED, states.WAITING, states.FAILED):
-                raise Refused(409, "not_paused", f"the upload is {session.state}, not paused")
-            if session.protocol == states.SEED:
-                session.state = states.QUEUED
+        elif action == lifecycle.RESUME:
+            if lifecycle.resume(session):
                 self._start_drain(session.id)
-            else:
-                session.state = states.WAITING
-                if session.segments:
-                    self._start_drain(session.id)
-            session.error = None
             self._publish(held, STATE)
-        elif action in (TERMINATE, EXPIRE):
-            if session.state == states.COMPLETED and not command.args.get("completed_too"):
-                raise Refused(409, "completed", "the upload is already complete")
-            self._interrupt(session.id, 410, "gone", f"the upload was {action}d")
+        else:
+            ended = lifecycle.ENDED_BY[action]
+            self._interrupt(session.id, ended, f"the upload was {ended}")
+            lifecycle.end(session, action)
             self._discard_data(held)
             self._remove_spool(session.id)
-            if session.location and command.args.get("completed_too"):
+            if session.location and completed_too:
                 self.storage.remove(session.location)
-            session.state = states.TERMINATED if action == TERMINATE else states.EXPIRED
             self._publish(held, STATE)
             self._emit(session.state, session)
             self._release(held)
-        else:
-            raise Refused(400, "bad_command", f"unknown command {action!r}")
         return session
 
-    def _interrupt(self, session_id: str, status: int, code: str, message: str) -> None:
+    def _interrupt(self, session_id: str, code: str, message: str) -> None:
         """Stop every task of the session at this chunk boundary; each requester gets an answer."""
         for task in self._tasks_of(session_id):
             self._remove(task)
@@ -1094,10 +1048,10 @@ class Writer:
                 task.steps.close()  # never started: answer for it
                 if isinstance(task.message, Append):
                     self._discard_segment(task.message)
-                self._refuse(task.request_id, session_id, Interrupted(status, code, message))
+                self._refuse(task.request_id, session_id, Interrupted(code, message))
                 continue
             with contextlib.suppress(StopIteration, Interrupted):
-                task.steps.throw(Interrupted(status, code, message))
+                task.steps.throw(Interrupted(code, message))
             task.steps.close()
 
     def _checkpoint_all(self) -> None:

@@ -18,6 +18,7 @@ import falcon
 from .. import errors
 from ..protocol import multipart
 from ..service import NewUpload, Uploads
+from ..sessions import lifecycle
 from ..sessions import record as states
 from ..sessions.record import Session
 from ..status import status_of
@@ -42,11 +43,11 @@ class _SeedResource:
         resp.media = status_of(session)
 
     def _terminate(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Terminate; a repeat answers the terminated session again (the seed API's idempotence)."""
         session = self._session(req)
-        if session.state == states.COMPLETED:
-            raise errors.Conflict("the upload is already completed", code="completed")
         if session.state != states.TERMINATED:
-            session = self.uploads.control(session, "terminate")
+            lifecycle.check_command(session, lifecycle.TERMINATE)
+            session = self.uploads.control(session, lifecycle.TERMINATE)
         self._answer(resp, session)
 
 
@@ -123,9 +124,8 @@ class StatusResource(_SeedResource):
 class PauseResource(_SeedResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         session = self._session(req)
-        if session.state in (states.COMPLETED, states.TERMINATED):
-            raise errors.Conflict(f"the upload is already {session.state}", code=session.state)
-        self._answer(resp, self.uploads.control(session, "pause"))
+        lifecycle.check_command(session, lifecycle.PAUSE)
+        self._answer(resp, self.uploads.control(session, lifecycle.PAUSE))
 
     on_post = on_get
 
@@ -133,8 +133,7 @@ class PauseResource(_SeedResource):
 class ResumeResource(_SeedResource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         session = self._session(req)
-        if session.state in (states.COMPLETED, states.TERMINATED):
-            raise errors.Conflict(f"the upload is already {session.state}", code=session.state)
+        lifecycle.check_command(session, lifecycle.RESUME)
         if not req.content_length and not req.content_type:
             self._answer(resp, self.uploads.resume(session, None, None))
             return

@@ -32,6 +32,7 @@ from ..cut_bodies import CutBodies
 from ..filenames import sanitize
 from ..protocol import ranges, tus
 from ..service import NewUpload, Uploads
+from ..sessions import lifecycle
 from ..sessions import record as states
 from ..sessions.record import Session
 from .bodies import open_body
@@ -130,8 +131,8 @@ class TusCollection(_TusResource):
                 session = self._append_body(req, session, 0, checksum)
         except Exception:
             # The client learns no Location, so it will create again: leave no orphan.
-            with contextlib.suppress(errors.UploadError):
-                self.uploads.control(session, "terminate", completed_too=True)
+            with contextlib.suppress(errors.UploadError, lifecycle.Refusal):
+                self.uploads.control(session, lifecycle.TERMINATE, completed_too=True)
             raise
         resp.status = falcon.HTTP_201
         resp.set_header("Location", self._location(req, session.id))
@@ -198,8 +199,8 @@ class TusUpload(_TusResource):
 
     def _session(self, req: falcon.Request, upload_id: str) -> Session:
         session = self.uploads.get(upload_id, req.context.principal)
-        if session.state in (states.TERMINATED, states.EXPIRED):
-            raise errors.Gone(f"upload {upload_id} was {session.state}", code=session.state)
+        if session.state in lifecycle.ENDED:
+            raise lifecycle.Refusal(session.state, f"upload {upload_id} was {session.state}")
         return session
 
     def on_options(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
@@ -244,7 +245,13 @@ class TusUpload(_TusResource):
         with self.locks.hold(upload_id):
             session = self._session(req, upload_id)
             if not self._is_repeat(session, offset, length):
-                self._check_patchable(session, offset, declared, length)
+                lifecycle.check_append(
+                    session,
+                    offset,
+                    length,
+                    declared=declared,
+                    max_size=self.uploads.config.max_upload_size,
+                )
                 limit = self.uploads.config.max_upload_size
                 with open_body(req, self.uploads, limit=limit) as body:
                     session = self.uploads.append(session, body, offset, checksum, declared)
@@ -262,53 +269,6 @@ class TusUpload(_TusResource):
             and length == 0
             and offset == session.bytes_written
         )
-
-    def _check_patchable(
-        self, session: Session, offset: int, declared: int | None, length: int
-    ) -> None:
-        if session.concat == "final":
-            raise errors.UploadError(
-                "a final upload cannot be patched", code="final_upload", status=403
-            )
-        if session.protocol != states.TUS:
-            raise errors.Conflict(
-                "this session takes its data through the seed API", code="seed_session"
-            )
-        if session.state == states.PAUSED:
-            raise errors.Locked(
-                "the upload is paused; resume it with POST /upload/resume",
-                code="paused",
-                offset=session.bytes_written,
-                headers={"Upload-Offset": str(session.bytes_written)},
-            )
-        if session.state == states.COMPLETED:
-            raise errors.Conflict("the upload is already complete", code="completed")
-        if offset != session.bytes_written:
-            raise errors.Conflict(
-                f"Upload-Offset {offset} does not match the upload's offset "
-                f"{session.bytes_written}",
-                code="offset_mismatch",
-                offset=session.bytes_written,
-            )
-        if declared is not None:
-            if session.total_bytes is not None and declared != session.total_bytes:
-                raise errors.BadRequest("Upload-Length is already set", code="length_set")
-            if declared < offset + length:
-                raise errors.BadRequest(
-                    "Upload-Length is smaller than the data sent", code="bad_header"
-                )
-            if declared > self.uploads.config.max_upload_size:
-                raise errors.TooLarge(
-                    f"Upload-Length {declared} is larger than Tus-Max-Size", code="upload_too_large"
-                )
-        total = declared if declared is not None else session.total_bytes
-        if total is not None and offset + length > total:
-            raise errors.TooLarge(
-                f"the body would take the upload past its length of {total} bytes",
-                code="exceeds_length",
-            )
-        if total is None and offset + length > self.uploads.config.max_upload_size:
-            raise errors.TooLarge("the upload would exceed Tus-Max-Size", code="upload_too_large")
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         session = self._session(req, upload_id)

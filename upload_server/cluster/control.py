@@ -22,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from .. import errors
+from ..sessions.lifecycle import Refusal
 from ..sessions.record import Session
 from ..sessions.redis_store import unavailable_on_error
 
@@ -89,6 +90,9 @@ class ControlBus:
         finally:
             with self._lock:
                 self._waiting.pop(request_id, None)
+        if "refusal" in answer:
+            refusal = answer["refusal"]
+            raise Refusal(refusal["code"], refusal["message"], offset=refusal.get("offset"))
         if "error" in answer:
             error = answer["error"]
             raise errors.UploadError(
@@ -128,6 +132,8 @@ class ControlBus:
         try:
             session = self.handler(request["session"], request["action"], request["args"])
             answer["session"] = session.to_dict()
+        except Refusal as exc:
+            answer["refusal"] = {"code": exc.code, "message": exc.message, "offset": exc.offset}
         except errors.UploadError as exc:
             answer["error"] = {
                 "status": exc.status,
