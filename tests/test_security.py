@@ -508,6 +508,25 @@ def test_session_limits(make_server):
     wait_for(lambda: tus.create(10).status_code == 201)
 
 
+def test_a_refused_form_of_several_files_stores_none_of_them(make_server):
+    """All or nothing: with room for two more sessions, a form of three files is refused whole,
+    and one of two is taken whole."""
+    server = make_server(["--max-sessions-per-owner", "2"])
+    records = server.upload_dir / ".upload_server" / "sessions"
+    before = sorted(p.name for p in records.iterdir())
+    form = [("file", (f"f{i}.bin", b"x" * (i + 1))) for i in range(3)]
+    refused = requests.post(server.url("/upload"), files=form, timeout=30)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_sessions"
+    time.sleep(0.5)  # a stored session would be draining by now
+    assert sorted(p.name for p in records.iterdir()) == before
+    assert not [p for p in server.upload_dir.iterdir() if p.name.startswith("f")]
+    assert not list((server.upload_dir / ".upload_server" / "spool").iterdir())
+    taken = requests.post(server.url("/upload"), files=form[:2], timeout=30)
+    assert taken.status_code == 201, taken.text
+    for session_id in taken.json()["sessionIDs"]:
+        assert server.wait_state(session_id, "completed")["completed"]
+
+
 def test_total_session_limit(make_server):
     keys = f"alice={hash_key(ALICE)},bob={hash_key(BOB)}"
     server = make_server(["--auth", "true", "--api-keys", keys, "--max-sessions", "2"])

@@ -12,7 +12,7 @@ import errno
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,15 @@ class NewUpload:
             "owner": self.owner,
             "concat": self.concat,
         }
+
+
+@dataclass(frozen=True)
+class SeedFile:
+    """One file part of a seed form: what is known of it, and where it lies in the body."""
+
+    new: NewUpload
+    start: int
+    end: int
 
 
 class Uploads:
@@ -164,18 +173,37 @@ class Uploads:
             self._save(session)
         return session
 
-    def create_seed(self, new: NewUpload, body: RequestBody, start: int, end: int) -> Session:
-        """Spool a seed upload's file part, record the session, and hand it to its writer.
+    def create_seeds(self, files: Sequence[SeedFile], body: RequestBody) -> list[Session]:
+        """Create one seed session per file of a form, all or none: every limit and the
+        pre-create hook agree to every file before a byte is spooled, and a failure on any file
+        (a limit, a hook, a full disk) takes back the sessions of the others, so a refused form
+        leaves nothing for its client to find or to store twice on retry.
 
-        The spool is whole before the record exists, so a crash in between leaves only an orphan
+        Each spool is whole before its record exists, so a crash in between leaves only an orphan
         spool file (swept later), never a session that claims data it does not have."""
-        session = self._new_session(new)
-        with self._releasing_on_failure(session):
-            self._spool_seed(session, body, start, end)
-            self._save(session)
-        self.pool.drain(session)
-        metrics.get().bytes_received.labels(states.SEED).inc(end - start)
-        return session
+        sessions: list[Session] = []
+        saved: list[Session] = []
+        try:
+            for file in files:
+                sessions.append(self._new_session(file.new))
+            for session, file in zip(sessions, files, strict=True):
+                self._spool_seed(session, body, file.start, file.end)
+            for session in sessions:
+                self._save(session)
+                saved.append(session)
+        except BaseException:
+            for session in sessions:
+                self._release_slot(session.limit_key, session.id)
+                self.layout.spool(session.id).unlink(missing_ok=True)
+            for session in saved:
+                with contextlib.suppress(Exception):
+                    self.live.remove(session.id)
+                    self.store.delete(session.id)
+            raise
+        for session, file in zip(sessions, files, strict=True):
+            self.pool.drain(session)
+            metrics.get().bytes_received.labels(states.SEED).inc(file.end - file.start)
+        return sessions
 
     def _new_session(self, new: NewUpload) -> Session:
         """Check every limit and ask the pre-create hook; nothing is stored before both agree.

@@ -17,7 +17,7 @@ import falcon
 
 from .. import errors
 from ..protocol import multipart
-from ..service import NewUpload, Uploads
+from ..service import NewUpload, SeedFile, Uploads
 from ..sessions import lifecycle
 from ..sessions import record as states
 from ..sessions.record import Session
@@ -73,18 +73,25 @@ class UploadResource(_SeedResource):
                         f"{config.max_upload_size}",
                         code="upload_too_large",
                     )
-            sessions = []
-            for part, digest in zip(files, digests, strict=True):
-                new = NewUpload(
-                    protocol=states.SEED,
-                    filename=part.filename,
-                    total_bytes=part.size,
-                    filetype=part.content_type,
-                    expected_sha256=digest,
-                    principal=req.context.principal,
-                    client=req.context.client,
-                )
-                sessions.append(self.uploads.create_seed(new, body, part.start, part.end))
+            sessions = self.uploads.create_seeds(
+                [
+                    SeedFile(
+                        NewUpload(
+                            protocol=states.SEED,
+                            filename=part.filename,
+                            total_bytes=part.size,
+                            filetype=part.content_type,
+                            expected_sha256=digest,
+                            principal=req.context.principal,
+                            client=req.context.client,
+                        ),
+                        part.start,
+                        part.end,
+                    )
+                    for part, digest in zip(files, digests, strict=True)
+                ],
+                body,
+            )
         resp.status = falcon.HTTP_201
         resp.media = {
             "sessionID": sessions[0].id,
