@@ -10,7 +10,8 @@ import itertools
 
 import pytest
 
-from upload_server.api import refusals
+from upload_server.api import openapi, refusals
+from upload_server.config import Config
 from upload_server.sessions import lifecycle
 from upload_server.sessions import record as states
 from upload_server.sessions.lifecycle import Refusal
@@ -266,3 +267,12 @@ def test_a_tus_refusal_tells_the_offset_in_a_header_too():
     assert (error.status, error.extra, error.headers["Upload-Offset"]) == (423, {"offset": 7}, "7")
     seed = refusals.http_error(Refusal("paused", "paused", offset=7), "seed")
     assert "Upload-Offset" not in seed.headers and seed.extra == {"offset": 7}
+
+
+def test_the_openapi_document_names_the_codes_of_each_status():
+    document = openapi.document(Config.load())
+    patch = document["paths"]["/files/{upload_id}"]["patch"]["responses"]
+    assert "paused" in patch["423"]["description"]
+    assert "offset_mismatch" in patch["409"]["description"]
+    pause = document["paths"]["/upload/pause"]["get"]["responses"]
+    assert "paused" in pause["409"]["description"]  # the seed API's column of the table

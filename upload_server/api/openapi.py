@@ -12,6 +12,7 @@ import falcon
 
 from ..config import Config
 from ..protocol import tus
+from . import refusals
 
 JSON = "application/json"
 
@@ -23,7 +24,8 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+def _errors(*codes: int, protocol: str = refusals.SEED) -> dict[str, Any]:
+    """Error responses by status; each names the refusal codes `api/refusals` answers with it."""
     text = {
         400: "Malformed request",
         401: "No valid credential",
@@ -44,7 +46,12 @@ def _errors(*codes: int) -> dict[str, Any]:
         503: "Writer or hook unavailable; retry",
         507: "Disk full",
     }
-    return {str(code): _error(text[code]) for code in codes}
+    return {str(code): _error(_with_codes(text[code], code, protocol)) for code in codes}
+
+
+def _with_codes(description: str, status: int, protocol: str) -> str:
+    codes = refusals.codes_with(status, protocol)
+    return f"{description} (error codes include: {', '.join(codes)})" if codes else description
 
 
 BINARY = {"type": "string", "format": "binary"}
@@ -319,7 +326,9 @@ def document(config: Config) -> dict[str, Any]:
                     ],
                     "responses": {
                         "201": {"description": "Created; Location is the upload URL"},
-                        **_errors(400, 401, 403, 412, 413, 415, 422, 429, 503, 507),
+                        **_errors(
+                            400, 401, 403, 412, 413, 415, 422, 429, 503, 507, protocol=refusals.TUS
+                        ),
                     },
                 },
             },
@@ -358,7 +367,22 @@ def document(config: Config) -> dict[str, Any]:
                     },
                     "responses": {
                         "204": {"description": "Stored; Upload-Offset is the new offset"},
-                        **_errors(400, 401, 403, 404, 409, 410, 412, 413, 415, 423, 460, 503, 507),
+                        **_errors(
+                            400,
+                            401,
+                            403,
+                            404,
+                            409,
+                            410,
+                            412,
+                            413,
+                            415,
+                            423,
+                            460,
+                            503,
+                            507,
+                            protocol=refusals.TUS,
+                        ),
                     },
                 },
                 "delete": {
@@ -366,7 +390,7 @@ def document(config: Config) -> dict[str, Any]:
                     "parameters": [TUS_RESUMABLE],
                     "responses": {
                         "204": {"description": "Terminated"},
-                        **_errors(401, 404, 410, 412, 423, 503),
+                        **_errors(401, 404, 410, 412, 423, 503, protocol=refusals.TUS),
                     },
                 },
                 "get": {
@@ -377,7 +401,7 @@ def document(config: Config) -> dict[str, Any]:
                             "content": {"application/octet-stream": {}, "*/*": {}},
                         },
                         "206": {"description": "Part of the file"},
-                        **_errors(401, 404, 409, 410, 416),
+                        **_errors(401, 404, 409, 410, 416, protocol=refusals.TUS),
                     },
                 },
             },
