@@ -172,6 +172,14 @@ def test_append_rules(fields, offset, length, declared, expected):
     assert refusal_of(check) == expected
 
 
+def test_an_empty_append_at_the_end_of_a_completed_upload_is_a_repeat():
+    done = session(states.COMPLETED, bytes_written=100)
+    assert lifecycle.is_repeat_of_last_append(done, 100, 0)
+    assert not lifecycle.is_repeat_of_last_append(done, 100, 1)
+    assert not lifecycle.is_repeat_of_last_append(done, 99, 0)
+    assert not lifecycle.is_repeat_of_last_append(session(states.WAITING), 40, 0)
+
+
 def test_the_writer_skips_the_size_limit_it_does_not_know():
     s = session(states.WAITING, total_bytes=None)
     assert refusal_of(lambda: lifecycle.check_append(s, 40, 10**9)) is None

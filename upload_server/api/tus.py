@@ -244,7 +244,7 @@ class TusUpload(_TusResource):
         self.cut_bodies.wait(upload_id, req.env)
         with self.locks.hold(upload_id):
             session = self._session(req, upload_id)
-            if not self._is_repeat(session, offset, length):
+            if not lifecycle.is_repeat_of_last_append(session, offset, length):
                 lifecycle.check_append(
                     session,
                     offset,
@@ -258,17 +258,6 @@ class TusUpload(_TusResource):
         resp.status = falcon.HTTP_204
         resp.set_header("Upload-Offset", str(session.bytes_written))
         self._expiry_headers(resp, session)
-
-    @staticmethod
-    def _is_repeat(session: Session, offset: int, length: int) -> bool:
-        """An empty PATCH at the end of a completed upload: a client re-sending its last request
-        after losing the answer. It changes nothing, so it gets the same 204."""
-        return (
-            session.state == states.COMPLETED
-            and session.concat != "final"
-            and length == 0
-            and offset == session.bytes_written
-        )
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         session = self._session(req, upload_id)

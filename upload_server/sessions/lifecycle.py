@@ -105,6 +105,17 @@ def check_append(
         raise Refusal(UPLOAD_TOO_LARGE, "the upload would exceed Tus-Max-Size")
 
 
+def is_repeat_of_last_append(session: Session, offset: int, length: int) -> bool:
+    """An empty append at the end of a completed upload: a client re-sending its last request
+    after losing the answer. It changes nothing, so it gets the same success, not a refusal."""
+    return (
+        session.state == states.COMPLETED
+        and session.concat != "final"
+        and length == 0
+        and offset == session.bytes_written
+    )
+
+
 def check_command(session: Session, action: str, *, completed_too: bool = False) -> None:
     """May the session take a control command? `completed_too`: termination that also removes a
     completed upload (tus DELETE, an operator's expiry), not only an unfinished one."""
