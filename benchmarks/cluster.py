@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from upload_server.cluster.local import BUCKET, LocalCluster
-from upload_server.config import parse_size
+from upload_server.config_values import parse_size
 
 MiB = 1024 * 1024
 _S3_METRIC = re.compile(r'^upload_server_s3_requests_total\{operation="([^"]+)"\} ([0-9.e+]+)$')

@@ -29,7 +29,9 @@ from .netproxy import CuttingProxy
 pytestmark = pytest.mark.frontend
 
 _SCRIPT = Path(sys.executable).with_name("upload-client")
-CLIENT = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "upload_server.client.cli"]
+CLIENT = (
+    [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "upload_server.client.command"]
+)
 SLOW = ["--max-bytes-per-second", "1MiB"]  # a 6 MiB upload takes about 6 s
 OVERHEAD = 64 * 1024  # request lines and headers of a resumed upload, generously
 

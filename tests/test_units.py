@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from upload_server.body import RequestBody
-from upload_server.config import Config, parse_duration, parse_size
+from upload_server.config import Config
+from upload_server.config_values import parse_duration, parse_size
 from upload_server.filenames import MAX_NAME_BYTES, candidates, sanitize
 from upload_server.protocol import multipart
+from upload_server.received_body import RequestBody
 from upload_server.sessions import segments
 from upload_server.sessions.record import Session
 

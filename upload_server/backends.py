@@ -15,7 +15,7 @@ from .config import Config
 from .layout import Layout
 from .sessions.store import FileSessionStore, SessionStore
 from .storage import LocalStorage, Storage
-from .storage.s3 import S3Settings
+from .storage.s3_client import S3Settings
 
 
 @dataclass(frozen=True)

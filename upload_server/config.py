@@ -10,221 +10,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_values import (
+    parse_bool,
+    parse_duration,
+    parse_fsync_policy,
+    parse_hook_events,
+    parse_int,
+    parse_lease_ttl,
+    parse_log_format,
+    parse_log_level,
+    parse_node_id,
+    parse_optional_path,
+    parse_optional_url,
+    parse_origins,
+    parse_part_size,
+    parse_port,
+    parse_positive_duration,
+    parse_positive_int,
+    parse_session_store,
+    parse_size,
+    parse_start_method,
+    parse_storage,
+    parse_url_path,
+    parse_web_path,
+)
+
 ENV_PREFIX = "UPLOAD_SERVER_"
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1024**4,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """Parse a byte count such as `1048576`, `1MiB`, `512KiB` or `10GB` (SI and binary units)."""
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-        if not match or match.group(2).lower() not in _SIZE_UNITS:
-            raise ValueError(f"not a size: {text!r} (use bytes or a unit: 512KiB, 1MiB, 10GB)")
-        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if value < 0:
-        raise ValueError(f"a size cannot be negative: {text!r}")
-    return value
-
-
-def parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"not a boolean: {text!r} (use true or false)")
-
-
-def parse_duration(text: str | float) -> float:
-    """Parse seconds, optionally with a unit: `30`, `2.5s`, `15m`, `24h`, `7d`."""
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
-        if not match:
-            raise ValueError(f"not a duration: {text!r} (use seconds or 500ms, 30s, 15m, 24h, 7d)")
-        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
-        value = float(match.group(1)) * scale
-    if value < 0:
-        raise ValueError(f"a duration cannot be negative: {text!r}")
-    return value
-
-
-def _positive_int(text: str | int) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, not {value}")
-    return value
-
-
-def _positive_duration(text: str | float) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise ValueError(f"must be more than 0 seconds, not {value}")
-    return value
-
-
-def _port(text: str | int) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"not a TCP port: {value}")
-    return value
-
-
-START_METHODS = ("fork", "forkserver", "spawn")
-
-
-def _start_method(text: str) -> str:
-    value = text.strip().lower()
-    if value == "default":
-        return multiprocessing.get_start_method(allow_none=False)
-    if value not in multiprocessing.get_all_start_methods():
-        available = ", ".join(multiprocessing.get_all_start_methods())
-        raise ValueError(f"start method {value!r} is not available here (use {available})")
-    return value
-
-
-FSYNC_POLICIES = ("always", "on-complete", "never")
-
-
-def _fsync_policy(text: str) -> str:
-    value = text.strip().lower()
-    if value not in FSYNC_POLICIES:
-        raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, not {text!r}")
-    return value
-
-
-def _log_level(text: str) -> str:
-    value = text.strip().upper()
-    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError(f"log level must be debug, info, warning or error, not {text!r}")
-    return value
-
-
-def parse_int(text: str | int) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must not be negative, not {value}")
-    return value
-
-
-def _optional_path(text: str | Path | None) -> Path | None:
-    return Path(text) if text else None
-
-
-HOOK_EVENTS = ("pre-create", "post-create", "progress", "post-finish", "post-terminate")
-
-
-def _hook_events(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    if isinstance(text, tuple):
-        return text
-    events = tuple(e.strip() for e in text.split(",") if e.strip())
-    unknown = set(events) - set(HOOK_EVENTS)
-    if unknown:
-        raise ValueError(f"unknown hook events {sorted(unknown)}; use {', '.join(HOOK_EVENTS)}")
-    return events
-
-
-def _url_path(text: str) -> str:
-    path = "/" + text.strip().strip("/") + "/"
-    if path == "//" or not re.fullmatch(r"[A-Za-z0-9._~/-]+", path):
-        raise ValueError(f"not a URL path: {text!r}")
-    return path
-
-
-def _web_path(text: str) -> str:
-    """A URL path like `_url_path`'s, where the site root `/` is allowed too."""
-    return "/" if not text.strip().strip("/") else _url_path(text)
-
-
-def _origins(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    if isinstance(text, tuple):
-        return text
-    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise ValueError(f"not an origin (scheme://host[:port]): {origin!r}")
-    return origins
-
-
-def _session_store(text: str) -> str:
-    value = text.strip()
-    if value == "file" or re.fullmatch(r"rediss?://\S+", value):
-        return value
-    raise ValueError(f"session store must be 'file' or a redis:// URL, not {text!r}")
-
-
-def _storage(text: str) -> str:
-    value = text.strip()
-    if value == "local" or re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?", value):
-        return value
-    raise ValueError(f"storage must be 'local' or s3://bucket[/prefix], not {text!r}")
-
-
-def _optional_url(text: str) -> str:
-    value = text.strip()
-    if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
-        raise ValueError(f"not an endpoint URL (http[s]://host[:port]): {text!r}")
-    return value.rstrip("/")
-
-
-MIN_PART_SIZE = 5 * 1024**2  # S3's smallest part but the last
-
-
-def _part_size(text: str | int) -> int:
-    value = parse_size(text)
-    if value < MIN_PART_SIZE:
-        raise ValueError(f"S3 parts are at least 5MiB, not {value} bytes")
-    return value
-
-
-def _node_id(text: str) -> str:
-    value = text.strip()
-    if value and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
-        raise ValueError(f"a node id is 1-64 letters, digits, '.', '_' or '-', not {text!r}")
-    return value
-
-
-def _lease_ttl(text: str | float) -> float:
-    value = parse_duration(text)
-    if value < 1:
-        raise ValueError(f"a lease lasts at least 1s, not {value}s")
-    return value
-
-
-def _log_format(text: str) -> str:
-    value = text.strip().lower()
-    if value not in {"auto", "json", "text"}:
-        raise ValueError(f"log format must be auto, json or text, not {text!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -258,14 +75,16 @@ SETTINGS: tuple[Setting, ...] = (
         "Address to listen on (0.0.0.0 for all IPv4, :: for IPv6).",
         "HOST",
     ),
-    Setting("port", _port, 8080, "TCP port; PaaS routers set PORT, which is honoured too.", "PORT"),
+    Setting(
+        "port", parse_port, 8080, "TCP port; PaaS routers set PORT, which is honoured too.", "PORT"
+    ),
     Setting(
         "upload_dir", Path, Path("uploads"), "Where finished files, spool and records live.", "DIR"
     ),
     Setting(
         "chunk_size", parse_size, 1024**2, "Bytes a writer copies between control checks.", "SIZE"
     ),
-    Setting("writers", _positive_int, None, "Writer processes (default: the CPU count).", "N"),
+    Setting("writers", parse_positive_int, None, "Writer processes (default: the CPU count).", "N"),
     Setting(
         "max_upload_size", parse_size, 16 * 1024**3, "Largest file accepted (413 beyond).", "SIZE"
     ),
@@ -281,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "threads",
-        _positive_int,
+        parse_positive_int,
         32,
         "waitress request threads (keep status answering under load).",
         "N",
@@ -289,20 +108,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "recv_bytes", parse_size, 256 * 1024, "waitress socket read size (intake speed).", "SIZE"
     ),
-    Setting("start_method", _start_method, "default", "multiprocessing start method.", "METHOD"),
+    Setting(
+        "start_method", parse_start_method, "default", "multiprocessing start method.", "METHOD"
+    ),
     Setting(
         "fsync",
-        _fsync_policy,
+        parse_fsync_policy,
         "on-complete",
         "When data is fsynced: always, on-complete, never.",
         "POLICY",
     ),
-    Setting("log_level", _log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
+    Setting("log_level", parse_log_level, "INFO", "debug, info, warning or error.", "LEVEL"),
     Setting(
-        "log_format", _log_format, "auto", "json, text, or auto (text on a terminal).", "FORMAT"
+        "log_format",
+        parse_log_format,
+        "auto",
+        "json, text, or auto (text on a terminal).",
+        "FORMAT",
     ),
-    Setting("tus_path", _url_path, "/files/", "Where the tus endpoint lives.", "PATH"),
-    Setting("cors_origins", _origins, "*", "Origins allowed by CORS: * or a comma list.", "LIST"),
+    Setting("tus_path", parse_url_path, "/files/", "Where the tus endpoint lives.", "PATH"),
+    Setting(
+        "cors_origins", parse_origins, "*", "Origins allowed by CORS: * or a comma list.", "LIST"
+    ),
     Setting(
         "expiry",
         parse_duration,
@@ -315,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_keys", str, "", "API keys as name=sha256hex pairs, comma separated.", "LIST"),
     Setting(
         "api_keys_file",
-        _optional_path,
+        parse_optional_path,
         None,
         "File of API keys: one 'name sha256hex' a line.",
         "FILE",
@@ -359,14 +186,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "min_body_rate_window",
-        _positive_duration,
+        parse_positive_duration,
         60.0,
         "The window --min-body-rate is measured over (checked after the first).",
         "DURATION",
     ),
     Setting(
         "max_connections",
-        _positive_int,
+        parse_positive_int,
         2048,
         "Most open connections (503 beyond); lowered to the open-file limit.",
         "N",
@@ -394,7 +221,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "trusted_proxy_count",
-        _positive_int,
+        parse_positive_int,
         1,
         "Proxies in front of the server that add headers.",
         "N",
@@ -410,7 +237,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hook_secret", str, "", "HMAC-SHA256 key that signs webhook bodies.", "SECRET"),
     Setting(
         "hook_events",
-        _hook_events,
+        parse_hook_events,
         "pre-create,post-create,progress,post-finish,post-terminate",
         "Events sent to the webhook.",
         "LIST",
@@ -422,27 +249,31 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "session_store",
-        _session_store,
+        parse_session_store,
         "file",
         "Where session records live: file, or redis://host:port/db (several nodes).",
         "STORE",
     ),
     Setting(
         "storage",
-        _storage,
+        parse_storage,
         "local",
         "Where upload data lives: local, or s3://bucket/prefix.",
         "STORAGE",
     ),
-    Setting("s3_endpoint", _optional_url, "", "S3 endpoint URL (empty: AWS).", "URL"),
+    Setting("s3_endpoint", parse_optional_url, "", "S3 endpoint URL (empty: AWS).", "URL"),
     Setting("s3_region", str, "", "S3 region (empty: the AWS default chain).", "REGION"),
     Setting("s3_access_key", str, "", "S3 access key (empty: AWS_ACCESS_KEY_ID etc.).", "KEY"),
     Setting("s3_secret_key", str, "", "S3 secret key (empty: AWS_SECRET_ACCESS_KEY etc.).", "KEY"),
-    Setting("s3_part_size", _part_size, 8 * 1024**2, "S3 multipart part size (>= 5MiB).", "SIZE"),
-    Setting("node_id", _node_id, "", "This node's name in a cluster (default hostname-pid).", "ID"),
+    Setting(
+        "s3_part_size", parse_part_size, 8 * 1024**2, "S3 multipart part size (>= 5MiB).", "SIZE"
+    ),
+    Setting(
+        "node_id", parse_node_id, "", "This node's name in a cluster (default hostname-pid).", "ID"
+    ),
     Setting(
         "lease_ttl",
-        _lease_ttl,
+        parse_lease_ttl,
         30.0,
         "How long a node's lock on an upload lasts unless renewed.",
         "DURATION",
@@ -455,7 +286,7 @@ SETTINGS: tuple[Setting, ...] = (
         "BOOL",
     ),
     Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
-    Setting("web_path", _web_path, "/", "Where the upload page lives.", "PATH"),
+    Setting("web_path", parse_web_path, "/", "Where the upload page lives.", "PATH"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .auth import hash_key, issue_token, new_key
-from .config import parse_duration, parse_size
+from .config_values import parse_duration, parse_size
 
 COMMANDS = ("keygen", "token")
 

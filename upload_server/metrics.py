@@ -89,7 +89,7 @@ class Metrics:
 
     def _zeros(self) -> None:
         """Create the series whose labels are known, so a scrape shows 0 rather than nothing."""
-        from .config import HOOK_EVENTS
+        from .config_values import HOOK_EVENTS
 
         for protocol in ("seed", "tus"):
             self.uploads_started.labels(protocol)

@@ -21,11 +21,11 @@ from workers.pool import WriterPool, WriterUnavailable
 
 from . import errors, metrics
 from .auth import Principal, check_upload
-from .body import RequestBody
 from .config import Config
 from .filenames import sanitize
 from .hooks import Hooks
 from .layout import Layout
+from .received_body import RequestBody
 from .sessions import lifecycle
 from .sessions import record as states
 from .sessions.live import LiveSessions

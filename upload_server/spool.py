@@ -2,7 +2,7 @@
 
 A spool file is written under a temporary name and renamed into place only when whole, so a writer
 (or a restarted server) never sees a partly written one. The copy is done by the kernel from the WSGI
-server's own buffer (see `body.RequestBody.copy_to`), which keeps this extra hop cheap.
+server's own buffer (see `received_body.RequestBody.copy_to`), which keeps this extra hop cheap.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from . import metrics
-from .body import RequestBody
 from .fileio import open_for_write
 from .layout import Layout
+from .received_body import RequestBody
 
 
 class Spool:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import falcon
 
 from .. import errors
-from ..body import BodyTooLarge, RequestBody
+from ..received_body import BodyTooLarge, RequestBody
 from ..service import Uploads
 
 

@@ -1,6 +1,6 @@
 """`upload-client`: upload files and folders to an upload_server over tus, and manage its sessions.
 
-`cli` parses the command line; `transfer` moves one file (tuspy underneath), `state` remembers
+`command` parses the command line; `transfer` moves one file (tuspy underneath), `state` remembers
 unfinished uploads between runs, `api` speaks to the server's seed API, `download` fetches a
 finished upload and `progress` draws the bars.
 """
@@ -13,7 +13,7 @@ import sys
 def main() -> int:
     """The `upload-client` entry point: a clear message when the `client` extra is missing."""
     try:
-        from .cli import main as run
+        from .command import main as run
     except ImportError as exc:
         print(
             f"upload-client: {exc.name or exc} is missing; install the client with "

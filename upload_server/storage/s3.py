@@ -20,119 +20,24 @@ lost the running SHA-256 (the upload moved between nodes, or a writer restarted)
 object once, streaming it from S3, after publishing it.
 
 Part size: `s3_part_size` (at least 5 MiB, S3's minimum for every part but the last), raised so that
-10,000 parts (S3's maximum) cover `max_upload_size`.
+10,000 parts (S3's maximum) cover `max_upload_size`. Reaching the bucket (settings, client, errors,
+streams) is `storage.s3_client`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import logging
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import fileio, metrics
+from .. import fileio
 from ..layout import Layout
 from .base import CommittedData
-
-log = logging.getLogger("upload_server.s3")
-
-MAX_PARTS = 10_000
-MiB = 1024 * 1024
-_COPY_BLOCK = MiB
-_MISSING = {"NoSuchKey", "NoSuchUpload", "NotFound", "404"}
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where and how to reach the bucket; `part_size` is already raised to cover the largest
-    upload in 10,000 parts."""
-
-    bucket: str
-    prefix: str
-    endpoint: str
-    region: str
-    access_key: str
-    secret_key: str
-    part_size: int
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        endpoint: str = "",
-        region: str = "",
-        access_key: str = "",
-        secret_key: str = "",
-        part_size: int,
-        max_upload_size: int = 0,
-    ) -> S3Settings:
-        bucket, _, prefix = url.removeprefix("s3://").partition("/")
-        prefix = prefix.strip("/")
-        return cls(
-            bucket=bucket,
-            prefix=prefix + "/" if prefix else "",
-            endpoint=endpoint,
-            region=region or ("us-east-1" if endpoint else ""),
-            access_key=access_key,
-            secret_key=secret_key,
-            part_size=part_size_for(part_size, max_upload_size),
-        )
-
-
-def part_size_for(configured: int, max_upload_size: int) -> int:
-    """The configured part size, raised to a whole MiB that fits the largest upload in 10,000."""
-    needed = math.ceil(max_upload_size / MAX_PARTS / MiB) * MiB
-    return max(configured, needed, 5 * MiB)
-
-
-def make_client(settings: S3Settings) -> Any:
-    """A boto3 S3 client whose every call is counted in `upload_server_s3_requests_total`."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    config = BotoConfig(
-        s3={"addressing_style": "path" if settings.endpoint else "auto"},
-        retries={"max_attempts": 5, "mode": "standard"},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        max_pool_connections=32,
-    )
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.endpoint or None,
-        region_name=settings.region or None,
-        aws_access_key_id=settings.access_key or None,
-        aws_secret_access_key=settings.secret_key or None,
-        config=config,
-    )
-    counter = metrics.get().s3_requests
-    client.meta.events.register(
-        "before-call.s3", lambda model, **_: counter.labels(model.name).inc()
-    )
-    return client
-
-
-@contextlib.contextmanager
-def _s3_errors() -> Iterator[None]:
-    """Turn botocore's errors into the OSErrors writers already handle (missing: FileNotFound)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        yield
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING:
-            raise FileNotFoundError(errno.ENOENT, str(exc)) from exc
-        raise OSError(errno.EIO, f"S3: {exc}") from exc
-    except BotoCoreError as exc:
-        raise OSError(errno.EIO, f"S3: {exc}") from exc
+from .s3_client import FileSlice, S3Reader, S3Settings, download, make_client, s3_errors
 
 
 @dataclass
@@ -191,7 +96,7 @@ class S3Storage:
         note(self.location(session_id))
         committed = self._committed(key, with_tail=False)
         parts = list(committed.parts or [])
-        with _s3_errors():
+        with s3_errors():
             if not committed.marker and not committed.upload_id and self._exists(key):
                 return self.location(session_id)  # published before a crash: never overwrite it
             if not parts:
@@ -237,20 +142,19 @@ class S3Storage:
 
     def _exists(self, key: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-        except self.client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+            with s3_errors():
+                self.client.head_object(Bucket=self.bucket, Key=key)
+        except FileNotFoundError:
+            return False
         return True
 
     def discard(self, session_id: str) -> None:
         key = self.key(session_id)
-        with _s3_errors():
+        with s3_errors():
             listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
             for upload in listing.get("Uploads", []):
                 if upload["Key"] == key:
-                    with contextlib.suppress(FileNotFoundError), _s3_errors():
+                    with contextlib.suppress(FileNotFoundError), s3_errors():
                         self.client.abort_multipart_upload(
                             Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
                         )
@@ -258,14 +162,14 @@ class S3Storage:
         self._remove_buffer(session_id)
 
     def remove(self, location: str) -> None:
-        with _s3_errors():
+        with s3_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self._key_of(location))
 
     def open_published(self, location: str | None, session_id: str) -> tuple[S3Reader, int]:
         key = self._key_of(location) if location else self.key(session_id)
-        with _s3_errors():
+        with s3_errors():
             size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-        return S3Reader(self, key, size), size
+        return S3Reader(self.client, self.bucket, key, size), size
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -281,18 +185,18 @@ class S3Storage:
         committed = _Committed()
         read = self.client.get_object if with_tail else self.client.head_object
         try:
-            with _s3_errors():
+            with s3_errors():
                 answer = read(Bucket=self.bucket, Key=key + ".part")
         except FileNotFoundError:
             return committed
-        with _s3_errors():
+        with s3_errors():
             committed.marker = True
             committed.tail = answer["ContentLength"]
             meta = answer.get("Metadata", {})
             base = int(meta.get("base", "0"))
             committed.upload_id = meta.get("upload-id") or None
             if with_tail:
-                _download(answer["Body"], into)
+                download(answer["Body"], into)
             if committed.upload_id is None:
                 committed.parts = []
                 return committed
@@ -373,11 +277,11 @@ class S3UploadData:
             return
         self._drop_front()
         tail = fileio.file_size(self.fd) if whole else 0
-        with _s3_errors():
+        with s3_errors():
             self.storage.client.put_object(
                 Bucket=self.storage.bucket,
                 Key=self.key + ".part",
-                Body=_FileSlice(self.fd, 0, tail),
+                Body=FileSlice(self.fd, 0, tail),
                 ContentLength=tail,
                 Metadata={"base": str(self.base), "upload-id": self.upload_id or ""},
             )
@@ -395,7 +299,7 @@ class S3UploadData:
 
     def _upload_part(self) -> None:
         client, bucket = self.storage.client, self.storage.bucket
-        with _s3_errors():
+        with s3_errors():
             if self.upload_id is None:
                 created = client.create_multipart_upload(Bucket=bucket, Key=self.key)
                 self.upload_id = created["UploadId"]
@@ -405,7 +309,7 @@ class S3UploadData:
                 Key=self.key,
                 UploadId=self.upload_id,
                 PartNumber=number,
-                Body=_FileSlice(self.fd, self.front, self.part_size),
+                Body=FileSlice(self.fd, self.front, self.part_size),
                 ContentLength=self.part_size,
             )
         self.parts.append(_Part(number, answer["ETag"], self.part_size))
@@ -429,94 +333,5 @@ class S3UploadData:
         self.fd, self.front = fd, 0
 
 
-class _Seekable(io.RawIOBase):
-    """A read-only stream of `length` bytes with a position; subclasses read at `pos`."""
-
-    length = 0
-    pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self._moved(max(0, min(self.length, base + offset)))
-        return self.pos
-
-    def _moved(self, target: int) -> None:
-        self.pos = target
-
-
-class _FileSlice(_Seekable):
-    """Bytes [start, start + length) of a file, for boto3 to stream (and rewind on a retry)."""
-
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        super().__init__()
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
-
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self.length - self.pos)
-        if n <= 0:
-            return 0
-        data = fileio.pread(self.fd, n, self.start + self.pos)  # os.pread is not on Windows
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-class S3Reader(_Seekable):
-    """A published object as a seekable stream: each run of reads is one ranged GET from where
-    the last seek left it, so a Range download fetches only its range."""
-
-    def __init__(self, storage: S3Storage, key: str, size: int) -> None:
-        super().__init__()
-        self.storage, self.key, self.length = storage, key, size
-        self.pos = 0
-        self.body: Any = None
-
-    def _moved(self, target: int) -> None:
-        if target != self.pos:
-            self._drop_body()
-            self.pos = target
-
-    def readinto(self, buffer: Any) -> int:
-        if self.pos >= self.length or len(buffer) == 0:
-            return 0
-        if self.body is None:
-            with _s3_errors():
-                self.body = self.storage.client.get_object(
-                    Bucket=self.storage.bucket, Key=self.key, Range=f"bytes={self.pos}-"
-                )["Body"]
-        with _s3_errors():
-            data = self.body.read(len(buffer))
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._drop_body()
-        super().close()
-
-    def _drop_body(self) -> None:
-        if self.body is not None:
-            with contextlib.suppress(Exception):
-                self.body.close()
-            self.body = None
-
-
 def _open_buffer(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
-
-
-def _download(body: Any, fd: int) -> None:
-    offset = 0
-    with _s3_errors():
-        for block in body.iter_chunks(_COPY_BLOCK):
-            fileio.pwrite_all(fd, block, offset)
-            offset += len(block)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from ..config import parse_size
+from ..config_values import parse_size
 from .api import Server, ServerError, Unreachable, resolve
 from .download import download
 from .progress import Progress
