@@ -1,8 +1,17 @@
-"""The application factory: `create_app()` builds the Falcon app and the processes behind it.
+"""The application factories: `build_app` builds the Falcon app around what it serves; `start_app`
+and `create_app` also start the processes behind it.
 
-`waitress-serve --call upload_server:create_app` calls it with no arguments (settings then come
-from the environment); `upload-server` and the tests pass a `Config`. The processes it starts are
-stopped by `app.runtime.close()`, which also runs at interpreter exit.
+- `build_app(config, uploads, health)` adds middleware, error handlers and routes, and nothing else:
+  it starts no process and patches nothing, so a test can build the app around an in-process
+  service (`falcon.testing`).
+- `start_app(config)` starts the `Runtime` (Manager, writers, sweeper) and builds the app around
+  it. The waitress adjustments it needs travel with the app (`app.server_policy`) for whoever
+  creates the server: `upload-server` gives them to its own server (`waitress_server.create_server`).
+- `create_app()` is `start_app` plus those adjustments installed process-wide, for
+  `waitress-serve --call upload_server:create_app`, which calls it with no arguments (settings
+  then come from the environment) and creates a server we do not control.
+
+The processes are stopped by `app.runtime.close()`, which also runs at interpreter exit.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from typing import Any
 
 import falcon
 
-from . import connection_limits, errors, logs, metrics, portable, waitress_patches
+from . import connection_limits, errors, logs, metrics, portable, waitress_patches, waitress_server
 from .api import health, middleware, openapi, refusals, seed, tus, web
 from .auth import Authenticator
 from .clients import client_key, explicit_proxies
@@ -22,54 +31,39 @@ from .cut_bodies import CutBodies
 from .hooks import Hooks
 from .layout import Layout
 from .runtime import Runtime
+from .service import Uploads
 
 
 class UploadApp(falcon.App):
-    """A Falcon app that carries the runtime it depends on, so its owner can stop it."""
+    """A Falcon app that carries the runtime it depends on, so its owner can stop it, and the
+    waitress adjustments its server needs."""
 
     runtime: Runtime
+    server_policy: waitress_patches.ServerPolicy
 
 
-def create_app(
-    config: Config | None = None,
+def build_app(
+    config: Config,
+    uploads: Uploads,
+    health_source: health.HealthSource,
     *,
-    hook: Callable[[str, dict[str, Any]], None] | None = None,
-    **overrides: Any,
+    cut_bodies: CutBodies | None = None,
+    locks: tus.UploadLocks | None = None,
 ) -> UploadApp:
-    """Build the app. `hook` is called with every upload event (see `hooks`); a pre-create hook
-    refuses an upload by raising `upload_server.hooks.HookRejected`."""
-    config = config if config is not None else Config.load(**overrides)
-    portable.configure(config.portable)  # before any process starts: they inherit it
-    logs.configure(config.log_level, config.log_format)
-    layout = Layout(config.upload_dir.absolute())
-    layout.create()
-    metrics.setup(layout.internal / "metrics")
-    cors = middleware.Cors(config.cors_origins, config.tus_path)
-    authenticator = Authenticator(config)
-    runtime = Runtime(config, Hooks(config, hook)).start()
-    cut_bodies = CutBodies(config.tus_path)
+    """The app serving `uploads` (both protocols), with `/readyz` and `/metrics` reading
+    `health_source`. `cut_bodies` replays cut tus bodies through this app (a server's channels
+    offer them to it; without a server none arrive); `locks` serialize a tus upload's requests
+    (one process's own by default; the cluster's leases with several nodes)."""
+    cut_bodies = cut_bodies if cut_bodies is not None else CutBodies(config.tus_path)
+    locks = locks if locks is not None else tus.UploadLocks()
     forwarding = explicit_proxies(config.trusted_proxy)
-    waitress_patches.install(
-        layout.spool_dir,
-        cors.allow_origin,
-        runtime.uploads.space_refusal,
-        cut_bodies,
-        connection_limits.Limits(
-            max_connections=config.max_connections,
-            max_connections_per_client=config.max_connections_per_client,
-            header_timeout=config.header_timeout,
-            min_body_rate=config.min_body_rate,
-            min_body_rate_window=config.min_body_rate_window,
-            uncapped=frozenset(filter(None, [client_key(proxy) for proxy in forwarding])),
-        ),
-    )
-    atexit.register(runtime.close)
-    runtime.on_close(cut_bodies.close)
     app = UploadApp(
         middleware=[
             middleware.RequestLog(),
-            cors,
-            middleware.Authenticate(authenticator, ("/upload", config.tus_path), config.tus_path),
+            middleware.Cors(config.cors_origins, config.tus_path),
+            middleware.Authenticate(
+                Authenticator(config), ("/upload", config.tus_path), config.tus_path
+            ),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
             *(
@@ -79,26 +73,83 @@ def create_app(
             ),
         ]
     )
-    app.runtime = runtime
     app.req_options.auto_parse_qs_csv = False
     app.resp_options.secure_cookies_by_default = False
     errors.install(app)
     refusals.install(app, config.tus_path)
-    uploads = runtime.uploads
     app.add_route("/upload", seed.UploadResource(uploads))
     app.add_route("/upload/status", seed.StatusResource(uploads))
     app.add_route("/upload/pause", seed.PauseResource(uploads))
     app.add_route("/upload/resume", seed.ResumeResource(uploads))
     app.add_route("/upload/terminate", seed.TerminateResource(uploads))
-    locks = runtime.cluster.locks if runtime.cluster is not None else tus.UploadLocks()
     app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
     app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks, cut_bodies))
     app.add_route("/openapi.json", openapi.OpenApiResource(config))
-    app.add_route("/metrics", health.MetricsResource(runtime))
+    app.add_route("/metrics", health.MetricsResource(health_source))
     app.add_route("/healthz", health.HealthResource())
-    app.add_route("/readyz", health.ReadyResource(runtime))
+    app.add_route("/readyz", health.ReadyResource(health_source))
     if config.web:
         web.add_routes(app, config)
     cut_bodies.app = app
+    return app
+
+
+def start_app(
+    config: Config, *, hook: Callable[[str, dict[str, Any]], None] | None = None
+) -> UploadApp:
+    """Start the runtime and build the app around it; waitress is left as it is (see
+    `app.server_policy`). `hook` is called with every upload event (see `hooks`); a pre-create
+    hook refuses an upload by raising `upload_server.hooks.HookRejected`."""
+    portable.configure(config.portable)  # before any process starts: they inherit it
+    logs.configure(config.log_level, config.log_format)
+    layout = Layout(config.upload_dir.absolute())
+    layout.create()
+    metrics.setup(layout.internal / "metrics")
+    runtime = Runtime(config, Hooks(config, hook)).start()
+    atexit.register(runtime.close)
+    cut_bodies = CutBodies(config.tus_path)
+    runtime.on_close(cut_bodies.close)
+    assert runtime.uploads is not None
+    locks = runtime.cluster.locks if runtime.cluster is not None else None
+    app = build_app(config, runtime.uploads, runtime, cut_bodies=cut_bodies, locks=locks)
+    app.runtime = runtime
+    app.server_policy = _server_policy(config, layout, runtime.uploads, cut_bodies)
+    return app
+
+
+def _server_policy(
+    config: Config, layout: Layout, uploads: Uploads, cut_bodies: CutBodies
+) -> waitress_patches.ServerPolicy:
+    """What the server's connections ask of the app before it sees a request (see
+    `waitress_patches`)."""
+    return waitress_patches.ServerPolicy(
+        spool_dir=layout.spool_dir,
+        allow_origin=middleware.Cors(config.cors_origins, config.tus_path).allow_origin,
+        admit=uploads.space_refusal,
+        observer=cut_bodies,
+        limits=connection_limits.Limits(
+            max_connections=config.max_connections,
+            max_connections_per_client=config.max_connections_per_client,
+            header_timeout=config.header_timeout,
+            min_body_rate=config.min_body_rate,
+            min_body_rate_window=config.min_body_rate_window,
+            uncapped=frozenset(
+                filter(None, [client_key(p) for p in explicit_proxies(config.trusted_proxy)])
+            ),
+        ),
+    )
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    hook: Callable[[str, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> UploadApp:
+    """`start_app`, with the waitress adjustments installed process-wide: for `waitress-serve`,
+    whose server is not ours to configure. `overrides` are settings when `config` is None."""
+    config = config if config is not None else Config.load(**overrides)
+    app = start_app(config, hook=hook)
+    waitress_server.install(app.server_policy)
     return app

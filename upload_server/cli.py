@@ -15,12 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import waitress
-
-from . import credentials
-from .app import create_app
+from . import credentials, waitress_server
+from .app import start_app
 from .config import Config
-from .connection_limits import ADMISSION
 from .runtime import DirectoryLocked
 
 log = logging.getLogger("upload_server")
@@ -40,9 +37,6 @@ def waitress_options(config: Config) -> dict[str, Any]:
         "channel_timeout": config.idle_timeout,
         "cleanup_interval": max(1.0, min(30.0, config.idle_timeout / 2)),
         "ident": "upload_server",
-        # waitress's own limit, past which it stops accepting: ours (which answers 503 first,
-        # see connection_limits) plus room for those answers
-        "connection_limit": ADMISSION.hard_limit,
         "asyncore_use_poll": not config.portable,  # select(), as on Windows, when portable
         "clear_untrusted_proxy_headers": True,
     }
@@ -65,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"upload-server: {exc}", file=sys.stderr)
         return 2
     try:
-        app = create_app(config)
+        app = start_app(config)
     except ValueError as exc:
         print(f"upload-server: {exc}", file=sys.stderr)
         return 2
@@ -73,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"upload-server: {exc}", file=sys.stderr)
         return 1
     try:
-        server = waitress.create_server(app, **waitress_options(config))
+        server = waitress_server.create_server(app, app.server_policy, **waitress_options(config))
     except OSError as exc:
         app.runtime.close()
         print(

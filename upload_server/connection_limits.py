@@ -37,6 +37,7 @@ import waitress.wasyncore
 
 from .clients import client_key
 from .errors import error_body
+from .event_loop import LOOP
 
 log = logging.getLogger("upload_server.waitress")
 
@@ -300,6 +301,10 @@ class Refusal(waitress.wasyncore.dispatcher):
 
     def handle_error(self) -> None:
         self.close()
+
+    def del_channel(self, map: Any = None) -> None:
+        LOOP.closing(self._fileno, self)  # while its socket is still open
+        super().del_channel(map)
 
     def close(self) -> None:
         ADMISSION.refusals.pop(self, None)

@@ -224,13 +224,3 @@ class SelectorLoop:
 
 
 LOOP = SelectorLoop()
-
-
-_del_channel = waitress.wasyncore.dispatcher.del_channel
-
-
-def unwatch_then_del_channel(self: waitress.wasyncore.dispatcher, map: Any = None) -> None:
-    """wasyncore's `del_channel` (called by `close` before the socket is closed), telling the
-    event loop first, while the socket is still open."""
-    LOOP.closing(self._fileno, self)
-    _del_channel(self, map)

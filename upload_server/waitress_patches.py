@@ -1,4 +1,8 @@
-"""Seven adjustments to waitress, applied process-wide by `create_app` (so `waitress-serve` gets them).
+"""Seven adjustments to waitress: the classes a server's connections are made of.
+
+`waitress_server` puts them into one server of ours (`upload-server`), or into waitress's own
+server class process-wide (`waitress-serve`). Each connection's channel (`KeepingChannel`) carries
+its server's `ServerPolicy` and hands it to its parser (`AdmittingParser`) and tasks.
 
 1. JSON errors: waitress answers some requests itself (body too large, malformed HTTP, headers too
    large) before the app sees them; those answers get the app's `{"error": ...}` shape, plus the
@@ -8,7 +12,8 @@
    and must not carry one. Every tus PATCH answers 204, so each would cost the client a new TCP (and
    TLS) connection. The task below keeps such connections open unless the client asked to close.
 3. Request bodies past 512 KiB spill to temporary files in the spool directory, created so that they
-   can be linked: a tus PATCH body then becomes its spool segment by a link, with no copy at all.
+   can be linked (`SpoolingBuffer`): a tus PATCH body then becomes its spool segment by a link,
+   with no copy at all.
 4. A body that would eat into the free-space reserve is refused with 507 as soon as its headers
    arrive, before waitress reads (and spills to disk) a byte of it; no refusal, this one or a 413,
    is preceded by a `100 Continue` that would invite the body. A body that meets a full disk
@@ -24,7 +29,8 @@
 7. Connection limits and deadlines (`connection_limits`): a connection past `--max-connections`
    or its client's share is answered 503/429 at once; the loop's tick closes connections whose
    headers or bodies are too slow; a body spills to disk early once the bodies held in memory
-   reach their budget. The loop is told of a socket's close before it happens (`del_channel`).
+   reach their budget. The loop is told of a socket's close before it happens (`del_channel` of
+   our channels and refusals).
 """
 
 from __future__ import annotations
@@ -36,41 +42,47 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+import waitress.adjustments
 import waitress.buffers
 import waitress.channel
 import waitress.parser
 import waitress.server
 import waitress.task
-import waitress.trigger
 import waitress.utilities
 import waitress.wasyncore
 
 from . import fileio
-from .connection_limits import (
-    ADMISSION,
-    Limits,
-    accept_waiting,
-    accepting,
-    effective_max_connections,
-)
+from .connection_limits import ADMISSION, Limits
 from .errors import error_body
-from .event_loop import LOOP, unwatch_then_del_channel
+from .event_loop import LOOP
 from .protocol import tus
 
 log = logging.getLogger("upload_server.waitress")
 
 
-def _json_response(self: waitress.utilities.Error, ident: str | None = None):
-    code = self.reason.lower().replace(" ", "_")
-    body = error_body(code, f"{self.reason}: {self.body}")
-    return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+class JsonError(waitress.utilities.Error):
+    """An answer waitress gives itself, with the app's `{"error": ...}` body."""
+
+    def to_response(self, ident: str | None = None):
+        code = self.reason.lower().replace(" ", "_")
+        body = error_body(code, f"{self.reason}: {self.body}")
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
-class InsufficientStorage(waitress.utilities.Error):
+def _as_json(error: waitress.utilities.Error) -> waitress.utilities.Error:
+    """`error` (one of waitress's own: 400, 413, 431, 500, 501) answered with a JSON body."""
+    if isinstance(error, JsonError):
+        return error
+    answer = JsonError(error.body)
+    answer.code, answer.reason = error.code, error.reason
+    return answer
+
+
+class InsufficientStorage(JsonError):
     code = 507
     reason = "Insufficient Storage"
 
@@ -83,14 +95,17 @@ class DiskFull(InsufficientStorage):
         return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
-class BufferFailed(waitress.utilities.InternalServerError):
+class BufferFailed(JsonError):
     """A request body that could not be buffered for another reason (an I/O error)."""
+
+    code = 500
+    reason = "Internal Server Error"
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class StaleOffset(waitress.utilities.Error):
+class StaleOffset(JsonError):
     """A tus PATCH that repeats a cut request whose prefix is kept: refused on its headers, so the
     client does not send a body that could only be refused once it had all arrived."""
 
@@ -149,14 +164,55 @@ class _NoObserver:
         return False
 
 
+@dataclass(frozen=True)
+class ServerPolicy:
+    """What one server's connections ask of the app, from waitress's I/O thread: `spool_dir`
+    is where bodies past 512 KiB spill, as linkable files (None: waitress's own temporary files);
+    `allow_origin` maps a request's Origin to its Access-Control-Allow-Origin (None: none);
+    `admit` says why a body of that many bytes cannot be stored (None: it can); `observer`
+    follows request bodies and is offered every one cut off mid-way; `limits` are the connection
+    limits and deadlines."""
+
+    spool_dir: Path | None = None
+    allow_origin: Callable[[str], str | None] = lambda origin: None
+    admit: Callable[[int], str | None] = lambda length: None
+    observer: BodyObserver = field(default_factory=_NoObserver)
+    limits: Limits = field(default_factory=Limits)
+
+
+class SpoolFileBuffer(waitress.buffers.TempfileBasedBuffer):
+    """A body buffer's file: anonymous, in the spool directory, linkable into place."""
+
+    def __init__(self, from_buffer: Any, directory: Path) -> None:
+        self.directory = directory
+        super().__init__(from_buffer)
+
+    def newfile(self) -> BinaryIO:
+        return fileio.linkable_tempfile(self.directory)
+
+
+class SpoolingBuffer(waitress.buffers.OverflowableBuffer):
+    """waitress's body buffer (bytes in memory up to `overflow`, then a file), whose file is a
+    `SpoolFileBuffer`."""
+
+    def __init__(self, overflow: int, directory: Path) -> None:
+        super().__init__(overflow)
+        self.directory = directory
+
+    def _set_large_buffer(self) -> None:  # waitress's, with our file
+        old, self.buf = self.buf, SpoolFileBuffer(self.buf, self.directory)
+        if hasattr(old, "close"):
+            old.close()
+        self.overflowed = True
+
+
 class AdmittingParser(waitress.parser.HTTPRequestParser):
     """Asks `admit` about a declared Content-Length once the headers are parsed (a chunked body
     declares none; the app checks it once it has arrived), asks `observer` whether the body
     repeats bytes already kept, and tells it when a body starts and when it is complete or
     dropped."""
 
-    admit: Callable[[int], str | None] = staticmethod(lambda length: None)
-    observer: BodyObserver = _NoObserver()
+    policy = ServerPolicy()  # its channel's
     watch_key: object | None = None
     started = 0.0  # time.monotonic() of its first byte
     memory_reserved = 0  # bytes of the in-memory body budget it holds (see connection_limits)
@@ -171,8 +227,11 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             self.adj.inbuf_overflow = self.memory_reserved
             self.memory_reserved = 0
         super().parse_header(header_plus)
+        spool_dir = self.policy.spool_dir
+        if self.body_rcv is not None and spool_dir is not None:  # nothing of the body is in yet
+            self.body_rcv.buf = SpoolingBuffer(self.adj.inbuf_overflow, spool_dir)
         if self.content_length > 0:
-            refusal = self.admit(self.content_length)
+            refusal = self.policy.admit(self.content_length)
             if refusal:
                 self.error = InsufficientStorage(refusal)
                 self.completed = True
@@ -183,12 +242,12 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
                 log.exception("the body observer failed on a request's headers")
 
     def _observe(self) -> None:
-        offset = self.observer.stale_offset(self.command, self.path, self.headers)
+        offset = self.policy.observer.stale_offset(self.command, self.path, self.headers)
         if offset is not None:
             self.error = StaleOffset(offset)
             self.completed = True
             return
-        self.watch_key = self.observer.body_started(
+        self.watch_key = self.policy.observer.body_started(
             self.command, self.path, self.headers, self._abort
         )
 
@@ -233,7 +292,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
     def end_watch(self) -> None:
         key, self.watch_key = self.watch_key, None
         if key is not None:
-            self.observer.body_ended(key)
+            self.policy.observer.body_ended(key)
 
     def close(self) -> None:
         self.end_watch()
@@ -243,15 +302,14 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
 
 
 class JsonErrorTask(waitress.task.ErrorTask):
-    """waitress's own error answer, with the headers the app would have added."""
-
-    allow_origin: Callable[[str], str | None] = staticmethod(lambda origin: None)
+    """waitress's own error answer, in JSON and with the headers the app would have added."""
 
     def execute(self) -> None:
+        self.request.error = _as_json(self.request.error)
         headers = self.request.headers
         if "TUS_RESUMABLE" in headers:
             self.response_headers.append(("Tus-Resumable", tus.VERSION))
-        allowed = self.allow_origin(headers.get("ORIGIN", ""))
+        allowed = self.channel.policy.allow_origin(headers.get("ORIGIN", ""))
         if allowed:
             self.response_headers.append(("Access-Control-Allow-Origin", allowed))
         super().execute()
@@ -295,6 +353,9 @@ class KeepingChannel(waitress.channel.HTTPChannel):
     `maintenance`) goes through `handle_close`, where waitress would let the incomplete parser and
     the body buffer in it go. The parser's observer answers at once whether it takes the request."""
 
+    policy = ServerPolicy()  # see `channel_for`
+    task_class = KeepAliveTask
+    error_task_class = JsonErrorTask
     discarding = False  # a request was refused mid-body: what else arrives is dropped
 
     had_request = False  # its first request began (the header deadline then counts from it)
@@ -311,12 +372,14 @@ class KeepingChannel(waitress.channel.HTTPChannel):
         ADMISSION.opened(self)
 
     def del_channel(self, map: Any = None) -> None:
+        LOOP.closing(self._fileno, self)  # while its socket is still open
         super().del_channel(map)
         ADMISSION.closed(self)
 
     def _new_parser(self, adj: Any) -> AdmittingParser:
         parser = AdmittingParser(adj)  # made when a request's first byte arrives
         parser.channel = self
+        parser.policy = self.policy
         parser.started = time.monotonic()
         self.had_request = True
         return parser
@@ -351,7 +414,7 @@ class KeepingChannel(waitress.channel.HTTPChannel):
         taken = False
         try:
             cut = self._cut_request(request)
-            taken = cut is not None and request.observer.body_cut(cut)
+            taken = cut is not None and self.policy.observer.body_cut(cut)
         except Exception:  # never let this break waitress's loop
             log.exception("could not offer a cut request body")
         if taken:
@@ -390,35 +453,3 @@ def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[Binar
     file.flush()
     file.seek(0)
     return file, len(inner)
-
-
-def install(
-    spool_dir: Path,
-    allow_origin: Callable[[str], str | None],
-    admit: Callable[[int], str | None],
-    observer: BodyObserver,
-    limits: Limits | None = None,
-) -> int:
-    """`allow_origin` maps a request's Origin to its Access-Control-Allow-Origin (None: none);
-    `admit` says why a body of that many bytes cannot be stored (None: it can); `observer` follows
-    request bodies and is offered every one cut off mid-way; `limits` are the connection limits
-    and deadlines. Returns the connection limit in force (lowered to the open-file limit)."""
-    limits = limits or Limits()
-    max_connections = effective_max_connections(limits.max_connections)
-    ADMISSION.configure(limits, max_connections)
-    LOOP.on_tick = ADMISSION.check
-    waitress.utilities.Error.to_response = _json_response
-    AdmittingParser.admit = staticmethod(admit)
-    waitress.channel.HTTPChannel.parser_class = AdmittingParser
-    JsonErrorTask.allow_origin = staticmethod(allow_origin)
-    waitress.channel.HTTPChannel.error_task_class = JsonErrorTask
-    waitress.channel.HTTPChannel.task_class = KeepAliveTask
-    AdmittingParser.observer = observer
-    waitress.server.BaseWSGIServer.asyncore = LOOP
-    waitress.server.BaseWSGIServer.handle_accept = accept_waiting
-    waitress.server.BaseWSGIServer.readable = accepting
-    waitress.wasyncore.dispatcher.del_channel = unwatch_then_del_channel
-    waitress.server.MultiSocketServer.asyncore = LOOP
-    waitress.server.BaseWSGIServer.channel_class = KeepingChannel
-    waitress.buffers.TempfileBasedBuffer.newfile = lambda self: fileio.linkable_tempfile(spool_dir)
-    return max_connections

@@ -13,12 +13,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import falcon
 
 from .. import metrics
-from ..runtime import Runtime
+from ..config import Config
+from ..layout import Layout
 
 RECOVERY_GRACE = 3.0  # seconds
 MANAGER_TIMEOUT = 2.0  # seconds
@@ -46,17 +47,66 @@ def _within(timeout: float, call: Callable[[], Any]) -> Any:
     return value
 
 
+class WriterVitals(Protocol):
+    """What the checks read of the writer pool (`workers.pool.WriterPool`)."""
+
+    @property
+    def count(self) -> int: ...
+    @property
+    def last_death(self) -> float | None: ...
+    @property
+    def healing(self) -> bool: ...
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def stalls(self) -> int: ...
+    def ping(self, timeout: float = ...) -> int: ...
+    def alive(self) -> int: ...
+    def pids(self) -> list[int]: ...
+    def queue_depths(self) -> list[int]: ...
+
+
+class SessionCounts(Protocol):
+    """What the checks read of the sessions (`service.Uploads`)."""
+
+    @property
+    def live(self) -> Any: ...  # `len()` of it asks the Manager
+    def in_progress_count(self) -> int: ...
+
+
+class HealthSource(Protocol):
+    """What `/readyz` and `/metrics` read: the `Runtime` (any of its parts may be None while it
+    starts or stops), or whatever a test serves instead."""
+
+    @property
+    def pool(self) -> WriterVitals | None: ...
+    @property
+    def uploads(self) -> SessionCounts | None: ...
+    @property
+    def cluster(self) -> Any: ...  # `problems()`: why this node cannot serve (cluster mode)
+    @property
+    def manager(self) -> Any: ...  # the SyncManager, for its process id
+    @property
+    def manager_restarts(self) -> int: ...
+    @property
+    def started(self) -> float: ...  # time.time() at start
+    @property
+    def config(self) -> Config: ...  # the chunk size and free-space reserve
+    @property
+    def layout(self) -> Layout: ...  # the upload disk, whose free space counts
+
+
 class HealthResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "ok"}
 
 
 class ReadyResource:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, source: HealthSource) -> None:
+        self.source = source
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        runtime = self.runtime
+        runtime = self.source
         pool = runtime.pool
         problems = []
         alive = pool.ping() if pool else 0
@@ -100,12 +150,12 @@ class ReadyResource:
 class MetricsResource:
     """GET /metrics in Prometheus text format, every process's figures together."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, source: HealthSource) -> None:
+        self.source = source
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         figures = metrics.get()
-        pool, uploads = self.runtime.pool, self.runtime.uploads
+        pool, uploads = self.source.pool, self.source.uploads
         if pool is not None:
             figures.writers_alive.set(pool.alive())
             for index, depth in enumerate(pool.queue_depths()):
