@@ -21,7 +21,12 @@ from typing import Any
 
 import falcon.testing
 import pytest
+import waitress.buffers
+import waitress.channel
+import waitress.utilities
+import waitress.wasyncore
 
+from upload_server import waitress_patches, waitress_server
 from upload_server.app import build_app
 from upload_server.auth import hash_key
 from upload_server.config import Config
@@ -357,13 +362,16 @@ def test_metadata_limit_is_configurable(make_served):
     [
         ({"Content-Type": "text/plain"}, b"abc", 415),  # not an offset stream
         ({}, b"x" * 11, 413),  # longer than Upload-Length
+        ({"Upload-Checksum": "crc99 AAAA"}, b"abc", 400),
         ({"Upload-Concat": "final;/files/AAAAAAAAAAAAAAAAAAAAAA"}, b"abc", 400),
     ],
 )
 def test_refused_creation_body_creates_nothing(served, headers, data, status):
     length = None if "Upload-Concat" in headers else 10
     h = {**TUS, **({"Upload-Length": "10"} if length else {}), "Content-Type": OCTET, **headers}
-    assert_error(served.client.simulate_post("/files/", headers=h, body=data), status)
+    refused = served.client.simulate_post("/files/", headers=h, body=data)
+    assert_error(refused, status)
+    assert "Location" not in refused.headers
     assert not served.live
 
 
@@ -507,6 +515,66 @@ def test_x_http_method_override(served):
         body=b"abc",
     )
     assert overridden.status_code == 204 and overridden.headers["Upload-Offset"] == "3"
+    gone = served.client.simulate_post(
+        _path(url), headers={**TUS, "X-HTTP-Method-Override": "DELETE"}
+    )
+    assert gone.status_code == 204
+    assert_error(served.head(url), 410)
+
+
+def test_expiration_header(served):
+    created = served.create(10)
+    assert "GMT" in created.headers["Upload-Expires"]
+    patched = served.patch(created.headers["Location"], 0, b"12345")
+    assert "GMT" in patched.headers["Upload-Expires"]
+
+
+# -- browsers ---------------------------------------------------------------------------------
+
+
+def test_cors_preflight_and_exposed_headers(served):
+    preflight = served.client.simulate_options(
+        "/files/",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "tus-resumable, upload-length, x-app-trace",
+        },
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")
+    assert "PATCH" in preflight.headers["Access-Control-Allow-Methods"]
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert "upload-offset" in allowed and "tus-resumable" in allowed
+    assert "x-app-trace" in allowed  # a client's own headers (tus-js-client `headers:`)
+    assert preflight.headers["Tus-Version"] == "1.0.0"  # still a tus OPTIONS
+    assert "creation" in preflight.headers["Tus-Extension"]
+    created = served.create(5, headers={"Origin": "https://app.example"})
+    exposed = created.headers["Access-Control-Expose-Headers"].lower()
+    for name in [
+        "location",
+        "upload-offset",
+        "upload-length",
+        "upload-expires",
+        "tus-resumable",
+        "upload-metadata",
+        "tus-version",
+    ]:
+        assert name in exposed
+
+
+def test_cors_origins_can_be_restricted(make_served):
+    served = make_served(cors_origins="https://good.example")
+    good = served.client.simulate_options(
+        "/files/",
+        headers={"Origin": "https://good.example", "Access-Control-Request-Method": "PATCH"},
+    )
+    assert good.headers["Access-Control-Allow-Origin"] == "https://good.example"
+    evil = served.client.simulate_options(
+        "/files/",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "PATCH"},
+    )
+    assert "Access-Control-Allow-Origin" not in evil.headers
 
 
 # -- tus: downloads ---------------------------------------------------------------------------
@@ -549,6 +617,9 @@ def test_download_headers_and_ranges(served):
         _path(url), headers={"Range": "bytes=0-9", "If-Range": '"other"'}
     )
     assert changed.status_code == 200 and changed.content == data
+    wrong_version = served.client.simulate_get(_path(url), headers={"Tus-Resumable": "0.2.0"})
+    assert wrong_version.status_code == 412
+    assert served.client.simulate_get(_path(url), headers=TUS).status_code == 200
 
 
 def test_download_of_an_incomplete_upload_is_refused(served):
@@ -618,6 +689,11 @@ def test_every_endpoint_needs_a_credential(secure):
     assert basic.status_code == 401
     # public: health, and CORS preflights
     assert secure.client.simulate_get("/healthz").status_code == 200
+    preflight = secure.client.simulate_options(
+        "/files/",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status_code == 204
 
 
 def test_sessions_are_invisible_to_other_credentials(secure):
@@ -812,3 +888,36 @@ def test_health_without_processes(served):
     assert served.client.simulate_get("/healthz").json == {"status": "ok"}
     ready = served.client.simulate_get("/readyz")
     assert ready.status_code == 200 and ready.json["writers"] == 0
+
+
+# -- the server around it ---------------------------------------------------------------------
+
+
+def test_upload_servers_own_server_carries_the_adjustments_and_waitress_is_left_alone(served):
+    originals = (
+        waitress.channel.HTTPChannel.parser_class,
+        waitress.channel.HTTPChannel.task_class,
+        waitress.channel.HTTPChannel.error_task_class,
+        waitress.utilities.Error.to_response,
+        waitress.buffers.TempfileBasedBuffer.newfile,
+        waitress.wasyncore.dispatcher.del_channel,
+    )
+    policy = waitress_patches.ServerPolicy(spool_dir=served.layout.spool_dir)
+    app = build_app(served.config, served.uploads, _NoRuntime())
+    server = waitress_server.create_server(app, policy, host="127.0.0.1", port=0)
+    try:
+        assert isinstance(server, waitress_server.UploadServer)
+        assert issubclass(server.channel_class, waitress_patches.KeepingChannel)
+        assert server.channel_class.policy is policy
+        assert server.channel_class.task_class is waitress_patches.KeepAliveTask
+        assert server.asyncore is waitress_server.LOOP
+    finally:
+        server.close()
+    assert originals == (
+        waitress.channel.HTTPChannel.parser_class,
+        waitress.channel.HTTPChannel.task_class,
+        waitress.channel.HTTPChannel.error_task_class,
+        waitress.utilities.Error.to_response,
+        waitress.buffers.TempfileBasedBuffer.newfile,
+        waitress.wasyncore.dispatcher.del_channel,
+    )
