@@ -23,7 +23,6 @@ import falcon.testing
 import pytest
 import waitress.buffers
 import waitress.channel
-import waitress.utilities
 import waitress.wasyncore
 
 from upload_server import waitress_patches, waitress_server
@@ -894,11 +893,12 @@ def test_health_without_processes(served):
 
 
 def test_upload_servers_own_server_carries_the_adjustments_and_waitress_is_left_alone(served):
+    """(`create_app`, which other tests call in-process, installs them on waitress's server class
+    and its error answers: those are left out here.)"""
     originals = (
         waitress.channel.HTTPChannel.parser_class,
         waitress.channel.HTTPChannel.task_class,
         waitress.channel.HTTPChannel.error_task_class,
-        waitress.utilities.Error.to_response,
         waitress.buffers.TempfileBasedBuffer.newfile,
         waitress.wasyncore.dispatcher.del_channel,
     )
@@ -917,7 +917,6 @@ def test_upload_servers_own_server_carries_the_adjustments_and_waitress_is_left_
         waitress.channel.HTTPChannel.parser_class,
         waitress.channel.HTTPChannel.task_class,
         waitress.channel.HTTPChannel.error_task_class,
-        waitress.utilities.Error.to_response,
         waitress.buffers.TempfileBasedBuffer.newfile,
         waitress.wasyncore.dispatcher.del_channel,
     )

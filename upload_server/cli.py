@@ -4,7 +4,8 @@ waitress reads each request body on its single I/O thread before the app runs; w
 (8 KiB socket reads) that thread, not the app, limits intake. `recv_bytes` of 256 KiB roughly triples
 single-stream intake, more `threads` keep status and HEAD answering while PATCHes wait for writers,
 and `max_request_body_size` must follow the upload limit (waitress's own default of 1 GiB would
-silently cap uploads). See docs/PERFORMANCE.md for the measurements.
+silently cap uploads). See docs/PERFORMANCE.md for the measurements. The server is ours
+(`waitress_server.create_server`), so the waitress adjustments apply to it alone.
 """
 
 from __future__ import annotations

@@ -164,6 +164,14 @@ class _NoObserver:
         return False
 
 
+def _no_origin(origin: str) -> str | None:
+    return None
+
+
+def _admit_any(length: int) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ServerPolicy:
     """What one server's connections ask of the app, from waitress's I/O thread: `spool_dir`

@@ -7,7 +7,10 @@ channels (`channel_for`: our parser, task and error task classes, bound to one `
 through waitress's own extension points (`channel_class`, `parser_class`, `task_class`,
 `error_task_class`, the server's `asyncore`). Nothing of waitress changes for anyone else. Under
 `waitress-serve --call upload_server:create_app` waitress creates the server, so `install` (called
-by `create_app`) sets the same classes on waitress's own server class instead, process-wide.
+by `create_app`) sets the same classes on waitress's own server class instead, process-wide, and
+gives every waitress error the JSON body there too. (Only difference: on our server, the 400 of
+waitress's proxy-headers middleware, a trusted proxy's malformed `Forwarded` header, keeps
+waitress's plain-text body: that middleware answers outside any channel.)
 
 Process-wide either way: the event loop (`event_loop.LOOP`) and the connection admission
 (`connection_limits.ADMISSION`). A process has one I/O thread, and request threads reach its loop
@@ -22,6 +25,7 @@ from typing import Any
 import waitress.adjustments
 import waitress.server
 import waitress.task
+import waitress.utilities
 
 from .connection_limits import (
     ADMISSION,
@@ -31,7 +35,7 @@ from .connection_limits import (
     effective_max_connections,
 )
 from .event_loop import LOOP
-from .waitress_patches import KeepingChannel, ServerPolicy
+from .waitress_patches import JsonError, KeepingChannel, ServerPolicy
 
 
 def channel_for(policy: ServerPolicy) -> type[KeepingChannel]:
@@ -97,6 +101,7 @@ def install(policy: ServerPolicy) -> int:
     server.readable = accepting
     server.channel_class = channel_for(policy)
     waitress.server.MultiSocketServer.asyncore = LOOP
+    waitress.utilities.Error.to_response = JsonError.to_response  # as before, for every answer
     return max_connections
 
 
