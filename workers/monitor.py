@@ -8,9 +8,9 @@ starts a replacement at the same index and has the pool hand it the dead one's w
 It also watches each writer's vital signs (`writer.VITALS`: a heartbeat counted by a thread of the
 writer's own, and the main loop's progress). A writer whose heartbeat has been silent for
 `UNRESPONSIVE_AFTER` (`STOPPED_AFTER` when the kernel says it is stopped) is unresponsive: the
-requests waiting on it are answered at once (503, try again; their bodies stay in the spool) and new
-ones are not sent to it, so no front-end thread waits on a stopped process (if it runs again, it
-skips the appends answered so: `writer.ABANDONED`). One that holds work and shows neither heartbeat
+requests waiting on it are answered at once (`writer_unavailable`: try again; their bodies stay in
+the spool) and new ones are not sent to it, so no front-end thread waits on a stopped process (if
+it runs again, it skips the appends answered so: `writer.ABANDONED`). One that holds work and shows neither heartbeat
 nor progress for the stall timeout (`--writer-stall-timeout`) is killed with SIGKILL, so that it can
 never write stale bytes later, and replaced like a dead one. A writer that is only slow (a rate
 limit's sleep, a long write) keeps its heartbeat and is never touched.
@@ -185,7 +185,7 @@ class Monitor:
                 handle.unresponsive = True
                 handle.vitals[writer.ABANDONED] = handle.sent  # see writer.ABANDONED
                 log.warning(
-                    "writer %d (pid %s): no heartbeat for %.1fs; answering its requests 503 "
+                    "writer %d (pid %s): no heartbeat for %.1fs; answering its requests unavailable "
                     "until it answers again or is replaced",
                     handle.index,
                     handle.process.pid,

@@ -1,7 +1,8 @@
 """Requests sent to writers and waiting for their `Reply`, by request id.
 
 Each waiting front-end thread holds a `Future`; the pool's monitor resolves it with the writer's
-reply, or fails it (`WriterUnavailable`, a 503 for the client) when the writer cannot answer.
+reply, or fails it (`WriterUnavailable`: `writer_unavailable` for the client, who retries) when
+the writer cannot answer.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class PendingRequests:
 
     def fail(self, reason: str, index: int | None = None) -> None:
         """Answer every request waiting (on writer `index`, or on any) now: its thread gets a
-        `WriterUnavailable`, its client a 503."""
+        `WriterUnavailable`, its client `writer_unavailable`."""
         with self._lock:
             mine = [p for p in self._items.values() if index is None or p.index == index]
         for pending in mine:

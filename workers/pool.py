@@ -62,7 +62,7 @@ class WriterPool:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._round_robin = itertools.cycle(range(count))
-        self.healing = False  # the Manager is being replaced: requests are answered 503 at once
+        self.healing = False  # the Manager is being replaced: requests are refused at once
 
     # -- what the monitor sees and reports (set by the runtime and the service) -------------
 
@@ -162,7 +162,7 @@ class WriterPool:
     def restart_all(self, manager: Any) -> None:
         """Replace every writer (the Manager they were connected to was replaced): kill the old
         ones first, so none writes a record while the new view is built from the records; the
-        requests waiting on them are answered 503 (their clients retry). Call `kill_all` first,
+        requests waiting on them are failed (their clients retry). Call `kill_all` first,
         then rebuild the view, then this; from the monitor thread only (see `monitor`)."""
         self._manager = manager
         with self._lock:
@@ -316,7 +316,7 @@ class WriterPool:
         handle = self._monitor.handles[index]
         for request_id, pending in self._pending.of(index):
             if pending.future.done():
-                continue  # answered already (503 while it was unresponsive): its client retries
+                continue  # failed already (while it was unresponsive): its client retries
             if pending.resend:
                 handle.send(pending.message)
             else:

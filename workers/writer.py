@@ -48,7 +48,7 @@ log = logging.getLogger("upload_server.writer")
 # The writer's vital signs, a small shared array the pool's monitor reads (`WriterPool`): a heartbeat
 # counted by a thread of its own, the main loop's turns (progress, a rate limit's sleeps included),
 # the tasks it holds and the messages it has taken from its inbox. ABANDONED is written by the pool:
-# the messages sent up to it whose requesters were answered 503 while this writer did not answer;
+# the messages sent up to it whose requesters were told it was unavailable while it did not answer;
 # if it runs again, it skips the appends among them that it had not taken yet (their clients retry,
 # and may already have spooled a new body under the same segment name).
 BEAT, STEPS, TASKS, RECEIVED, ABANDONED = range(5)
@@ -134,8 +134,7 @@ class Writer:
                 self.vitals[RECEIVED] <= self.vitals[ABANDONED]
             ):
                 log.warning(
-                    "writer %d: skipping request %d for %s, answered 503 while this writer was "
-                    "stopped",
+                    "writer %d: skipping request %d for %s, refused while this writer was stopped",
                     self.settings.index,
                     message.request_id,
                     message.session_id,
