@@ -208,6 +208,15 @@ def test_a_checksum_mismatch_takes_the_bytes_back(harness: Harness):
     assert reply.session["sha256"] == hashlib.sha256(first + second).hexdigest()
 
 
+def test_a_checksum_mismatch_does_not_declare_a_deferred_length(harness: Harness):
+    upload = harness.session()
+    wrong = ("md5", hashlib.md5(b"x").digest())
+    reply = harness.answer(harness.append(upload, 0, b"abc", checksum=wrong, declare_length=10))
+    assert reply.code == "checksum_mismatch" and reply.session["total_bytes"] is None
+    reply = harness.answer(harness.append(upload, 0, b"abc", declare_length=3))
+    assert reply.ok and reply.session["state"] == states.COMPLETED
+
+
 def test_terminate_interrupts_an_append_in_progress(harness: Harness):
     data = payload(8 * CHUNK, 5)
     upload = harness.session(total=len(data))
