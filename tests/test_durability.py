@@ -21,6 +21,8 @@ from tusclient.storage.filestorage import FileStorage
 from upload_server import portable
 
 from .conftest import MiB, Server, make_file, sha256_file, wait_for
+from .test_operations import metric
+from .test_security import Receiver
 from .tus_http import Tus
 
 RATE = "4MiB"  # per session, so uploads are in flight when the kill comes
@@ -292,7 +294,8 @@ def test_fsync_policies_store_the_same_bytes(make_server, files, policy):
 
 @pytest.mark.parametrize("moment", ["noted", "linked", "unlinked"])
 def test_a_crash_while_publishing_is_finished_at_restart(make_server, files, moment):
-    """Publishing writes its target down first: wherever a crash stops it, a restart finishes it."""
+    """Publishing writes its target down first: wherever a crash stops it, a restart finishes it,
+    and completes it as a writer would (the post-finish hook and the metric fire once)."""
     import json
 
     server = make_server()
@@ -311,11 +314,23 @@ def test_a_crash_while_publishing_is_finished_at_restart(make_server, files, mom
     record.update(state="writing", publishing=name, location=None)
     record_path.write_text(json.dumps(record))
 
-    again = make_server(upload_dir=server.upload_dir)
-    status = again.status(session_id)
-    assert status["state"] == "completed" and status["storedAs"] == name
-    assert sha256_file(again.upload_dir / name) == sha256_file(source) == status["sha256"]
-    assert not partial.exists()
+    receiver = Receiver()
+    try:
+        hook = ["--hook-url", f"http://127.0.0.1:{receiver.port}/hook"]
+        again = make_server(hook, upload_dir=server.upload_dir)
+        status = again.status(session_id)
+        assert status["state"] == "completed" and status["storedAs"] == name
+        assert sha256_file(again.upload_dir / name) == sha256_file(source) == status["sha256"]
+        assert not partial.exists()
+        # completed once, whichever process finished it: the hook and the metric fire once
+        wait_for(lambda: receiver.of("post-finish"))
+        time.sleep(0.3)  # nothing more comes
+        finished = receiver.of("post-finish")
+        assert [payload["upload"]["sessionID"] for payload in finished] == [session_id]
+        text = requests.get(again.url("/metrics"), timeout=10).text
+        assert metric(text, "upload_server_uploads_completed_total", protocol="seed") == 1
+    finally:
+        receiver.httpd.shutdown()
 
 
 def test_a_crash_after_the_spool_became_the_data_is_finished_at_restart(make_server, files):

@@ -349,7 +349,7 @@ def test_a_writer_continued_before_the_stall_timeout_skips_what_was_answered_503
     assert sha256_file(server.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()
     ready = readyz(server)
     assert ready["writerPids"] == [pid] and ready["writerStalls"] == 0
-    assert "answered 503 while this writer was stopped" in server.log()
+    assert "refused while this writer was stopped" in server.log()
 
 
 def test_a_replacement_writer_holds_no_client_connection(make_server):

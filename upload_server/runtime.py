@@ -22,6 +22,7 @@ from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.messages import Event
 from workers.pool import WriterPool
 from workers.writer import WriterSettings
 
@@ -31,8 +32,8 @@ from .config import Config
 from .hooks import Hooks
 from .layout import Layout
 from .service import Uploads
+from .sessions import lifecycle, segments
 from .sessions import record as states
-from .sessions import segments
 from .sessions.live import LiveSessions
 from .sessions.record import Session
 from .sessions.store import SessionStore
@@ -66,6 +67,7 @@ class Runtime:
         self.sweeper: Sweeper | None = None
         self._lock_fd: int | None = None
         self._on_close: list[Callable[[], None]] = []
+        self._completed: list[Event] = []  # completions of recovery the front end has not seen
         self._ctx: Any = None
         self.manager_restarts = 0
         self.started = time.time()
@@ -104,6 +106,7 @@ class Runtime:
         self.uploads = Uploads(
             self.config, self.layout, live, self.store, self.storage, self.pool, self.hooks
         )
+        self._report_completed(self.uploads)  # publishes `_recover` finished
         if self.backends.node_id is not None:
             self.cluster = self._join_cluster(self.backends.node_id, self.uploads)
         for session in recovered:
@@ -242,39 +245,39 @@ class Runtime:
 
     def _finish_publish(self, session: Session) -> None:
         """A crash came while the upload was being published: finish it (its bytes were all
-        stored and hashed before the note was written)."""
+        stored and hashed before the note was written) with the writer's own completion
+        (`lifecycle.complete`), and tell the front end as a writer's `completed` event does
+        (hooks, metrics, limits): at once when healing, at start-up once it exists."""
         durable = self.config.fsync != "never"
         try:
-            session.location = self.storage.finish_publish(
+            location = self.storage.finish_publish(
                 session.id, session.publishing, session.filename, durable=durable
             )
         except FileNotFoundError:
             log.error("upload %s: its data vanished while it was published", session.id)
             session.publishing = None
             return
-        session.publishing = None
-        session.state = states.COMPLETED
-        session.bytes_written = session.total_bytes or 0
-        session.error = None
-        session.expires_at = None
+        lifecycle.complete(session, location)
         self.store.save(session, durable=durable)
         log.info(
             "upload %s: finished publishing it as %s after a restart", session.id, session.location
         )
+        self._completed.append(Event("completed", session.to_dict()))
+        if self.uploads is not None:
+            self._report_completed(self.uploads)
+
+    def _report_completed(self, uploads: Uploads) -> None:
+        while self._completed:
+            uploads._on_writer_event(self._completed.pop(0))
 
     def _reconcile(self, session: Session) -> None:
-        """The durable offset never runs ahead of what the disk holds (`segments.reconcile`). (For
-        a seed upload whose spool is to become its data, the spool holds the counted bytes.)"""
+        """The durable offset never runs ahead of what the disk holds (`segments.reconcile_stored`,
+        as a writer does on first touch). (For a seed upload whose spool is to become its data,
+        the spool holds the counted bytes.)"""
         if session.spooled and self._spool_whole(session):
             return
         session.spooled = False
-        before = (session.bytes_written, len(session.segments))
-        segments.reconcile(
-            session,
-            self.storage.size(session.id) or 0,
-            lambda offset: self.layout.segment_size(session.id, offset),
-        )
-        if (session.bytes_written, len(session.segments)) != before:
+        if segments.reconcile_stored(session, self.storage, self.layout):
             self.store.save(session, durable=True)
 
     def _data_whole(self, session: Session) -> bool:

@@ -4,8 +4,8 @@
 the spool segments the record names (`Session.segments`: request bodies already counted but not
 yet copied into the data). A segment file is deleted only once its bytes are in the data, so a
 named segment whose file is gone is in the data. After a crash both the front end (start-up) and
-a writer (first touch of a session) bring a record back to what the disk holds with `reconcile`,
-the one place where that rule is written.
+a writer (first touch of a session) bring a record back to what the disk holds with
+`reconcile_stored`, over `reconcile`, the one place where that rule is written.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..layout import Layout
+from ..storage.base import CommittedData, Storage, UploadData
 from .record import Session
 
 log = logging.getLogger("upload_server.sessions")
@@ -53,3 +55,29 @@ def reconcile(session: Session, data_size: int, segment_size: Callable[[int], in
         session.bytes_written = counted
         session.segments = kept
     return session.data_bytes
+
+
+def reconcile_stored(
+    session: Session, storage: Storage, layout: Layout, data: UploadData | None = None
+) -> bool:
+    """Count what the storage and the spool hold for `session` (`reconcile`); True when the
+    record changed. Start-up passes no `data` and only corrects the record. A writer passes the
+    data it opened, and bytes past the count are cut: they were never acknowledged, or are copies
+    of a named segment that is copied again; unless the storage committed them (S3: an append
+    whose record was lost), which makes them the offset."""
+    before = (session.bytes_written, len(session.segments))
+    size = data.size() if data is not None else storage.size(session.id) or 0
+    cut_to = reconcile(session, size, lambda offset: layout.segment_size(session.id, offset))
+    if data is not None and size > cut_to:
+        try:
+            data.truncate(cut_to)
+        except CommittedData:
+            log.warning(
+                "session %s: storage holds %d committed bytes, record says %d; keeping them",
+                session.id,
+                size,
+                session.bytes_written,
+            )
+            session.bytes_written = size
+            session.segments = []
+    return (session.bytes_written, len(session.segments)) != before
