@@ -30,6 +30,7 @@ from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
 from .layout import Layout
+from .locks import Locks, UploadLocks
 from .runtime import Runtime
 from .service import Uploads
 
@@ -48,14 +49,14 @@ def build_app(
     health_source: health.HealthSource,
     *,
     cut_bodies: CutBodies | None = None,
-    locks: tus.UploadLocks | None = None,
+    locks: Locks | None = None,
 ) -> UploadApp:
     """The app serving `uploads` (both protocols), with `/readyz` and `/metrics` reading
     `health_source`. `cut_bodies` replays cut tus bodies through this app (a server's channels
     offer them to it; without a server none arrive); `locks` serialize a tus upload's requests
     (one process's own by default; the cluster's leases with several nodes)."""
     cut_bodies = cut_bodies if cut_bodies is not None else CutBodies(config.tus_path)
-    locks = locks if locks is not None else tus.UploadLocks()
+    locks = locks if locks is not None else UploadLocks()
     forwarding = explicit_proxies(config.trusted_proxy)
     app = UploadApp(
         middleware=[

@@ -19,9 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
-import threading
 import urllib.parse
-from collections.abc import Iterator
 from typing import BinaryIO
 
 import falcon
@@ -30,6 +28,7 @@ from .. import errors
 from ..auth import Principal
 from ..cut_bodies import CutBodies
 from ..filenames import sanitize
+from ..locks import Locks
 from ..protocol import ranges, tus
 from ..service import NewUpload, Uploads
 from ..sessions import lifecycle
@@ -54,7 +53,7 @@ def repr_digest(sha256_hex: str) -> str:
 
 
 class _TusResource:
-    def __init__(self, uploads: Uploads, locks: UploadLocks) -> None:
+    def __init__(self, uploads: Uploads, locks: Locks) -> None:
         self.uploads = uploads
         self.locks = locks
         self.base_path = uploads.config.tus_path
@@ -193,7 +192,7 @@ class TusUpload(_TusResource):
     """/files/{upload_id}: one upload. HEAD and PATCH first wait for a cut request's prefix of
     the same upload that is still being stored (`cut_bodies`), so a retry sees its own bytes."""
 
-    def __init__(self, uploads: Uploads, locks: UploadLocks, cut_bodies: CutBodies) -> None:
+    def __init__(self, uploads: Uploads, locks: Locks, cut_bodies: CutBodies) -> None:
         super().__init__(uploads, locks)
         self.cut_bodies = cut_bodies
 
@@ -372,37 +371,3 @@ def _declared_sha256(req: falcon.Request, metadata: dict[str, str | None]) -> st
     if not re.fullmatch(r"[0-9a-f]{64}", value):
         raise errors.BadRequest("the sha256 metadata must be 64 hex digits", code="bad_digest")
     return value
-
-
-class UploadLocks:
-    """One request at a time per upload, within this process.
-
-    A second request is refused at once with 423, which tus clients retry. Entries live only while
-    someone holds or waits for them."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, list] = {}  # upload id -> [lock, users]
-
-    @contextlib.contextmanager
-    def hold(self, upload_id: str, wait: float = 0.0) -> Iterator[None]:
-        with self._guard:
-            entry = self._locks.setdefault(upload_id, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            lock = entry[0]
-            acquired = lock.acquire(timeout=wait) if wait else lock.acquire(blocking=False)
-            if not acquired:
-                raise errors.Locked(
-                    "another request is writing to this upload; retry when it has finished",
-                    code="upload_locked",
-                )
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    self._locks.pop(upload_id, None)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .. import errors
-from ..api.tus import UploadLocks
+from ..locks import UploadLocks
 from ..sessions.redis_store import unavailable_on_error
 
 log = logging.getLogger("upload_server.cluster")
@@ -62,9 +62,9 @@ return 0
 
 
 class LeaseLocks:
-    """The cluster's `UploadLocks`: this process's lock first (cheap, and it orders requests of
-    one node), then the upload's lease in Redis. Same interface, so the tus resources do not know
-    which one they hold."""
+    """The cluster's `locks.Locks`: this process's lock first (cheap, and it orders requests of
+    one node), then the upload's lease in Redis. Same protocol as `UploadLocks`, so the tus
+    resources do not know which one they hold."""
 
     def __init__(self, client: Any, node_id: str, ttl: float) -> None:
         self.client = client
