@@ -211,7 +211,7 @@ class NoServerErrors(falcon.testing.TestClient):
 class NoProcesses:
     """The health source: what `/readyz` and `/metrics` read, with no process behind the app."""
 
-    pool = uploads = cluster = manager = None
+    pool = uploads = directory = manager = None
     manager_restarts = 0
     started = 0.0
 

@@ -111,8 +111,8 @@ def start_app(
     atexit.register(runtime.close)
     cut_bodies = CutBodies(config.tus_path)
     runtime.on_close(cut_bodies.close)
-    assert runtime.uploads is not None
-    locks = runtime.cluster.locks if runtime.cluster is not None else None
+    assert runtime.uploads is not None and runtime.directory is not None
+    locks = runtime.directory.locks
     app = build_app(config, runtime.uploads, runtime, cut_bodies=cut_bodies, locks=locks)
     app.runtime = runtime
     app.server_policy = _server_policy(config, layout, runtime.uploads, cut_bodies)

@@ -1,4 +1,5 @@
-"""Which session store and which storage a process opens, chosen by the settings.
+"""Which session store and which storage a process opens, chosen by the settings, and the session
+directory the front end answers from (one server, or one node of several).
 
 The front end and every writer process open their own (a Redis connection or a boto3 client is not
 shared across processes), from this one picklable description, so they can never disagree.
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 from .config import Config
 from .layout import Layout
+from .sessions.directory import LocalDirectory, SessionDirectory
+from .sessions.live import LiveSessions
 from .sessions.store import FileSessionStore, SessionStore
 from .storage import LocalStorage, Storage
 from .storage.s3_client import S3Settings
@@ -59,6 +62,19 @@ class Backends:
         from .storage.s3 import S3Storage
 
         return S3Storage(self.s3, layout)
+
+    def open_directory(
+        self, store: SessionStore, live: LiveSessions, lease_ttl: float
+    ) -> SessionDirectory:
+        """The front end's: it joins the other nodes when it `start`s."""
+        if self.node_id is None:
+            return LocalDirectory(live, store)
+        from .cluster.directory import ClusterDirectory
+        from .cluster.node import ClusterNode
+        from .sessions.redis_store import connect
+
+        node = ClusterNode(connect(self.session_store), self.node_id, lease_ttl)
+        return ClusterDirectory(store, live, node)
 
 
 def default_node_id() -> str:

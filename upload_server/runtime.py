@@ -6,8 +6,8 @@ reconciles each session with the bytes actually stored, starts the writers, and 
 session whose spool survived carry on by itself. `close` stops them all and leaves no process behind.
 
 With a shared session store (cluster mode) the records in Redis belong to every node: this node
-recovers only those it was writing under the same `--node-id`, and joins the cluster (heartbeat,
-leases, control channel) once its writers run.
+recovers only those its session directory says are its own (written under the same `--node-id`),
+and the directory joins the cluster (heartbeat, leases, control channel) once the writers run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workers.messages import Event
 from workers.pool import WriterPool
@@ -34,14 +34,12 @@ from .layout import Layout
 from .service import Uploads
 from .sessions import lifecycle, segments
 from .sessions import record as states
+from .sessions.directory import SessionDirectory
 from .sessions.live import LiveSessions
 from .sessions.record import Session
 from .sessions.store import SessionStore
 from .storage import Storage
 from .sweeper import Sweeper
-
-if TYPE_CHECKING:
-    from .cluster.node import ClusterNode
 
 log = logging.getLogger("upload_server")
 
@@ -60,7 +58,7 @@ class Runtime:
         self.backends = Backends.from_config(config)
         self.store: SessionStore = self.backends.open_store(self.layout)
         self.storage: Storage = self.backends.open_storage(self.layout)
-        self.cluster: ClusterNode | None = None
+        self.directory: SessionDirectory | None = None
         self.manager: SyncManager | None = None
         self.pool: WriterPool | None = None
         self.uploads: Uploads | None = None
@@ -79,6 +77,7 @@ class Runtime:
         self.manager = SyncManager(ctx=ctx)
         self.manager.start(initializer=processes.become_child)
         live = LiveSessions(self.manager.dict())
+        self.directory = self.backends.open_directory(self.store, live, self.config.lease_ttl)
         recovered = self._recover(live)
         settings = WriterSettings(
             index=0,
@@ -104,11 +103,17 @@ class Runtime:
         self.pool.on_manager_death = self._heal
         self.pool.start()
         self.uploads = Uploads(
-            self.config, self.layout, live, self.store, self.storage, self.pool, self.hooks
+            self.config,
+            self.layout,
+            live,
+            self.store,
+            self.storage,
+            self.pool,
+            self.hooks,
+            self.directory,
         )
         self._report_completed(self.uploads)  # publishes `_recover` finished
-        if self.backends.node_id is not None:
-            self.cluster = self._join_cluster(self.backends.node_id, self.uploads)
+        self.directory.start(self.uploads.control_from_peer)
         for session in recovered:
             self.pool.drain(session)
         self.sweeper = Sweeper(self.uploads, sweep_interval(self.config.expiry))
@@ -137,9 +142,9 @@ class Runtime:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-        if self.cluster is not None:  # after the writers: no lease is let go while one writes
-            self.cluster.stop()
-            self.cluster = None
+        if self.directory is not None:  # after the writers: no lease is let go while one writes
+            self.directory.stop()
+            self.directory = None
         if self.manager is not None:
             with contextlib.suppress(Exception):
                 self.manager.shutdown()
@@ -198,12 +203,11 @@ class Runtime:
         record names are leftovers of a crash: their clients were never answered and will send
         them again. When the Manager is replaced (`startup` False) requests may be spooling right
         now, so nothing is deleted: the next start-up sweeps what is left."""
-        sessions = list(self.store.all())
+        directory = self.directory
+        assert directory is not None
+        sessions = [s for s in self.store.all() if directory.owns(s)]  # not other nodes' uploads
         named = {
-            self.layout.segment(s.id, offset).name
-            for s in sessions
-            if s.node == self.backends.node_id
-            for offset, _ in s.segments
+            self.layout.segment(s.id, offset).name for s in sessions for offset, _ in s.segments
         }
         for leftover in [
             *self.layout.spool_dir.glob("*.seg"),
@@ -213,8 +217,6 @@ class Runtime:
                 leftover.unlink(missing_ok=True)
         resumable = []
         for session in sessions:
-            if session.node != self.backends.node_id:
-                continue  # another node's upload (cluster mode)
             session.writer %= self.config.writers
             if session.publishing and not session.is_final:
                 self._finish_publish(session)
@@ -227,21 +229,11 @@ class Runtime:
                         resumable.append(session)
                     else:
                         session.wait_for_client("the server restarted")
-                        if self.backends.shared:  # other nodes read the record, not our live view
-                            self.store.save(session, durable=True)
+                        directory.share(session)
                 if session.segments and session.state != states.PAUSED:
                     resumable.append(session)
             live.put(session)
         return resumable
-
-    def _join_cluster(self, node_id: str, uploads: Uploads) -> ClusterNode:
-        from .cluster.node import ClusterNode
-        from .sessions.redis_store import connect
-
-        client = connect(self.config.session_store)
-        node = ClusterNode(client, node_id, self.config.lease_ttl, uploads.control_from_peer)
-        uploads.cluster = node
-        return node.start()
 
     def _finish_publish(self, session: Session) -> None:
         """A crash came while the upload was being published: finish it (its bytes were all

@@ -14,7 +14,7 @@ import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workers.messages import Append, Concat, Event
 from workers.pool import WriterPool, WriterUnavailable
@@ -28,15 +28,13 @@ from .layout import Layout
 from .received_body import RequestBody
 from .sessions import lifecycle
 from .sessions import record as states
+from .sessions.directory import LocalDirectory, SessionDirectory
 from .sessions.live import LiveSessions
 from .sessions.record import Session, is_session_id, new_session_id
 from .sessions.store import SessionStore
 from .spool import Spool
 from .status import status_of
 from .storage import Storage
-
-if TYPE_CHECKING:
-    from .cluster.node import ClusterNode
 
 log = logging.getLogger("upload_server.service")
 
@@ -101,7 +99,7 @@ class Uploads:
         storage: Storage,
         pool: WriterPool,
         hooks: Hooks,
-        cluster: ClusterNode | None = None,
+        directory: SessionDirectory | None = None,
     ) -> None:
         self.config = config
         self.layout = layout
@@ -110,7 +108,8 @@ class Uploads:
         self.storage = storage
         self.pool = pool
         self.hooks = hooks
-        self.cluster = cluster
+        # one server's unless given (`Backends.open_directory` picks by the settings)
+        self.directory = directory if directory is not None else LocalDirectory(live, store)
         self.spool = Spool(layout, sync=config.fsync == "always")
         # unfinished session ids by `limit_key` (credential, or client with auth off); rebuilt
         # here from the records recovered at start-up, which carry that key
@@ -130,39 +129,14 @@ class Uploads:
             raise errors.BadRequest(
                 "the sessionID parameter is required", code="missing_session_id"
             )
-        session = self._lookup(session_id) if is_session_id(session_id) else None
+        session = self.directory.lookup(session_id) if is_session_id(session_id) else None
         if session is None or (principal is not None and session.owner != principal.id):
             raise errors.NotFound(f"no upload session {session_id!r}", code="unknown_session")
         return session
 
-    def _lookup(self, session_id: str) -> Session | None:
-        """One node: the live view. Several: the shared record, or this node's live view when
-        its own writer has newer news (a seed upload draining here checkpoints once a second)."""
-        if self.cluster is None:
-            return self.live.get(session_id)
-        stored = self.store.load(session_id)
-        if stored is not None and stored.node == self.cluster.node_id:
-            live = self.live.get(session_id)
-            if live is not None and live.updated_at >= stored.updated_at:
-                return live
-        return self._as_seen(stored) if stored is not None else None
-
-    def _as_seen(self, session: Session) -> Session:
-        """A record left `writing` by a node that is gone waits for its client."""
-        assert self.cluster is not None
-        if (
-            session.state in (states.QUEUED, states.WRITING)
-            and session.node
-            and not self.cluster.alive(session.node)
-        ):
-            session.wait_for_client("the node that was writing it stopped")
-        return session
-
     def all_sessions(self) -> list[Session]:
         """Every session this server answers for: its own, or with several nodes all of them."""
-        if self.cluster is None:
-            return self.live.all()
-        return [self._as_seen(s) for s in self.store.all()]
+        return self.directory.all()
 
     # -- creation -----------------------------------------------------------------------------
 
@@ -240,7 +214,7 @@ class Uploads:
                 client=new.client,
                 concat=new.concat,
                 parts=list(new.parts),
-                node=self.cluster.node_id if self.cluster is not None else None,
+                node=self.directory.node_id,
             )
         except BaseException:
             self._release_slot(new.limit_key, session_id)
@@ -277,8 +251,9 @@ class Uploads:
         return sum(1 for s in self.live.all() if not s.is_final and s.state != states.FAILED)
 
     def forget_ended(self, sessions: list[Session]) -> None:
-        """Cluster mode: an upload created here may end on another node, whose writer tells only
-        its own front end; the sweep's view of the shared records takes it off this node's count."""
+        """An upload created here may end where this front end does not hear of it (on another
+        node, whose writer tells only its own front end): the sweep's view of every session takes
+        it off this server's count."""
         ended = {s.id for s in sessions if s.is_final}
         with self._active_lock:
             for key, ids in list(self._active.items()):
@@ -386,10 +361,8 @@ class Uploads:
 
     def control(self, session: Session, action: str, **args: Any) -> Session:
         """Have the session's writer apply a command; its refusal becomes an UploadError. With
-        several nodes, the writer of the node holding the upload (`ClusterNode.route`)."""
-        if self.cluster is not None:
-            return self.cluster.route(session, action, args, self.control_here)
-        return self.control_here(session, action, args)
+        several nodes, the writer of the node holding the upload (`SessionDirectory.route`)."""
+        return self.directory.route(session, action, args, self.control_here)
 
     def control_here(self, session: Session, action: str, args: dict[str, Any]) -> Session:
         """Apply a command with this server's writer. A seed upload resumes from its spool, so
@@ -409,9 +382,8 @@ class Uploads:
 
     def control_from_peer(self, session_id: str, action: str, args: dict[str, Any]) -> Session:
         """A command another node sent here because this node holds the upload."""
-        assert self.cluster is not None
         session = self.get(session_id)
-        return self.cluster.run_here(session_id, lambda: self.control_here(session, action, args))
+        return self.directory.run_here(session_id, lambda: self.control_here(session, action, args))
 
     def resume(self, session: Session, body: RequestBody | None, part: Any | None) -> Session:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
@@ -432,13 +404,15 @@ class Uploads:
                 f"{session.total_bytes} bytes; resume with the same file",
                 code="size_mismatch",
             )
-        if self.cluster is not None and session.node != self.cluster.node_id:
+        if not self.directory.owns(session):
             try:  # the node that spooled it may still have all of it
                 return self.control(session, lifecycle.RESUME)
             except errors.Conflict as exc:
                 if exc.code != "spool_missing":
                     raise
-            return self.cluster.run_here(session.id, lambda: self._resume_with(session, body, part))
+            return self.directory.run_here(
+                session.id, lambda: self._resume_with(session, body, part)
+            )
         return self._resume_with(session, body, part)
 
     def _resume_with(self, session: Session, body: RequestBody | None, part: Any) -> Session:

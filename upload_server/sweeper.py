@@ -59,8 +59,7 @@ class Sweeper:
         uploads = self.uploads
         retention = max(uploads.config.expiry, TOMBSTONE_DAYS * 86400)
         sessions = uploads.all_sessions()
-        if uploads.cluster is not None:
-            uploads.forget_ended(sessions)
+        uploads.forget_ended(sessions)
         for session in sessions:
             if session.state in EXPIRABLE and session.expires_at and session.expires_at < now:
                 self._expire(session)
@@ -81,8 +80,7 @@ class Sweeper:
             # looked
             log.info("not expiring %s: %s", session.id, exc.message)
             return
-        if self.uploads.cluster is None:
-            self.uploads.store.delete(session.id)
+        self.uploads.directory.expired(session.id)
         self.expired += 1
         log.info("expired abandoned upload %s (%s)", session.id, session.filename)
 

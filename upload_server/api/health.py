@@ -20,6 +20,7 @@ import falcon
 from .. import metrics
 from ..config import Config
 from ..layout import Layout
+from ..sessions.directory import SessionDirectory
 
 RECOVERY_GRACE = 3.0  # seconds
 MANAGER_TIMEOUT = 2.0  # seconds
@@ -83,7 +84,7 @@ class HealthSource(Protocol):
     @property
     def uploads(self) -> SessionCounts | None: ...
     @property
-    def cluster(self) -> Any: ...  # `problems()`: why this node cannot serve (cluster mode)
+    def directory(self) -> SessionDirectory | None: ...  # `problems()`, e.g. Redis unreachable
     @property
     def manager(self) -> Any: ...  # the SyncManager, for its process id
     @property
@@ -125,8 +126,8 @@ class ReadyResource:
             problems.append(f"the session Manager is unreachable: {exc}")
         if pool and pool.healing:
             problems.append("the session Manager is being restarted")
-        if runtime.cluster is not None:
-            problems += runtime.cluster.problems()
+        if runtime.directory is not None:
+            problems += runtime.directory.problems()
         free = shutil.disk_usage(runtime.layout.root).free
         if free < runtime.config.chunk_size + runtime.config.min_free_space:
             problems.append("the upload disk has no room above the free-space reserve")

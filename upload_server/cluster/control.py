@@ -16,12 +16,12 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from .. import errors
+from ..sessions.directory import Serve
 from ..sessions.lifecycle import Refusal
 from ..sessions.record import Session
 from ..sessions.redis_store import unavailable_on_error
@@ -32,14 +32,12 @@ CONTROL = "us:control:"
 REPLY = "us:reply:"
 WORKERS = 8
 
-Handler = Callable[[str, str, dict[str, Any]], Session]
-
 
 class ControlBus:
-    def __init__(self, client: Any, node_id: str, handler: Handler) -> None:
+    def __init__(self, client: Any, node_id: str) -> None:
         self.client = client
         self.node_id = node_id
-        self.handler = handler
+        self.serve: Serve | None = None
         self._waiting: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -47,7 +45,9 @@ class ControlBus:
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._thread = threading.Thread(target=self._listen, name="cluster-bus", daemon=True)
 
-    def start(self) -> None:
+    def start(self, serve: Serve) -> None:
+        """Listen, and answer the requests for this node with `serve`."""
+        self.serve = serve
         self._pubsub.subscribe(CONTROL + self.node_id, REPLY + self.node_id)
         self._thread.start()
 
@@ -129,8 +129,9 @@ class ControlBus:
 
     def _apply(self, request: dict[str, Any]) -> None:
         answer: dict[str, Any] = {"id": request.get("id")}
+        assert self.serve is not None
         try:
-            session = self.handler(request["session"], request["action"], request["args"])
+            session = self.serve(request["session"], request["action"], request["args"])
             answer["session"] = session.to_dict()
         except Refusal as exc:
             answer["refusal"] = {"code": exc.code, "message": exc.message, "offset": exc.offset}

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..sessions import record as states
+from ..sessions.directory import Apply, Serve
 from ..sessions.record import Session
 from ..sessions.redis_store import unavailable_on_error
-from .control import ControlBus, Handler
+from .control import ControlBus
 from .leases import NODE_PREFIX, LeaseLocks
 
 log = logging.getLogger("upload_server.cluster")
@@ -32,22 +33,22 @@ HEARTBEAT_EVERY = 1.0
 FORWARD_TIMEOUT = 120.0  # a pause waits for the holder's writer, which a rate limit can slow
 TAKEOVER_WAIT = HEARTBEAT_TTL * 2  # long enough for a dead holder's heartbeat to lapse
 
-Local = Callable[[Session, str, dict[str, Any]], Session]
 T = TypeVar("T")
 
 
 class ClusterNode:
-    def __init__(self, client: Any, node_id: str, lease_ttl: float, handler: Handler) -> None:
+    def __init__(self, client: Any, node_id: str, lease_ttl: float) -> None:
         self.client = client
         self.node_id = node_id
         self.locks = LeaseLocks(client, node_id, lease_ttl)
-        self.bus = ControlBus(client, node_id, handler)
+        self.bus = ControlBus(client, node_id)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="cluster-heartbeat", daemon=True)
 
-    def start(self) -> ClusterNode:
+    def start(self, serve: Serve) -> ClusterNode:
+        """Join: beat, and answer other nodes' commands for uploads held here with `serve`."""
         self._heartbeat()
-        self.bus.start()
+        self.bus.start(serve)
         self._thread.start()
         log.info("cluster node %s joined", self.node_id)
         return self
@@ -75,7 +76,7 @@ class ClusterNode:
             return [f"Redis is unreachable: {exc}"]
         return []
 
-    def route(self, session: Session, action: str, args: dict[str, Any], here: Local) -> Session:
+    def route(self, session: Session, action: str, args: dict[str, Any], here: Apply) -> Session:
         """Apply a command where the upload is held: a seed upload on the node with its spool, a
         tus upload on the node whose request holds its lease. With no live holder elsewhere the
         command is applied here, under this node's lease, so nothing else writes meanwhile."""

@@ -1,0 +1,106 @@
+"""Which sessions this server answers for, and where a command on one of them runs.
+
+The front end (`service.Uploads`), start-up recovery and the sweeper ask a directory, never which
+mode they run in. With one server (`LocalDirectory`) every session is its own: the live view
+answers and commands run here. With several nodes (`cluster.directory.ClusterDirectory`) the shared
+records answer and a command runs on the node holding the upload. `Backends.open_directory` is the
+one place that picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from ..locks import Locks, UploadLocks
+from .live import LiveSessions
+from .record import Session
+from .store import SessionStore
+
+T = TypeVar("T")
+# applies a command with this node's writer: (session, action, args) -> the session after it
+Apply = Callable[[Session, str, dict[str, Any]], Session]
+# answers a command another node sent here: (session id, action, args) -> the session after it
+Serve = Callable[[str, str, dict[str, Any]], Session]
+
+
+class SessionDirectory(Protocol):
+    node_id: str | None
+    """Stamped on the records this server creates (`Session.node`); None with one server."""
+    locks: Locks
+    """What a tus request holds while it works on an upload."""
+
+    def lookup(self, session_id: str) -> Session | None:
+        """The freshest record of a session, as this server should answer for it."""
+
+    def all(self) -> list[Session]:
+        """Every session this server answers for (what the sweeper looks at)."""
+
+    def owns(self, session: Session) -> bool:
+        """The record is this server's: start-up recovery takes it up, and a seed upload's spool
+        is here."""
+
+    def route(self, session: Session, action: str, args: dict[str, Any], apply: Apply) -> Session:
+        """Apply a command where the upload is held (`apply` if that is here)."""
+
+    def run_here(self, upload_id: str, action: Callable[[], T]) -> T:
+        """Run `action` while no other server may write the upload."""
+
+    def share(self, session: Session) -> None:
+        """Make a change this server made outside its writers (start-up recovery) visible to
+        whoever reads the records."""
+
+    def expired(self, session_id: str) -> None:
+        """The sweeper expired the upload; its id keeps answering 410 from a tombstone for a
+        while."""
+
+    def start(self, serve: Serve) -> None:
+        """Begin answering (with `serve`) the commands other servers send here."""
+
+    def stop(self) -> None:
+        """Let go of everything held for other servers (after the writers have stopped)."""
+
+    def problems(self) -> list[str]:
+        """Why this server cannot serve uploads now, for /readyz."""
+
+
+class LocalDirectory:
+    """One server: the live view is the truth, every record is its own, commands run here."""
+
+    node_id = None
+
+    def __init__(self, live: LiveSessions, store: SessionStore) -> None:
+        self.live = live
+        self.store = store
+        self.locks = UploadLocks()
+
+    def lookup(self, session_id: str) -> Session | None:
+        return self.live.get(session_id)
+
+    def all(self) -> list[Session]:
+        return self.live.all()
+
+    def owns(self, session: Session) -> bool:
+        return True
+
+    def route(self, session: Session, action: str, args: dict[str, Any], apply: Apply) -> Session:
+        return apply(session, action, args)
+
+    def run_here(self, upload_id: str, action: Callable[[], T]) -> T:
+        return action()
+
+    def share(self, session: Session) -> None:
+        """Nobody else reads the records: the live view is put right by recovery itself."""
+
+    def expired(self, session_id: str) -> None:
+        """The tombstone is the live view's (until a restart): the durable record goes now."""
+        self.store.delete(session_id)
+
+    def start(self, serve: Serve) -> None:
+        """There are no other servers."""
+
+    def stop(self) -> None:
+        """Nothing is held for others."""
+
+    def problems(self) -> list[str]:
+        return []
