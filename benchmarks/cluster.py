@@ -6,7 +6,7 @@ Redis and S3 calls each MiB costs.
     python benchmarks/cluster.py --quick         # small sizes: checks it works, not a timing
     python benchmarks/cluster.py --nodes 1,3 --uploads 4 --size 256MiB --json out.json
 
-Each run starts a fresh local cluster (`upload_server.cluster.local`: redis-server, SeaweedFS and
+Each run starts a fresh local cluster (`localcluster`, beside this file: redis-server, SeaweedFS and
 the nodes, all on loopback; the machine's cores are shared by all of them), uploads concurrently
 through the proxy so consecutive PATCHes of one upload land on different nodes, checks every
 upload's SHA-256 as the server computed it, and reads the cost from the services themselves:
@@ -37,7 +37,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from upload_server.cluster.local import BUCKET, LocalCluster
+from localcluster import BUCKET, LocalCluster
+from localcluster.services import s3_client
+
 from upload_server.config_values import parse_size
 
 MiB = 1024 * 1024
@@ -172,8 +174,6 @@ def measure(
 def s3_ceiling(cluster: LocalCluster, data: bytes, uploads: int, chunk: int) -> float:
     """Seconds for boto3 alone to PUT the same bytes into the same SeaweedFS, `uploads` streams
     of `chunk`-sized objects at once: what S3 on this machine allows, with no server in between."""
-    from upload_server.cluster.services import s3_client
-
     assert cluster.s3 is not None
     client = s3_client(cluster.s3.url, cluster.access_key, cluster.secret_key)
     view = memoryview(data)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from upload_server.cluster import services
+from benchmarks.localcluster import services
 
 from .conftest import MiB, Server, sha256_file, wait_for
 from .tus_http import Tus, checksum

@@ -1,6 +1,6 @@
 """A whole cluster on one machine: Redis, SeaweedFS, upload_server nodes and a round-robin proxy.
 
-Used by `python -m upload_server.cluster` (to try cluster mode) and by `benchmarks/cluster.py`.
+Used by `python -m benchmarks.localcluster` (to try cluster mode) and by `benchmarks/cluster.py`.
 Every process listens on loopback and keeps its files under one directory; `stop` ends them all.
 """
 

