@@ -66,7 +66,8 @@ class Backends:
     def open_directory(
         self, store: SessionStore, live: LiveSessions, lease_ttl: float
     ) -> SessionDirectory:
-        """The front end's: it joins the other nodes when it `start`s."""
+        """The front end's session directory: one server's, or with a shared store this node's
+        among several (it joins them when it `start`s)."""
         if self.node_id is None:
             return LocalDirectory(live, store)
         from .cluster.directory import ClusterDirectory
