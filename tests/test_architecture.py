@@ -12,8 +12,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("upload_server", "workers")
 MAX_LINES = 500
@@ -153,9 +151,6 @@ def test_no_import_cycles() -> None:
     assert not cycles, _describe(cycles)
 
 
-@pytest.mark.xfail(
-    strict=False, reason="workers/writer.py and workers/pool.py are being split in issue 14"
-)
 def test_no_module_over_500_lines() -> None:
     long = {
         name: lines
