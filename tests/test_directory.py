@@ -12,6 +12,7 @@ import pytest
 
 from upload_server.cluster.directory import ClusterDirectory
 from upload_server.locks import UploadLocks
+from upload_server.sessions import lifecycle
 from upload_server.sessions import record as states
 from upload_server.sessions.directory import LocalDirectory
 from upload_server.sessions.live import LiveSessions
@@ -114,7 +115,7 @@ def test_a_node_owns_what_it_stamped_and_shares_what_it_recovers(store: FileSess
     mine, theirs = _session("a"), _session("b")
     assert directory.node_id == "a"
     assert directory.owns(mine) and not directory.owns(theirs)
-    mine.wait_for_client("the server restarted")
+    lifecycle.wait_for_client(mine, "the server restarted")
     directory.share(mine)
     assert store.load(mine.id).state == states.WAITING
     directory.expired(mine.id)  # the shared record is the tombstone: it stays

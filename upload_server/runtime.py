@@ -228,7 +228,7 @@ class Runtime:
                     ):
                         resumable.append(session)
                     else:
-                        session.wait_for_client("the server restarted")
+                        lifecycle.wait_for_client(session, "the server restarted")
                         directory.share(session)
                 if session.segments and session.state != states.PAUSED:
                     resumable.append(session)

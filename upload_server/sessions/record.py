@@ -116,16 +116,6 @@ class Session:
     def set_error(self, code: str, message: str) -> None:
         self.error = {"code": code, "message": message}
 
-    def wait_for_client(self, why: str) -> None:
-        """The process that was writing this session is gone (`why` says how): it now waits for
-        its client, and a seed upload, whose spool went with that process, for the file again."""
-        self.state = WAITING
-        if self.protocol == SEED:
-            self.set_error(
-                "spool_missing",
-                f"{why} without this upload's data; resume it by sending the file again",
-            )
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
