@@ -158,3 +158,22 @@ def test_no_module_over_500_lines() -> None:
         if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_writers_speak_domain_not_http() -> None:
+    """`workers/` refuses with codes (`sessions.lifecycle.Refusal`); `api/refusals` alone turns
+    them into statuses. So no module there imports the web layers or writes a status number."""
+    web = ("falcon", "waitress", "upload_server.api", "upload_server.errors")
+    for name, path in MODULES.items():
+        if not name.startswith("workers"):
+            continue
+        imported = {f"{source}.{what}" if what else source for source, what in _imports(name)}
+        assert not [m for m in imported if m.startswith(web)], name
+        statuses = [
+            node.lineno
+            for node in ast.walk(TREES[name])
+            if isinstance(node, ast.Constant)
+            and type(node.value) is int
+            and 400 <= node.value < 600
+        ]
+        assert not statuses, f"{path}: HTTP-like status numbers on lines {statuses}"
