@@ -1,6 +1,6 @@
 """The resources' own decisions and their error answers, in-process and fast.
 
-`build_app` around the real `Uploads`: its live view over a plain dict, the file session store and
+`build_app` around the real `SessionService`: its live view over a plain dict, the file session store and
 local storage in `tmp_path`, and `StandInWriters` for the writer pool, which stores an append
 and applies a command at once. No server, no process: what a request is answered before (or
 without) a writer's own work is decided here, so it is tested here. What needs waitress, a
@@ -31,7 +31,7 @@ from upload_server.auth import hash_key
 from upload_server.config import Config
 from upload_server.hooks import Hooks
 from upload_server.layout import Layout
-from upload_server.service import Uploads
+from upload_server.service import SessionService
 from upload_server.sessions import record as states
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
@@ -50,7 +50,7 @@ _STATES_OF = {"pause": states.PAUSED, "terminate": states.TERMINATED}
 
 
 class StandInWriters:
-    """What `Uploads` calls on the writer pool, answered at once in this process, as a writer
+    """What `SessionService` calls on the writer pool, answered at once in this process, as a writer
     would when all goes well: an append's segment is moved into the data and counted, an upload
     whose bytes are all in is published, a command sets the state. It checks nothing itself:
     the checks under test are the front end's."""
@@ -132,7 +132,7 @@ class Served:
         self.layout.create()
         self.live: dict[str, Any] = {}
         self.writers = StandInWriters(self.live, self.layout)
-        self.uploads = Uploads(
+        self.service = SessionService(
             self.config,
             self.layout,
             LiveSessions(self.live),
@@ -142,7 +142,7 @@ class Served:
             Hooks(self.config),
         )
         self.client = NoServerErrors(
-            build_app(self.config, self.uploads, NoProcesses(self.config, self.layout))
+            build_app(self.config, self.service, NoProcesses(self.config, self.layout))
         )
 
     def session(self, session_id: str) -> Session:
@@ -211,7 +211,7 @@ class NoServerErrors(falcon.testing.TestClient):
 class NoProcesses:
     """The health source: what `/readyz` and `/metrics` read, with no process behind the app."""
 
-    pool = uploads = directory = manager = None
+    pool = service = directory = manager = None
     manager_restarts = 0
     started = 0.0
 
@@ -896,7 +896,7 @@ def test_upload_servers_own_server_carries_the_adjustments_and_waitress_is_left_
         waitress.wasyncore.dispatcher.del_channel,
     )
     policy = waitress_patches.ServerPolicy(spool_dir=served.layout.spool_dir)
-    app = build_app(served.config, served.uploads, NoProcesses(served.config, served.layout))
+    app = build_app(served.config, served.service, NoProcesses(served.config, served.layout))
     server = waitress_server.create_server(app, policy, host="127.0.0.1", port=0)
     try:
         assert isinstance(server, waitress_server.UploadServer)

@@ -1,7 +1,7 @@
 """The application factories: `build_app` builds the Falcon app around what it serves; `start_app`
 and `create_app` also start the processes behind it.
 
-- `build_app(config, uploads, health)` adds middleware, error handlers and routes, and nothing else:
+- `build_app(config, service, health)` adds middleware, error handlers and routes, and nothing else:
   it starts no process and patches nothing, so a test can build the app around an in-process
   service (`falcon.testing`).
 - `start_app(config)` starts the `Runtime` (Manager, writers, sweeper) and builds the app around
@@ -32,7 +32,7 @@ from .hooks import Hooks
 from .layout import Layout
 from .locks import Locks, UploadLocks
 from .runtime import Runtime
-from .service import Uploads
+from .service import SessionService
 
 
 class UploadApp(falcon.App):
@@ -45,13 +45,13 @@ class UploadApp(falcon.App):
 
 def build_app(
     config: Config,
-    uploads: Uploads,
+    service: SessionService,
     health_source: health.HealthSource,
     *,
     cut_bodies: CutBodies | None = None,
     locks: Locks | None = None,
 ) -> UploadApp:
-    """The app serving `uploads` (both protocols), with `/readyz` and `/metrics` reading
+    """The app serving `service` (both protocols), with `/readyz` and `/metrics` reading
     `health_source`. `cut_bodies` replays cut tus bodies through this app (a server's channels
     offer them to it; without a server none arrive); `locks` serialize a tus upload's requests
     (one process's own by default; the cluster's leases with several nodes)."""
@@ -78,14 +78,14 @@ def build_app(
     app.resp_options.secure_cookies_by_default = False
     errors.install(app)
     refusals.install(app, config.tus_path)
-    app.add_route("/upload", seed.UploadResource(uploads))
-    app.add_route("/upload/status", seed.StatusResource(uploads))
-    app.add_route("/upload/pause", seed.PauseResource(uploads))
-    app.add_route("/upload/resume", seed.ResumeResource(uploads))
-    app.add_route("/upload/terminate", seed.TerminateResource(uploads))
-    app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(uploads, locks))
-    app.add_route(config.tus_path, tus.TusCollection(uploads, locks))
-    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(uploads, locks, cut_bodies))
+    app.add_route("/upload", seed.UploadResource(service))
+    app.add_route("/upload/status", seed.StatusResource(service))
+    app.add_route("/upload/pause", seed.PauseResource(service))
+    app.add_route("/upload/resume", seed.ResumeResource(service))
+    app.add_route("/upload/terminate", seed.TerminateResource(service))
+    app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(service, locks))
+    app.add_route(config.tus_path, tus.TusCollection(service, locks))
+    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(service, locks, cut_bodies))
     app.add_route("/openapi.json", openapi.OpenApiResource(config))
     app.add_route("/metrics", health.MetricsResource(health_source))
     app.add_route("/healthz", health.HealthResource())
@@ -111,23 +111,23 @@ def start_app(
     atexit.register(runtime.close)
     cut_bodies = CutBodies(config.tus_path)
     runtime.on_close(cut_bodies.close)
-    assert runtime.uploads is not None and runtime.directory is not None
+    assert runtime.service is not None and runtime.directory is not None
     locks = runtime.directory.locks
-    app = build_app(config, runtime.uploads, runtime, cut_bodies=cut_bodies, locks=locks)
+    app = build_app(config, runtime.service, runtime, cut_bodies=cut_bodies, locks=locks)
     app.runtime = runtime
-    app.server_policy = _server_policy(config, layout, runtime.uploads, cut_bodies)
+    app.server_policy = _server_policy(config, layout, runtime.service, cut_bodies)
     return app
 
 
 def _server_policy(
-    config: Config, layout: Layout, uploads: Uploads, cut_bodies: CutBodies
+    config: Config, layout: Layout, service: SessionService, cut_bodies: CutBodies
 ) -> waitress_patches.ServerPolicy:
     """What the server's connections ask of the app before it sees a request (see
     `waitress_patches`)."""
     return waitress_patches.ServerPolicy(
         spool_dir=layout.spool_dir,
         allow_origin=middleware.Cors(config.cors_origins, config.tus_path).allow_origin,
-        admit=uploads.space_refusal,
+        admit=service.space_refusal,
         observer=cut_bodies,
         limits=connection_limits.Limits(
             max_connections=config.max_connections,

@@ -31,7 +31,7 @@ from .backends import Backends
 from .config import Config
 from .hooks import Hooks
 from .layout import Layout
-from .service import Uploads
+from .service import SessionService
 from .sessions import lifecycle, segments
 from .sessions import record as states
 from .sessions.directory import SessionDirectory
@@ -61,7 +61,7 @@ class Runtime:
         self.directory: SessionDirectory | None = None
         self.manager: SyncManager | None = None
         self.pool: WriterPool | None = None
-        self.uploads: Uploads | None = None
+        self.service: SessionService | None = None
         self.sweeper: Sweeper | None = None
         self._lock_fd: int | None = None
         self._on_close: list[Callable[[], None]] = []
@@ -102,7 +102,7 @@ class Runtime:
         self.pool.manager_sentinel = self.manager._process.sentinel
         self.pool.on_manager_death = self._heal
         self.pool.start()
-        self.uploads = Uploads(
+        self.service = SessionService(
             self.config,
             self.layout,
             live,
@@ -112,11 +112,11 @@ class Runtime:
             self.hooks,
             self.directory,
         )
-        self._report_completed(self.uploads)  # publishes `_recover` finished
-        self.directory.start(self.uploads.control_from_peer)
+        self._report_completed(self.service)  # publishes `_recover` finished
+        self.directory.start(self.service.control_from_peer)
         for session in recovered:
             self.pool.drain(session)
-        self.sweeper = Sweeper(self.uploads, sweep_interval(self.config.expiry))
+        self.sweeper = Sweeper(self.service, sweep_interval(self.config.expiry))
         self.sweeper.start()
         log.info(
             "upload_server: %d writers (%s), upload dir %s, %d sessions recovered",
@@ -159,8 +159,8 @@ class Runtime:
         lives as long as the server (the new Manager dies with that thread: PR_SET_PDEATHSIG).
         Meanwhile requests get 503 with Retry-After. A server that cannot heal exits non-zero, for
         its supervisor to restart it."""
-        pool, uploads = self.pool, self.uploads
-        assert pool is not None and uploads is not None
+        pool, service = self.pool, self.service
+        assert pool is not None and service is not None
         began = time.monotonic()
         pool.healing = True
         try:
@@ -173,7 +173,7 @@ class Runtime:
             manager.start(initializer=processes.become_child)
             live = LiveSessions(manager.dict())
             recovered = self._recover(live, startup=False)
-            uploads.live.replace(live.proxy)
+            service.live.replace(live.proxy)
             self.manager = manager
             pool.manager_sentinel = manager._process.sentinel
             pool.restart_all(manager)
@@ -255,12 +255,12 @@ class Runtime:
             "upload %s: finished publishing it as %s after a restart", session.id, session.location
         )
         self._completed.append(Event("completed", session.to_dict()))
-        if self.uploads is not None:
-            self._report_completed(self.uploads)
+        if self.service is not None:
+            self._report_completed(self.service)
 
-    def _report_completed(self, uploads: Uploads) -> None:
+    def _report_completed(self, service: SessionService) -> None:
         while self._completed:
-            uploads._on_writer_event(self._completed.pop(0))
+            service._on_writer_event(self._completed.pop(0))
 
     def _reconcile(self, session: Session) -> None:
         """The durable offset never runs ahead of what the disk holds (`segments.reconcile_stored`,

@@ -1,7 +1,7 @@
 """Operations on sessions, shared by every protocol the front end speaks.
 
 HTTP resources parse a request and call one method here; this module turns it into records, spool
-files and messages to the writer pool, and turns a writer's refusal into an `UploadError`. It never
+files and messages to the writer pool, and turns a writer's refusal into a `Refusal`. It never
 moves file contents through Python and never touches upload data: that is the writers' job.
 """
 
@@ -11,7 +11,6 @@ import contextlib
 import errno
 import logging
 import shutil
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from .filenames import sanitize
 from .hooks import Hooks
 from .layout import Layout
 from .received_body import RequestBody
+from .session_limits import SessionLimits
 from .sessions import lifecycle
 from .sessions import record as states
 from .sessions.directory import LocalDirectory, SessionDirectory
@@ -89,7 +89,13 @@ class SeedFile:
     end: int
 
 
-class Uploads:
+class SessionService:
+    """The front end's operations on sessions, for every protocol: create (limits, the pre-create
+    hook, the spool), look up, command, append and concatenate, each by a message to the session's
+    writer whose answer becomes the record or a `Refusal`. It holds the limits on unfinished
+    sessions and the spool; the stores, the storage, the writer pool, the hooks and the session
+    directory are given to it (`Runtime` builds them; the in-process tests give stand-ins)."""
+
     def __init__(
         self,
         config: Config,
@@ -111,13 +117,7 @@ class Uploads:
         # one server's unless given (`Backends.open_directory` picks by the settings)
         self.directory = directory if directory is not None else LocalDirectory(live, store)
         self.spool = Spool(layout, sync=config.fsync == "always")
-        # unfinished session ids by `limit_key` (credential, or client with auth off); rebuilt
-        # here from the records recovered at start-up, which carry that key
-        self._active: dict[str | None, set[str]] = {}
-        self._active_lock = threading.Lock()
-        for session in live.all():
-            if not session.is_final:
-                self._active.setdefault(session.limit_key, set()).add(session.id)
+        self.limits = SessionLimits(config.max_sessions, config.max_sessions_per_owner, live.all())
         pool.on_event = self._on_writer_event
 
     # -- lookup -------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class Uploads:
                 saved.append(session)
         except BaseException:
             for session in sessions:
-                self._release_slot(session.limit_key, session.id)
+                self.limits.release(session.limit_key, session.id)
                 self.layout.spool(session.id).unlink(missing_ok=True)
             for session in saved:
                 with contextlib.suppress(Exception):
@@ -191,7 +191,7 @@ class Uploads:
             )
         check_upload(new.principal, new.total_bytes, new.filename, new.filetype)
         session_id = new_session_id()
-        self._take_session_slot(new.limit_key, session_id, by_client=new.owner is None)
+        self.limits.take(new.limit_key, session_id, by_client=new.owner is None)
         try:
             copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole
             if self.config.storage != "local":
@@ -217,7 +217,7 @@ class Uploads:
                 node=self.directory.node_id,
             )
         except BaseException:
-            self._release_slot(new.limit_key, session_id)
+            self.limits.release(new.limit_key, session_id)
             raise
         if self.config.expiry:
             session.expires_at = session.created_at + self.config.expiry
@@ -228,7 +228,7 @@ class Uploads:
         try:
             yield
         except BaseException:
-            self._release_slot(session.limit_key, session.id)
+            self.limits.release(session.limit_key, session.id)
             raise
 
     def _save(self, session: Session) -> None:
@@ -236,77 +236,15 @@ class Uploads:
         # can only cost an upload that had not completed, which that policy accepts
         self.store.save(session, durable=self.config.fsync == "always")
         self.live.put(session)
-        with self._active_lock:
-            self._active.setdefault(session.limit_key, set()).add(session.id)
+        self.limits.count(session)
         metrics.get().uploads_started.labels(session.protocol).inc()
         self.hooks.emit("post-create", status_of(session))
-
-    def active_count(self) -> int:
-        """Unfinished sessions (those the session limits count)."""
-        with self._active_lock:
-            return sum(len(ids) for ids in self._active.values())
 
     def in_progress_count(self) -> int:
         """Sessions neither finished nor failed (what the active-sessions gauge shows)."""
         return sum(1 for s in self.live.all() if not s.is_final and s.state != states.FAILED)
 
-    def forget_ended(self, sessions: list[Session]) -> None:
-        """An upload created here may end where this front end does not hear of it (on another
-        node, whose writer tells only its own front end): the sweep's view of every session takes
-        it off this server's count."""
-        ended = {s.id for s in sessions if s.is_final}
-        with self._active_lock:
-            for key, ids in list(self._active.items()):
-                ids -= ended
-                if not ids:
-                    del self._active[key]
-
-    # -- limits -------------------------------------------------------------------------------
-
-    def _take_session_slot(self, key: str | None, session_id: str, *, by_client: bool) -> None:
-        """Check the per-owner limit for `key` (a credential, or with auth off the client's
-        address key: no one client can use up the server's share for everyone), then the global
-        one, and count `session_id` under `key`, all under one lock."""
-        with self._active_lock:
-            mine = len(self._active.get(key, ()))
-            everyone = sum(len(ids) for ids in self._active.values())
-            if mine < self.config.max_sessions_per_owner and everyone < self.config.max_sessions:
-                self._active.setdefault(key, set()).add(session_id)
-                return
-        if mine >= self.config.max_sessions_per_owner:
-            who = "this client (address)" if by_client else "this credential"
-            raise errors.UploadError(
-                f"{who} already has {mine} unfinished uploads; finish or terminate some",
-                code="too_many_sessions",
-                status=429,
-                headers={"Retry-After": "60"},
-            )
-        raise errors.UploadError(
-            "the server has too many unfinished uploads; try again later",
-            code="server_busy",
-            status=429,
-            headers={"Retry-After": "60"},
-        )
-
-    def _release_slot(self, key: str | None, session_id: str) -> None:
-        with self._active_lock:
-            ids = self._active.get(key)
-            if ids is not None:
-                ids.discard(session_id)
-                if not ids:
-                    del self._active[key]
-
-    def _forget_active(self, session: Session) -> None:
-        with self._active_lock:
-            key = session.limit_key
-            ids = self._active.get(key)
-            if ids is None or session.id not in ids:  # a record that lost its key: look for it
-                key = next((k for k, v in self._active.items() if session.id in v), key)
-                ids = self._active.get(key)
-            if ids is not None:
-                ids.discard(session.id)
-                if not ids:
-                    del self._active[key]
+    # -- the disk ------------------------------------------------------------------------------
 
     def space_refusal(self, needed: int) -> str | None:
         """Why `needed` more bytes would leave less than --min-free-space on the upload disk, or
@@ -331,7 +269,7 @@ class Uploads:
         """Called by the pool's monitor thread: keep the limits' index current, tell the hooks."""
         session = Session.from_dict(event.session)
         if session.is_final:
-            self._forget_active(session)
+            self.limits.ended(session)
             self.pool.forget(session.id)
         figures = metrics.get()
         if event.kind == "completed":

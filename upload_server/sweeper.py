@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import errors
-from .service import Uploads
+from .service import SessionService
 from .sessions import record as states
 from .sessions.lifecycle import Refusal
 
@@ -34,8 +34,8 @@ TOMBSTONE_DAYS = 1.0  # how long an ended session's id keeps answering 410 rathe
 
 
 class Sweeper:
-    def __init__(self, uploads: Uploads, interval: float) -> None:
-        self.uploads = uploads
+    def __init__(self, service: SessionService, interval: float) -> None:
+        self.service = service
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
@@ -56,10 +56,10 @@ class Sweeper:
 
     def sweep(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        uploads = self.uploads
-        retention = max(uploads.config.expiry, TOMBSTONE_DAYS * 86400)
-        sessions = uploads.all_sessions()
-        uploads.forget_ended(sessions)
+        service = self.service
+        retention = max(service.config.expiry, TOMBSTONE_DAYS * 86400)
+        sessions = service.all_sessions()
+        service.limits.forget_ended(sessions)
         for session in sessions:
             if session.state in EXPIRABLE and session.expires_at and session.expires_at < now:
                 self._expire(session)
@@ -67,20 +67,20 @@ class Sweeper:
                 session.state in (states.TERMINATED, states.EXPIRED)
                 and session.updated_at + retention < now
             ):
-                uploads.live.remove(session.id)
-                uploads.store.delete(session.id)
+                service.live.remove(session.id)
+                service.store.delete(session.id)
         alive = {s.id for s in sessions if not s.is_final or s.concat == "partial"}
-        self._remove_orphans(uploads.layout.spool_dir, alive, now)
-        self._remove_orphans(uploads.layout.partial_dir, alive, now)
+        self._remove_orphans(service.layout.spool_dir, alive, now)
+        self._remove_orphans(service.layout.partial_dir, alive, now)
 
     def _expire(self, session) -> None:
         try:
-            self.uploads.control(session, "expire")
+            self.service.control(session, "expire")
         except (errors.UploadError, Refusal) as exc:  # it moved on (resumed, completed) since we
             # looked
             log.info("not expiring %s: %s", session.id, exc.message)
             return
-        self.uploads.directory.expired(session.id)
+        self.service.directory.expired(session.id)
         self.expired += 1
         log.info("expired abandoned upload %s (%s)", session.id, session.filename)
 

@@ -1,1 +1,1 @@
-"""HTTP resources: thin Falcon responders that parse a request and call `service.Uploads`."""
+"""HTTP resources: thin Falcon responders that parse a request and call `service.SessionService`."""

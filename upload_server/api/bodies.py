@@ -9,13 +9,13 @@ import falcon
 
 from .. import errors
 from ..received_body import BodyTooLarge, RequestBody
-from ..service import Uploads
+from ..service import SessionService
 
 
 @contextlib.contextmanager
-def open_body(req: falcon.Request, uploads: Uploads, *, limit: int) -> Iterator[RequestBody]:
+def open_body(req: falcon.Request, service: SessionService, *, limit: int) -> Iterator[RequestBody]:
     try:
-        body = RequestBody(req.stream, req.content_length, uploads.layout.spool_dir, limit)
+        body = RequestBody(req.stream, req.content_length, service.layout.spool_dir, limit)
     except BodyTooLarge:
         raise errors.TooLarge(
             f"the request body is larger than this server accepts ({limit} bytes)",

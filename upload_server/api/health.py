@@ -68,7 +68,7 @@ class WriterVitals(Protocol):
 
 
 class SessionCounts(Protocol):
-    """What the checks read of the sessions (`service.Uploads`)."""
+    """What the checks read of the sessions (`service.SessionService`)."""
 
     @property
     def live(self) -> Any: ...  # `len()` of it asks the Manager
@@ -82,7 +82,7 @@ class HealthSource(Protocol):
     @property
     def pool(self) -> WriterVitals | None: ...
     @property
-    def uploads(self) -> SessionCounts | None: ...
+    def service(self) -> SessionCounts | None: ...
     @property
     def directory(self) -> SessionDirectory | None: ...  # `problems()`, e.g. Redis unreachable
     @property
@@ -119,8 +119,8 @@ class ReadyResource:
             if since < RECOVERY_GRACE:
                 problems.append(f"a writer died {since:.1f}s ago; its sessions are being reclaimed")
         try:
-            uploads = runtime.uploads
-            sessions = _within(MANAGER_TIMEOUT, lambda: len(uploads.live)) if uploads else 0
+            service = runtime.service
+            sessions = _within(MANAGER_TIMEOUT, lambda: len(service.live)) if service else 0
         except Exception as exc:  # the Manager is gone or wedged
             sessions = None
             problems.append(f"the session Manager is unreachable: {exc}")
@@ -156,13 +156,13 @@ class MetricsResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         figures = metrics.get()
-        pool, uploads = self.source.pool, self.source.uploads
+        pool, service = self.source.pool, self.source.service
         if pool is not None:
             figures.writers_alive.set(pool.alive())
             for index, depth in enumerate(pool.queue_depths()):
                 figures.writer_queue_depth.labels(str(index)).set(depth)
-        if uploads is not None:
-            figures.active_sessions.set(uploads.in_progress_count())
+        if service is not None:
+            figures.active_sessions.set(service.in_progress_count())
         body, content_type = metrics.render()
         resp.data = body
         resp.content_type = content_type

@@ -17,7 +17,7 @@ import falcon
 
 from .. import errors
 from ..protocol import multipart
-from ..service import NewUpload, SeedFile, Uploads
+from ..service import NewUpload, SeedFile, SessionService
 from ..sessions import lifecycle
 from ..sessions import record as states
 from ..sessions.record import Session
@@ -28,11 +28,11 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class _SeedResource:
-    def __init__(self, uploads: Uploads) -> None:
-        self.uploads = uploads
+    def __init__(self, service: SessionService) -> None:
+        self.service = service
 
     def _session(self, req: falcon.Request) -> Session:
-        session = self.uploads.get(req.get_param("sessionID"), req.context.principal)
+        session = self.service.get(req.get_param("sessionID"), req.context.principal)
         if session.state == states.EXPIRED:
             raise errors.NotFound(
                 f"upload session {session.id} expired and was removed", code="session_expired"
@@ -47,7 +47,7 @@ class _SeedResource:
         session = self._session(req)
         if session.state != states.TERMINATED:
             lifecycle.check_command(session, lifecycle.TERMINATE)
-            session = self.uploads.control(session, lifecycle.TERMINATE)
+            session = self.service.control(session, lifecycle.TERMINATE)
         self._answer(resp, session)
 
 
@@ -55,8 +55,8 @@ class UploadResource(_SeedResource):
     """POST /upload creates sessions; DELETE /upload terminates one."""
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        config = self.uploads.config
-        with open_body(req, self.uploads, limit=config.max_upload_size + 1024**2) as body:
+        config = self.service.config
+        with open_body(req, self.service, limit=config.max_upload_size + 1024**2) as body:
             parts = _parse_form(req, body)
             files = [p for p in parts if p.name == "file"]
             if not files:
@@ -73,7 +73,7 @@ class UploadResource(_SeedResource):
                         f"{config.max_upload_size}",
                         code="upload_too_large",
                     )
-            sessions = self.uploads.create_seeds(
+            sessions = self.service.create_seeds(
                 [
                     SeedFile(
                         NewUpload(
@@ -122,7 +122,7 @@ class StatusResource(_SeedResource):
         found, missing = [], []
         for session_id in dict.fromkeys(ids):
             try:
-                found.append(status_of(self.uploads.get(session_id, req.context.principal)))
+                found.append(status_of(self.service.get(session_id, req.context.principal)))
             except errors.NotFound:
                 missing.append(session_id)
         resp.media = {"sessions": found, "notFound": missing}
@@ -132,7 +132,7 @@ class PauseResource(_SeedResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         session = self._session(req)
         lifecycle.check_command(session, lifecycle.PAUSE)
-        self._answer(resp, self.uploads.control(session, lifecycle.PAUSE))
+        self._answer(resp, self.service.control(session, lifecycle.PAUSE))
 
     on_post = on_get
 
@@ -142,10 +142,10 @@ class ResumeResource(_SeedResource):
         session = self._session(req)
         lifecycle.check_command(session, lifecycle.RESUME)
         if not req.content_length and not req.content_type:
-            self._answer(resp, self.uploads.resume(session, None, None))
+            self._answer(resp, self.service.resume(session, None, None))
             return
         with open_body(
-            req, self.uploads, limit=self.uploads.config.max_upload_size + 1024**2
+            req, self.service, limit=self.service.config.max_upload_size + 1024**2
         ) as body:
             files = [p for p in _parse_form(req, body) if p.name == "file"]
             if len(files) != 1:
@@ -153,7 +153,7 @@ class ResumeResource(_SeedResource):
                     "resume takes the file again as one 'file' field, or no body at all",
                     code="too_many_files" if files else "missing_file",
                 )
-            self._answer(resp, self.uploads.resume(session, body, files[0]))
+            self._answer(resp, self.service.resume(session, body, files[0]))
 
 
 class TerminateResource(_SeedResource):

@@ -30,7 +30,7 @@ from ..cut_bodies import CutBodies
 from ..filenames import sanitize
 from ..locks import Locks
 from ..protocol import ranges, tus
-from ..service import NewUpload, Uploads
+from ..service import NewUpload, SessionService
 from ..sessions import lifecycle
 from ..sessions import record as states
 from ..sessions.record import Session
@@ -53,16 +53,16 @@ def repr_digest(sha256_hex: str) -> str:
 
 
 class _TusResource:
-    def __init__(self, uploads: Uploads, locks: Locks) -> None:
-        self.uploads = uploads
+    def __init__(self, service: SessionService, locks: Locks) -> None:
+        self.service = service
         self.locks = locks
-        self.base_path = uploads.config.tus_path
+        self.base_path = service.config.tus_path
 
     def _capabilities(self, resp: falcon.Response) -> None:
         resp.status = falcon.HTTP_204
         resp.set_header("Tus-Version", tus.VERSION)
         resp.set_header("Tus-Extension", ",".join(tus.EXTENSIONS))
-        resp.set_header("Tus-Max-Size", str(self.uploads.config.max_upload_size))
+        resp.set_header("Tus-Max-Size", str(self.service.config.max_upload_size))
         resp.set_header("Tus-Checksum-Algorithm", ",".join(tus.CHECKSUM_ALGORITHMS))
 
     def _location(self, req: falcon.Request, session_id: str) -> str:
@@ -80,7 +80,7 @@ class TusCollection(_TusResource):
         self._capabilities(resp)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        config = self.uploads.config
+        config = self.service.config
         try:
             length = tus.parse_integer("Upload-Length", req.get_header("Upload-Length"))
             deferred = tus.parse_defer_length(req.get_header("Upload-Defer-Length"))
@@ -108,7 +108,7 @@ class TusCollection(_TusResource):
         body_length = req.content_length or 0
         if body_length:
             self._check_creation_body(req, final, length, body_length)
-        session = self.uploads.create(
+        session = self.service.create(
             NewUpload(
                 protocol=states.TUS,
                 filename=metadata.get("filename") or metadata.get("name"),
@@ -125,13 +125,13 @@ class TusCollection(_TusResource):
         )
         try:
             if final:
-                session = self.uploads.concat(session)
+                session = self.service.concat(session)
             elif body_length or length == 0:
                 session = self._append_body(req, session, 0, checksum)
         except Exception:
             # The client learns no Location, so it will create again: leave no orphan.
             with contextlib.suppress(errors.UploadError, lifecycle.Refusal):
-                self.uploads.control(session, lifecycle.TERMINATE, completed_too=True)
+                self.service.control(session, lifecycle.TERMINATE, completed_too=True)
             raise
         resp.status = falcon.HTTP_201
         resp.set_header("Location", self._location(req, session.id))
@@ -160,7 +160,7 @@ class TusCollection(_TusResource):
         parts = []
         for part_id in part_ids:
             try:
-                part = self.uploads.get(part_id, principal)
+                part = self.service.get(part_id, principal)
             except errors.NotFound:
                 raise errors.BadRequest(
                     f"Upload-Concat names an unknown upload {part_id!r}", code="unknown_part"
@@ -183,21 +183,21 @@ class TusCollection(_TusResource):
         offset: int,
         checksum: tuple[str, bytes] | None,
     ) -> Session:
-        limit = self.uploads.config.max_upload_size
-        with open_body(req, self.uploads, limit=limit) as body:
-            return self.uploads.append(session, body, offset, checksum)
+        limit = self.service.config.max_upload_size
+        with open_body(req, self.service, limit=limit) as body:
+            return self.service.append(session, body, offset, checksum)
 
 
 class TusUpload(_TusResource):
     """/files/{upload_id}: one upload. HEAD and PATCH first wait for a cut request's prefix of
     the same upload that is still being stored (`cut_bodies`), so a retry sees its own bytes."""
 
-    def __init__(self, uploads: Uploads, locks: Locks, cut_bodies: CutBodies) -> None:
-        super().__init__(uploads, locks)
+    def __init__(self, service: SessionService, locks: Locks, cut_bodies: CutBodies) -> None:
+        super().__init__(service, locks)
         self.cut_bodies = cut_bodies
 
     def _session(self, req: falcon.Request, upload_id: str) -> Session:
-        session = self.uploads.get(upload_id, req.context.principal)
+        session = self.service.get(upload_id, req.context.principal)
         if session.state in lifecycle.ENDED:
             raise lifecycle.Refusal(session.state, f"upload {upload_id} was {session.state}")
         return session
@@ -249,11 +249,11 @@ class TusUpload(_TusResource):
                     offset,
                     length,
                     declared=declared,
-                    max_size=self.uploads.config.max_upload_size,
+                    max_size=self.service.config.max_upload_size,
                 )
-                limit = self.uploads.config.max_upload_size
-                with open_body(req, self.uploads, limit=limit) as body:
-                    session = self.uploads.append(session, body, offset, checksum, declared)
+                limit = self.service.config.max_upload_size
+                with open_body(req, self.service, limit=limit) as body:
+                    session = self.service.append(session, body, offset, checksum, declared)
         resp.status = falcon.HTTP_204
         resp.set_header("Upload-Offset", str(session.bytes_written))
         self._expiry_headers(resp, session)
@@ -261,7 +261,7 @@ class TusUpload(_TusResource):
     def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         session = self._session(req, upload_id)
         with self.locks.hold(upload_id, wait=30.0):
-            self.uploads.control(session, "terminate", completed_too=True)
+            self.service.control(session, "terminate", completed_too=True)
         resp.status = falcon.HTTP_204
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
@@ -273,7 +273,7 @@ class TusUpload(_TusResource):
                 offset=session.bytes_written,
             )
         try:
-            handle, size = self.uploads.storage.open_published(session.location, session.id)
+            handle, size = self.service.storage.open_published(session.location, session.id)
         except FileNotFoundError:
             raise errors.NotFound(
                 "the upload's file is no longer stored", code="file_gone"

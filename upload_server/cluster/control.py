@@ -3,7 +3,7 @@ pub/sub.
 
 Every node subscribes to `us:control:<node id>` (requests for it) and `us:reply:<node id>` (answers
 to its own requests). A request is JSON `{"id", "session", "action", "args", "reply"}`; the holder
-applies it with its local `Uploads` (its writer holds the upload's spool or data handle) in a small
+applies it with its local `SessionService` (its writer holds the upload's spool or data handle) in a small
 thread pool, and publishes `{"id", "session"}` or `{"id", "error": {...}}` on the reply channel.
 PUBLISH says how many subscribers got the request: none means the holder is gone, and the caller
 applies the command itself (see `node.ClusterNode.route`).

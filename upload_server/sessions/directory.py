@@ -1,6 +1,6 @@
 """Which sessions this server answers for, and where a command on one of them runs.
 
-The front end (`service.Uploads`), start-up recovery and the sweeper ask a directory, never which
+The front end (`service.SessionService`), start-up recovery and the sweeper ask a directory, never which
 mode they run in. With one server (`LocalDirectory`) every session is its own: the live view
 answers and commands run here. With several nodes (`cluster.directory.ClusterDirectory`) the shared
 records answer and a command runs on the node holding the upload. `Backends.open_directory` is the
