@@ -56,6 +56,7 @@ class StandInWriters:
     the checks under test are the front end's."""
 
     on_event: Callable[[Event], None] | None = None
+    on_record: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(self, live: dict[str, Any], layout: Layout) -> None:
         self.live = live
@@ -116,6 +117,8 @@ class StandInWriters:
 
     def _saved(self, request_id: int, record: Session) -> Reply:
         self.live[record.id] = record.to_dict()
+        if self.on_record is not None:  # as the monitor does with every answer
+            self.on_record(record.to_dict())
         return Reply(request_id, record.to_dict())
 
     def _tell(self, kind: str, record: Session) -> None:

@@ -23,6 +23,7 @@ from .auth import Principal, check_upload
 from .config import Config
 from .filenames import sanitize
 from .hooks import Hooks
+from .in_progress import InProgress
 from .layout import Layout
 from .received_body import RequestBody
 from .session_limits import SessionLimits
@@ -117,8 +118,11 @@ class SessionService:
         # one server's unless given (`Backends.open_directory` picks by the settings)
         self.directory = directory if directory is not None else LocalDirectory(live, store)
         self.spool = Spool(layout, sync=config.fsync == "always")
-        self.limits = SessionLimits(config.max_sessions, config.max_sessions_per_owner, live.all())
+        recovered = live.all()  # once, at start-up: from here on both follow the sessions' events
+        self.limits = SessionLimits(config.max_sessions, config.max_sessions_per_owner, recovered)
+        self.in_progress = InProgress(recovered, metrics.get().active_sessions.set)
         pool.on_event = self._on_writer_event
+        pool.on_record = lambda record: self.in_progress.observe(record["id"], record["state"])
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -170,6 +174,7 @@ class SessionService:
                 self.limits.release(session.limit_key, session.id)
                 self.layout.spool(session.id).unlink(missing_ok=True)
             for session in saved:
+                self.in_progress.discard(session.id)
                 with contextlib.suppress(Exception):
                     self.live.remove(session.id)
                     self.store.delete(session.id)
@@ -237,12 +242,9 @@ class SessionService:
         self.store.save(session, durable=self.config.fsync == "always")
         self.live.put(session)
         self.limits.count(session)
+        self.in_progress.observe(session.id, session.state)
         metrics.get().uploads_started.labels(session.protocol).inc()
         self.hooks.emit("post-create", status_of(session))
-
-    def in_progress_count(self) -> int:
-        """Sessions neither finished nor failed (what the active-sessions gauge shows)."""
-        return sum(1 for s in self.live.all() if not s.is_final and s.state != states.FAILED)
 
     # -- the disk ------------------------------------------------------------------------------
 
@@ -266,8 +268,10 @@ class SessionService:
             raise errors.InsufficientStorage(refusal, code="insufficient_storage")
 
     def _on_writer_event(self, event: Event) -> None:
-        """Called by the pool's monitor thread: keep the limits' index current, tell the hooks."""
+        """Called by the pool's monitor thread: keep the limits' index and the count in progress
+        current, tell the hooks."""
         session = Session.from_dict(event.session)
+        self.in_progress.observe(session.id, session.state)
         if session.is_final:
             self.limits.ended(session)
             self.pool.forget(session.id)

@@ -1,7 +1,7 @@
 """The pool's monitor thread: replies, deaths, stalls and replacements of the writer processes.
 
 It watches every writer's reply pipe and process sentinel: a reply resolves the request waiting for
-it (`PendingRequests`), an event goes to `on_event`; when a writer dies (killed, out of memory) it
+it (`PendingRequests`) and its record goes to `on_record`, an event goes to `on_event`; when a writer dies (killed, out of memory) it
 starts a replacement at the same index and has the pool hand it the dead one's work
 (`on_replaced`): at once, or after a growing delay when the writer keeps dying (a crash loop).
 
@@ -111,6 +111,8 @@ class Monitor:
         self._delayed: list[tuple[float, WriterHandle]] = []
         self._checked = 0.0
         self.on_event: Callable[[Event], None] | None = None
+        # every record an answer carries, in the order its writer sent it (the count in progress)
+        self.on_record: Callable[[dict[str, Any]], None] | None = None
         self.manager_sentinel: Any = None
         self.on_manager_death: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
@@ -265,6 +267,8 @@ class Monitor:
                 except Exception:
                     log.exception("handling a %s event failed", reply.kind)
             return
+        if reply.session is not None and self.on_record is not None:
+            self.on_record(reply.session)
         self._pending.resolve(reply)
 
     def _restart(self, dead: WriterHandle) -> None:

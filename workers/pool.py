@@ -75,6 +75,14 @@ class WriterPool:
         self._monitor.on_event = handler
 
     @property
+    def on_record(self) -> Callable[[dict[str, Any]], None] | None:
+        return self._monitor.on_record
+
+    @on_record.setter
+    def on_record(self, handler: Callable[[dict[str, Any]], None] | None) -> None:
+        self._monitor.on_record = handler
+
+    @property
     def manager_sentinel(self) -> Any:
         return self._monitor.manager_sentinel
 

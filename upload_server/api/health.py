@@ -68,11 +68,10 @@ class WriterVitals(Protocol):
 
 
 class SessionCounts(Protocol):
-    """What the checks read of the sessions (`service.SessionService`)."""
+    """What `/readyz` reads of the sessions (`service.SessionService`)."""
 
     @property
     def live(self) -> Any: ...  # `len()` of it asks the Manager
-    def in_progress_count(self) -> int: ...
 
 
 class HealthSource(Protocol):
@@ -149,20 +148,20 @@ class ReadyResource:
 
 
 class MetricsResource:
-    """GET /metrics in Prometheus text format, every process's figures together."""
+    """GET /metrics in Prometheus text format, every process's figures together. A scrape costs
+    O(series): counters and the sessions gauge are kept as things change (`in_progress`); only
+    the writers' vital signs, a few numbers, are read here."""
 
     def __init__(self, source: HealthSource) -> None:
         self.source = source
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         figures = metrics.get()
-        pool, service = self.source.pool, self.source.service
+        pool = self.source.pool
         if pool is not None:
             figures.writers_alive.set(pool.alive())
             for index, depth in enumerate(pool.queue_depths()):
                 figures.writer_queue_depth.labels(str(index)).set(depth)
-        if service is not None:
-            figures.active_sessions.set(service.in_progress_count())
         body, content_type = metrics.render()
         resp.data = body
         resp.content_type = content_type
