@@ -10,6 +10,8 @@ and `create_app` also start the processes behind it.
 - `create_app()` is `start_app` plus those adjustments installed process-wide, for
   `waitress-serve --call upload_server:create_app`, which calls it with no arguments (settings
   then come from the environment) and creates a server we do not control.
+- With `--metrics-listen`, `/metrics` leaves the app for `app.metrics_app` (`build_metrics_app`),
+  which `upload-server` serves on that address; under `waitress-serve` nothing can serve it.
 
 The processes are stopped by `app.runtime.close()`, which also runs at interpreter exit.
 """
@@ -17,6 +19,7 @@ The processes are stopped by `app.runtime.close()`, which also runs at interpret
 from __future__ import annotations
 
 import atexit
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +37,8 @@ from .locks import Locks, UploadLocks
 from .runtime import Runtime
 from .service import SessionService
 
+log = logging.getLogger("upload_server")
+
 
 class UploadApp(falcon.App):
     """A Falcon app that carries the runtime it depends on, so its owner can stop it, and the
@@ -41,6 +46,7 @@ class UploadApp(falcon.App):
 
     runtime: Runtime
     server_policy: waitress_patches.ServerPolicy
+    metrics_app: falcon.App | None  # what `--metrics-listen` serves
 
 
 def build_app(
@@ -62,8 +68,8 @@ def build_app(
         middleware=[
             middleware.RequestLog(),
             middleware.Cors(config.cors_origins, config.tus_path),
-            middleware.Authenticate(
-                Authenticator(config), ("/upload", config.tus_path), config.tus_path
+            _authenticate(
+                config, ("/upload", config.tus_path), with_metrics=config.metrics_listen is None
             ),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
@@ -87,13 +93,37 @@ def build_app(
     app.add_route(config.tus_path, tus.TusCollection(service, locks))
     app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(service, locks, cut_bodies))
     app.add_route("/openapi.json", openapi.OpenApiResource(config))
-    app.add_route("/metrics", health.MetricsResource(health_source))
-    app.add_route("/healthz", health.HealthResource())
-    app.add_route("/readyz", health.ReadyResource(health_source))
+    _add_operations(app, health_source, with_metrics=config.metrics_listen is None)
     if config.web:
         web.add_routes(app, config)
     cut_bodies.app = app
     return app
+
+
+def build_metrics_app(config: Config, health_source: health.HealthSource) -> falcon.App:
+    """What `--metrics-listen` serves: `/metrics`, `/healthz` and `/readyz`, and 404 elsewhere."""
+    app = falcon.App(
+        middleware=[middleware.RequestLog(), _authenticate(config, (), with_metrics=True)]
+    )
+    errors.install(app)
+    _add_operations(app, health_source, with_metrics=True)
+    return app
+
+
+def _authenticate(
+    config: Config, protected: tuple[str, ...], *, with_metrics: bool
+) -> middleware.Authenticate:
+    """Credentials on `protected` paths, and an API key on `/metrics` with `--metrics-auth` (where
+    it is served: elsewhere it is a 404 like any unknown path)."""
+    operator = ("/metrics",) if config.metrics_auth and with_metrics else ()
+    return middleware.Authenticate(Authenticator(config), protected, config.tus_path, operator)
+
+
+def _add_operations(app: falcon.App, source: health.HealthSource, *, with_metrics: bool) -> None:
+    if with_metrics:
+        app.add_route("/metrics", health.MetricsResource(source))
+    app.add_route("/healthz", health.HealthResource())
+    app.add_route("/readyz", health.ReadyResource(source))
 
 
 def start_app(
@@ -116,6 +146,7 @@ def start_app(
     app = build_app(config, runtime.service, runtime, cut_bodies=cut_bodies, locks=locks)
     app.runtime = runtime
     app.server_policy = _server_policy(config, layout, runtime.service, cut_bodies)
+    app.metrics_app = build_metrics_app(config, runtime) if config.metrics_listen else None
     return app
 
 
@@ -153,4 +184,10 @@ def create_app(
     config = config if config is not None else Config.load(**overrides)
     app = start_app(config, hook=hook)
     waitress_server.install(app.server_policy)
+    if app.metrics_app is not None:
+        log.warning(
+            "--metrics-listen / UPLOAD_SERVER_METRICS_LISTEN cannot open a listener under "
+            "waitress-serve (the server is not ours): /metrics is served nowhere. Serve with "
+            "upload-server, or drop it and protect /metrics with UPLOAD_SERVER_METRICS_AUTH"
+        )
     return app

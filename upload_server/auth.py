@@ -10,6 +10,9 @@ issued by the application behind the server:
 Claims: `sub` (who; required), `exp` (Unix time; required), and optionally `max` (largest upload in
 bytes), `name` (the only filename allowed) and `type` (the only content type allowed). Each
 credential is a `Principal`; a session belongs to the principal that created it.
+
+What only the operator may read (`/metrics` with `--metrics-auth`) takes an API key alone: a token is
+handed to end users, so it is refused there (403), whatever it allows.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ class Authenticator:
             raise ValueError(
                 "--auth needs API keys (--api-keys or --api-keys-file) or a --token-secret"
             )
+        if config.metrics_auth and not self.keys:
+            raise ValueError("--metrics-auth needs API keys (--api-keys or --api-keys-file)")
 
     def authenticate(self, authorization: str | None, query_token: str | None) -> Principal | None:
         """The caller, or None when authentication is off; Unauthorized otherwise."""
@@ -114,10 +119,31 @@ class Authenticator:
             )
         if credential.startswith(TOKEN_PREFIX + ".") and self.token_secret:
             return self._verify_token(credential)
-        name = self.keys.get(hash_key(credential))
-        if name is None:
+        key = self._key(credential)
+        if key is None:
             raise Unauthorized("the API key or token is not valid", code="invalid_credential")
-        return Principal(f"key:{name}")
+        return key
+
+    def authenticate_key(self, authorization: str | None) -> Principal:
+        """The caller by an API key (whether or not `--auth` is on); Unauthorized without a valid
+        one, and 403 for an upload token."""
+        credential = _bearer(authorization)
+        if not credential:
+            raise Unauthorized("this endpoint needs an API key: Authorization: Bearer <key>")
+        key = self._key(credential)
+        if key is not None:
+            return key
+        if credential.startswith(TOKEN_PREFIX + "."):
+            raise errors.UploadError(
+                "this endpoint takes an API key; an upload token is not accepted here",
+                code="api_key_required",
+                status=403,
+            )
+        raise Unauthorized("the API key is not valid", code="invalid_credential")
+
+    def _key(self, credential: str) -> Principal | None:
+        name = self.keys.get(hash_key(credential))
+        return Principal(f"key:{name}") if name is not None else None
 
     def _verify_token(self, token: str) -> Principal:
         try:

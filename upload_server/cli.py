@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
+
+import waitress
 
 from . import credentials, waitress_server
 from .app import start_app
@@ -50,6 +53,32 @@ def waitress_options(config: Config) -> dict[str, Any]:
     return options
 
 
+def serve_metrics(app: Any, config: Config) -> Any:
+    """The `--metrics-listen` listener, started: a plain waitress server with its own I/O thread
+    and two request threads, so a scrape neither queues behind uploads nor goes through what
+    the upload listener does to bodies (it takes none)."""
+    assert config.metrics_listen is not None
+    host, port = config.metrics_listen
+    server = waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=2,
+        ident="upload_server",
+        asyncore_use_poll=not config.portable,  # select() fails on descriptors past 1023
+        max_request_body_size=64 * 1024,
+    )
+    threading.Thread(target=server.run, name="metrics-listener", daemon=True).start()
+    return server
+
+
+def _log_listening(server: Any, what: str) -> None:
+    for host, port in getattr(server, "effective_listen", None) or [
+        (server.effective_host, server.effective_port)
+    ]:
+        log.info("%s on http://%s:%s", what, f"[{host}]" if ":" in host else host, port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in credentials.COMMANDS:
@@ -75,6 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"upload-server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
         )
         return 1
+    metrics_server = None
+    if app.metrics_app is not None:
+        try:
+            metrics_server = serve_metrics(app.metrics_app, config)
+        except OSError as exc:
+            server.close()
+            app.runtime.close()
+            host, port = config.metrics_listen or ("", 0)
+            print(f"upload-server: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            return 1
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -85,10 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # also when started with SIGINT ignored (`cmd &` in a script)
     if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK_EVENT
         signal.signal(signal.SIGBREAK, stop)
-    for host, port in getattr(server, "effective_listen", None) or [
-        (server.effective_host, server.effective_port)
-    ]:
-        log.info("listening on http://%s:%s", f"[{host}]" if ":" in host else host, port)
+    _log_listening(server, "listening")
+    if metrics_server is not None:
+        _log_listening(metrics_server, "/metrics (and /healthz, /readyz) listening")
     try:
         server.run()  # returns on Ctrl-C or SIGTERM: waitress catches the KeyboardInterrupt
     except KeyboardInterrupt:
@@ -96,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         log.info("shutting down: writers checkpoint their sessions")
         server.close()
+        if metrics_server is not None:
+            metrics_server.close()
         app.runtime.close()
     return 0
 

@@ -23,6 +23,7 @@ from .config_values import (
     parse_hook_events,
     parse_int,
     parse_lease_ttl,
+    parse_listen,
     parse_log_format,
     parse_log_level,
     parse_node_id,
@@ -148,6 +149,20 @@ SETTINGS: tuple[Setting, ...] = (
         "FILE",
     ),
     Setting("token_secret", str, "", "HMAC secret for signed upload tokens.", "SECRET"),
+    Setting(
+        "metrics_auth",
+        parse_bool,
+        False,
+        "/metrics needs an API key (an upload token is refused).",
+        "BOOL",
+    ),
+    Setting(
+        "metrics_listen",
+        parse_listen,
+        "",
+        "Serve /metrics (with /healthz, /readyz) on this HOST:PORT, not on the main one.",
+        "HOST:PORT",
+    ),
     Setting("max_sessions", parse_int, 10000, "Most unfinished sessions in all (429 beyond).", "N"),
     Setting(
         "max_sessions_per_owner",
@@ -318,6 +333,8 @@ class Config:
     api_keys: str
     api_keys_file: Path | None
     token_secret: str
+    metrics_auth: bool
+    metrics_listen: tuple[str, int] | None
     max_sessions: int
     max_sessions_per_owner: int
     min_free_space: int

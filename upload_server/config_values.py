@@ -90,6 +90,20 @@ def parse_port(text: str | int) -> int:
     return value
 
 
+def parse_listen(text: str | tuple[str, int] | None) -> tuple[str, int] | None:
+    """`HOST:PORT` (`[::1]:9100` for IPv6) to (host, port); empty is None (not set)."""
+    if text is None or isinstance(text, tuple):
+        return text
+    value = text.strip()
+    if not value:
+        return None
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^\s:\[\]]+):(\d+)", value)
+    if not match:
+        raise ValueError(f"not HOST:PORT (or [IPv6]:PORT): {text!r}")
+    host = match.group(1) or match.group(3)
+    return host, parse_port(match.group(2) or match.group(4))
+
+
 def parse_start_method(text: str) -> str:
     value = text.strip().lower()
     if value == "default":

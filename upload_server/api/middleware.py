@@ -204,8 +204,9 @@ class Cors:
 
 class Authenticate:
     """Puts the caller (`req.context.principal`) on every request to the upload APIs, or refuses
-    it with 401. Health checks, metrics, the OpenAPI document, the web page and preflights stay
-    public; `principal` is None wherever authentication is off. A download (GET or HEAD under the
+    it with 401. Health checks, the OpenAPI document, the web page and preflights stay public, and
+    metrics unless an `operator` path (`/metrics` with `--metrics-auth`: an API key, with auth on
+    or off); `principal` is None wherever authentication is off. A download (GET or HEAD under the
     tus path) may carry its credential as `?access_token=`: a browser cannot add headers to a link.
     Nothing else may, so credentials stay out of the URLs that proxies and logs keep.
 
@@ -214,11 +215,16 @@ class Authenticate:
     authentication off, the per-owner session limit counts per client. It is never an owner."""
 
     def __init__(
-        self, authenticator: Authenticator, protected: tuple[str, ...], tus_path: str
+        self,
+        authenticator: Authenticator,
+        protected: tuple[str, ...],
+        tus_path: str,
+        operator: tuple[str, ...] = (),
     ) -> None:
         self.authenticator = authenticator
         self.protected = tuple(p.rstrip("/") for p in protected)
         self.downloads = tus_path.rstrip("/") + "/"
+        self.operator = operator
 
     def _is_protected(self, path: str) -> bool:
         return any(path == p or path.startswith(p + "/") for p in self.protected)
@@ -226,6 +232,11 @@ class Authenticate:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.principal = None
         req.context.client = client_key(req.env.get("REMOTE_ADDR"))
+        if req.path in self.operator:
+            req.context.principal = self.authenticator.authenticate_key(
+                req.get_header("Authorization")
+            )
+            return
         if req.method == "OPTIONS" or not self._is_protected(req.path):
             return
         download = req.method in ("GET", "HEAD") and req.path.startswith(self.downloads)
