@@ -25,9 +25,9 @@ import waitress.buffers
 import waitress.channel
 import waitress.wasyncore
 
-from upload_server import waitress_patches, waitress_server
+from upload_server import metrics, waitress_patches, waitress_server
 from upload_server.app import build_app
-from upload_server.auth import hash_key
+from upload_server.auth import hash_key, issue_token
 from upload_server.config import Config
 from upload_server.hooks import Hooks
 from upload_server.layout import Layout
@@ -106,6 +106,14 @@ class StandInWriters:
             self._tell("terminated", record)
         return self._saved(self.next_request_id(), record)
 
+    def fail(self, session_id: str) -> None:
+        """As a writer does when a write fails: the record says so, then the event."""
+        record = Session.from_dict(self.live[session_id])
+        record.state = states.FAILED
+        record.set_error("io_error", "a stand-in failure")
+        self.live[session_id] = record.to_dict()
+        self._tell("failed", record)
+
     def _publish(self, record: Session) -> None:
         data = self.layout.partial(record.id)
         data.touch()
@@ -145,7 +153,9 @@ class Served:
             Hooks(self.config),
         )
         self.client = NoServerErrors(
-            build_app(self.config, self.service, NoProcesses(self.config, self.layout))
+            build_app(
+                self.config, self.service, NoProcesses(self.config, self.layout, self.service)
+            )
         )
 
     def session(self, session_id: str) -> Session:
@@ -214,13 +224,16 @@ class NoServerErrors(falcon.testing.TestClient):
 class NoProcesses:
     """The health source: what `/readyz` and `/metrics` read, with no process behind the app."""
 
-    pool = service = directory = manager = None
+    pool = directory = manager = None
     manager_restarts = 0
     started = 0.0
 
-    def __init__(self, config: Config, layout: Layout) -> None:
+    def __init__(
+        self, config: Config, layout: Layout, service: SessionService | None = None
+    ) -> None:
         self.config = config
         self.layout = layout
+        self.service = service  # as the runtime's: what a scrape must not walk
 
 
 def _path(url: str) -> str:
@@ -883,6 +896,94 @@ def test_health_without_processes(served):
     assert served.client.simulate_get("/healthz").json == {"status": "ok"}
     ready = served.client.simulate_get("/readyz")
     assert ready.status_code == 200 and ready.json["writers"] == 0
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def _counted(name: str) -> Callable[..., Any]:
+    def walk(self: WalkCounting, *args: Any) -> Any:
+        self.walks += 1
+        return getattr(dict, name)(self, *args)
+
+    return walk
+
+
+class WalkCounting(dict):
+    """A live view that counts the calls that walk every session."""
+
+    walks = 0
+    copy = _counted("copy")
+    items = _counted("items")
+    values = _counted("values")
+    keys = _counted("keys")
+    __iter__ = _counted("__iter__")
+
+
+def _active_sessions() -> float:
+    """This process's active-sessions gauge (a scrape here may read another directory's files:
+    a test in this process that started a runtime chose one)."""
+    (sample,) = metrics.get().active_sessions.collect()[0].samples
+    return sample.value
+
+
+def test_a_scrape_never_walks_the_sessions(served):
+    for _ in range(3):
+        served.new(10)
+    watched = WalkCounting(served.live)
+    served.service.live.replace(watched)
+    assert served.client.simulate_get("/metrics").status_code == 200
+    assert watched.walks == 0
+    assert _active_sessions() == 3
+
+
+def test_the_active_sessions_gauge_follows_each_session(served):
+    """Kept as sessions change: created (in), completed, terminated, failed (out), resumed (in)."""
+    done, ended, failing = served.new(3), served.new(3), served.new(3)
+    assert _active_sessions() == 3
+    assert served.patch(done, 0, b"abc").status_code == 204
+    assert _active_sessions() == 2
+    gone = served.client.simulate_delete(_path(ended), headers=TUS)
+    assert gone.status_code == 204
+    assert _active_sessions() == 1
+    served.writers.fail(_id(failing))
+    assert _active_sessions() == 0
+    resumed = served.client.simulate_post("/upload/resume", params={"sessionID": _id(failing)})
+    assert resumed.status_code == 200, resumed.text
+    assert _active_sessions() == 1
+    assert len(served.service.in_progress) == 1
+
+
+@pytest.fixture
+def metrics_secured(make_served) -> Served:
+    """/metrics behind the API keys, with auth off for the upload APIs; tokens are signed too."""
+    return make_served(metrics_auth=True, api_keys=f"alice={hash_key(ALICE)}", token_secret="s")
+
+
+def test_metrics_auth_takes_an_api_key_only(metrics_secured):
+    client = metrics_secured.client
+    missing = client.simulate_get("/metrics")
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="upload_server"'
+    assert_error(client.simulate_get("/metrics", headers=bearer("not-a-key")), 401)
+    token = issue_token("s", "alice", 60)
+    assert_error(client.simulate_get("/metrics", headers=bearer(token)), 403, "api_key_required")
+    scraped = client.simulate_get("/metrics", headers=bearer(ALICE))
+    assert scraped.status_code == 200
+    # nothing else changes: the upload APIs stay open (auth off), health stays public
+    assert metrics_secured.create(1).status_code == 201
+    assert client.simulate_get("/readyz").status_code == 200
+
+
+def test_metrics_auth_needs_api_keys(make_served):
+    with pytest.raises(ValueError, match="--metrics-auth needs API keys"):
+        make_served(metrics_auth=True, token_secret="s")
+
+
+def test_metrics_listen_takes_metrics_off_the_app(make_served):
+    served = make_served(metrics_listen="127.0.0.1:9")
+    assert_error(served.client.simulate_get("/metrics"), 404)
+    assert served.client.simulate_get("/healthz").status_code == 200
 
 
 # -- the server around it ---------------------------------------------------------------------

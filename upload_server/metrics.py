@@ -112,10 +112,13 @@ def get() -> Metrics:
 
 
 def render() -> tuple[bytes, str]:
-    """Every process's metrics, aggregated: (body, content type)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    """Every process's metrics, aggregated: (body, content type). Without `setup()` (an app built
+    by `build_app` alone, as the in-process tests build it) this process's own."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    if ENV not in os.environ:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST
