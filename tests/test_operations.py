@@ -12,7 +12,7 @@ import psutil
 import pytest
 import requests
 
-from .conftest import MiB, wait_for
+from .conftest import MiB, free_port, wait_for
 from .tus_http import Tus
 
 
@@ -102,6 +102,29 @@ def test_metrics_match_what_happened(make_server, files):
         )
         == 4
     )
+
+
+def test_metrics_listen_serves_metrics_on_its_own_address_only(make_server):
+    from upload_server.auth import hash_key
+
+    port = free_port()
+    server = make_server(
+        ["--metrics-listen", f"127.0.0.1:{port}", "--metrics-auth", "true"],
+        env={"UPLOAD_SERVER_API_KEYS": f"ops={hash_key('ops-key')}"},
+    )
+    side = f"http://127.0.0.1:{port}"
+    scraped = requests.get(
+        side + "/metrics", headers={"Authorization": "Bearer ops-key"}, timeout=10
+    )
+    assert scraped.status_code == 200
+    assert metric(scraped.text, "upload_server_writers_alive") == 2
+    assert requests.get(side + "/metrics", timeout=10).status_code == 401
+    for path in ("/healthz", "/readyz"):
+        assert requests.get(side + path, timeout=10).status_code == 200, path
+    for path in ("/upload/status", "/files/", "/openapi.json", "/"):
+        assert requests.get(side + path, timeout=10).status_code == 404, path
+    assert requests.get(server.url("/metrics"), timeout=10).status_code == 404
+    assert requests.get(server.url("/readyz"), timeout=10).status_code == 200
 
 
 def test_large_patch_bodies_are_linked_into_the_spool_not_copied(server):
