@@ -970,6 +970,10 @@ def test_metrics_auth_takes_an_api_key_only(metrics_secured):
     assert_error(client.simulate_get("/metrics", headers=bearer(token)), 403, "api_key_required")
     scraped = client.simulate_get("/metrics", headers=bearer(ALICE))
     assert scraped.status_code == 200
+    described = client.simulate_get("/openapi.json").json["paths"]["/metrics"]["get"]
+    assert described["security"] == [{"bearer": []}] and {"401", "403"} <= set(
+        described["responses"]
+    )
     # nothing else changes: the upload APIs stay open (auth off), health stays public
     assert metrics_secured.create(1).status_code == 201
     assert client.simulate_get("/readyz").status_code == 200
@@ -983,6 +987,7 @@ def test_metrics_auth_needs_api_keys(make_served):
 def test_metrics_listen_takes_metrics_off_the_app(make_served):
     served = make_served(metrics_listen="127.0.0.1:9")
     assert_error(served.client.simulate_get("/metrics"), 404)
+    assert "/metrics" not in served.client.simulate_get("/openapi.json").json["paths"]
     assert served.client.simulate_get("/healthz").status_code == 200
 
 

@@ -261,15 +261,21 @@ class Monitor:
 
     def _resolve(self, reply: Reply | Event) -> None:
         if isinstance(reply, Event):
-            if self.on_event is not None:
-                try:
-                    self.on_event(reply)
-                except Exception:
-                    log.exception("handling a %s event failed", reply.kind)
+            self._hand(self.on_event, reply, f"a {reply.kind} event")
             return
-        if reply.session is not None and self.on_record is not None:
-            self.on_record(reply.session)
+        if reply.session is not None:
+            self._hand(self.on_record, reply.session, "an answer's record")
         self._pending.resolve(reply)
+
+    @staticmethod
+    def _hand(handler: Callable[[Any], None] | None, message: Any, what: str) -> None:
+        """Give the front end's handler `message`; its failure is logged, never this thread's."""
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception:
+            log.exception("handling %s failed", what)
 
     def _restart(self, dead: WriterHandle) -> None:
         """Replace a dead writer: at once, or after a growing delay when it keeps dying (a crash

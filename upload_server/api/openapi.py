@@ -422,15 +422,7 @@ def document(config: Config) -> dict[str, Any]:
                     },
                 }
             },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics of every process",
-                    "security": [],
-                    "responses": {
-                        "200": {"description": "Text format", "content": {"text/plain": {}}}
-                    },
-                }
-            },
+            **_metrics_path(config),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -439,6 +431,28 @@ def document(config: Config) -> dict[str, Any]:
                 }
             },
         },
+    }
+
+
+def _metrics_path(config: Config) -> dict[str, Any]:
+    """`/metrics` as this app serves it: not at all with `--metrics-listen` (another listener
+    does), behind an API key with `--metrics-auth`."""
+    if config.metrics_listen is not None:
+        return {}
+    responses: dict[str, Any] = {
+        "200": {"description": "Text format", "content": {"text/plain": {}}}
+    }
+    if config.metrics_auth:
+        responses["401"] = _error("No valid API key")
+        responses["403"] = _error("An upload token: this takes an API key (api_key_required)")
+    return {
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of every process",
+                "security": [{"bearer": []}] if config.metrics_auth else [],
+                "responses": responses,
+            }
+        }
     }
 
 
