@@ -53,19 +53,17 @@ def waitress_options(config: Config) -> dict[str, Any]:
     return options
 
 
-def serve_metrics(app: Any, config: Config) -> Any:
+def serve_metrics(app: Any, host: str, port: int, *, portable: bool) -> Any:
     """The `--metrics-listen` listener, started: a plain waitress server with its own I/O thread
     and two request threads, so a scrape neither queues behind uploads nor goes through what
     the upload listener does to bodies (it takes none)."""
-    assert config.metrics_listen is not None
-    host, port = config.metrics_listen
     server = waitress.create_server(
         app,
         host=host,
         port=port,
         threads=2,
         ident="upload_server",
-        asyncore_use_poll=not config.portable,  # select() fails on descriptors past 1023
+        asyncore_use_poll=not portable,  # select() fails on descriptors past 1023
         max_request_body_size=64 * 1024,
     )
     threading.Thread(target=server.run, name="metrics-listener", daemon=True).start()
@@ -105,14 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     metrics_server = None
-    if app.metrics_app is not None:
+    if config.metrics_listen is not None:
+        host, port = config.metrics_listen
         try:
-            metrics_server = serve_metrics(app.metrics_app, config)
+            metrics_server = serve_metrics(app.metrics_app, host, port, portable=config.portable)
         except OSError as exc:
             server.close()
             app.runtime.close()
-            host, port = config.metrics_listen or ("", 0)
-            print(f"upload-server: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            print(
+                f"upload-server: cannot listen on {host}:{port} (--metrics-listen): {exc}",
+                file=sys.stderr,
+            )
             return 1
 
     def stop(signum: int, frame: Any) -> None:
