@@ -11,8 +11,8 @@ Claims: `sub` (who; required), `exp` (Unix time; required), and optionally `max`
 bytes), `name` (the only filename allowed) and `type` (the only content type allowed). Each
 credential is a `Principal`; a session belongs to the principal that created it.
 
-What only the operator may read (`/metrics` with `--metrics-auth`) takes an API key alone: a token is
-handed to end users, so it is refused there (403), whatever it allows.
+What only the operator may read (`/metrics` with `--metrics-auth`) takes an API key alone: a token
+is handed to end users, so it is refused there (403), whatever it allows.
 """
 
 from __future__ import annotations

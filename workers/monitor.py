@@ -1,9 +1,10 @@
 """The pool's monitor thread: replies, deaths, stalls and replacements of the writer processes.
 
 It watches every writer's reply pipe and process sentinel: a reply resolves the request waiting for
-it (`PendingRequests`) and its record goes to `on_record`, an event goes to `on_event`; when a writer dies (killed, out of memory) it
-starts a replacement at the same index and has the pool hand it the dead one's work
-(`on_replaced`): at once, or after a growing delay when the writer keeps dying (a crash loop).
+it (`PendingRequests`) and its record goes to `on_record`, an event goes to `on_event` (both in the
+order the writer sent them); when a writer dies (killed, out of memory) it starts a replacement at
+the same index and has the pool hand it the dead one's work (`on_replaced`): at once, or after a
+growing delay when the writer keeps dying (a crash loop).
 
 It also watches each writer's vital signs (`writer.VITALS`: a heartbeat counted by a thread of the
 writer's own, and the main loop's progress). A writer whose heartbeat has been silent for
