@@ -35,6 +35,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import http.client
 import json
 import os
 import random
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from client import TUS, Connection, RequestFailed, expect, tus_create
+from client import TUS, Connection, RequestFailed, Response, expect, tus_create
 from slow import wait_quiet
 from targets import REPO, UploadServer, free_port
 
@@ -281,27 +282,33 @@ def rss_tree(server: UploadServer) -> dict[str, float]:
     return rss
 
 
-def timed(conn: Connection, failures: Failures, method: str, path: str, check: Callable) -> float:
+def timed(
+    conn: Connection,
+    failures: Failures,
+    method: str,
+    path: str,
+    check: Callable[[Response], str | None],
+) -> float:
     """Milliseconds for one request; an exception or a wrong answer is a failure."""
     began = time.perf_counter()
     try:
         response = conn.request(method, path, dict(TUS))
         took = (time.perf_counter() - began) * 1000
         problem = check(response)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         took, problem = (time.perf_counter() - began) * 1000, repr(exc)
     if problem:
         failures.add(f"{method} {path}: {problem}")
     return took
 
 
-def head_ok(response: Any) -> str | None:
+def head_ok(response: Response) -> str | None:
     if response.status != 200 or response.headers.get("upload-offset") != "0":
         return f"HTTP {response.status}, Upload-Offset {response.headers.get('upload-offset')}"
     return None
 
 
-def status_ok(response: Any) -> str | None:
+def status_ok(response: Response) -> str | None:
     if response.status != 200:
         return f"HTTP {response.status} {response.body[:200]!r}"
     body = response.json()
@@ -310,7 +317,7 @@ def status_ok(response: Any) -> str | None:
     return None
 
 
-def metrics_ok(response: Any) -> str | None:
+def metrics_ok(response: Response) -> str | None:
     return None if response.status == 200 else f"HTTP {response.status}"
 
 
@@ -540,7 +547,13 @@ def main(argv: list[str] | None = None) -> int:
         for size in plan.sizes:
             try:
                 results.append(measure_size(size, plan, Path(tmp), failures, rng))
-            except (RequestFailed, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            except (
+                RequestFailed,
+                RuntimeError,
+                OSError,
+                http.client.HTTPException,
+                subprocess.SubprocessError,
+            ) as exc:
                 failures.add(f"n={size}: {exc}")
             shutil.rmtree(Path(tmp) / f"n{size}", ignore_errors=True)
     judged = verdicts(results) if len(results) > 1 else {}
