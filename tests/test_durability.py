@@ -415,3 +415,30 @@ def test_a_writer_killed_while_copying_a_segment_still_answers_the_patch(make_se
         assert answer.result(timeout=60).status_code == 204
     status = server.wait_state(url.rsplit("/", 1)[1], "completed")
     assert sha256_file(server.upload_dir / status["storedAs"]) == hashlib.sha256(data).hexdigest()
+
+
+def test_finished_sessions_leave_the_live_view_and_answer_from_their_records(make_server, files):
+    """With a tiny --live-grace a finished upload leaves the Manager dict within a sweep or two;
+    its status is the same field by field, it downloads, its tus DELETE still reaches its writer,
+    and a restart does not bring it back into the live view."""
+    server = make_server(["--live-grace", "0.2s"])
+    tus = Tus(server.base)
+    data = b"evicted but answering" * 100
+    url = tus.new(len(data), filename="evicted.bin")
+    assert tus.patch(url, 0, data).status_code == 204
+    upload_id = url.rsplit("/", 1)[1]
+    seed_id = server.post_file(files(1000, seed=5)).json()["sessionID"]
+    before = server.wait_state(seed_id, "completed")
+    readyz = server.url("/readyz")
+    wait_for(lambda: requests.get(readyz, timeout=5).json()["sessions"] == 0)
+    assert server.status(seed_id) == before
+    download = requests.get(server.url(f"/files/{upload_id}"), timeout=10)
+    assert download.status_code == 200 and download.content == data
+    assert tus.head(url).headers["Upload-Offset"] == str(len(data))
+    assert requests.delete(url, headers={"Tus-Resumable": "1.0.0"}, timeout=10).status_code == 204
+    assert tus.head(url).status_code == 410
+    server.stop()
+    server.start()
+    assert requests.get(readyz, timeout=5).json()["sessions"] == 0
+    assert server.status(seed_id) == before
+    assert tus.head(url).status_code == 410

@@ -299,7 +299,7 @@ SETTINGS: tuple[Setting, ...] = (
         "keep_finished",
         parse_duration,
         "7d",
-        "A finished record is reduced to a tombstone after this long, removed after as long again.",
+        "A finished record becomes a tombstone after this long, removed as long again later (0 = never).",
         "DURATION",
     ),
 )
