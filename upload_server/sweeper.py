@@ -69,9 +69,11 @@ class Sweeper:
         service = self.service
         sessions = service.all_sessions()
         service.limits.forget_ended(sessions)
-        for session in sessions:
-            if session.state in EXPIRABLE and session.expires_at and session.expires_at < now:
-                self._expire(session)
+        due = [s for s in sessions if s.state in EXPIRABLE and s.expires_at and s.expires_at < now]
+        for count, session in enumerate(due, 1):
+            self._expire(session)
+            if count % BATCH == 0 and self._stop.wait(PAUSE):
+                return
         self._evict(service.live.all(), now)
         alive = {s.id for s in sessions if not lifecycle.is_filed_as_finished(s)}
         self._remove_orphans(service.layout.spool_dir, alive, now)
@@ -81,6 +83,7 @@ class Sweeper:
             self.retire(now)
 
     def _evict(self, live: list[Session], now: float) -> None:
+        """Finished sessions past their grace leave the live view (one Manager call each)."""
         grace = self.service.config.live_grace
         due = [s.id for s in live if lifecycle.may_leave_live_view(s, now, grace)]
         for count, session_id in enumerate(due, 1):
