@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -379,3 +380,32 @@ def test_a_node_restarted_under_its_id_finishes_its_seed_upload(
     again = make_server(args, env=env, upload_dir=directory)
     status = again.wait_state(session_id, "completed", timeout=60)
     assert backends.object_sha256(status["storedAs"]) == sha256_file(source)
+
+
+def test_redis_start_up_reads_the_unfinished_index_and_finished_records_expire(backends):
+    """`unfinished` reads the index, never a SCAN of the history; a finished record leaves the
+    index and expires after twice `--keep-finished`; a Redis written before the index is
+    indexed once."""
+    from upload_server.sessions import redis_store
+    from upload_server.sessions.record import Session, new_session_id
+
+    client = redis_store.connect(backends.redis.url)
+    store = redis_store.RedisSessionStore(client, keep=3600.0)
+
+    def record(state: str) -> Session:
+        return Session(new_session_id(), "tus", "f", 4, 0, state=state)
+
+    waiting, completed = record("waiting"), record("completed")
+    for session in (waiting, completed):
+        store.save(session, durable=True)
+    ids = {s.id for s in store.unfinished()}
+    assert waiting.id in ids and completed.id not in ids
+    assert client.ttl(redis_store.PREFIX + completed.id) > 7000
+    assert client.ttl(redis_store.PREFIX + waiting.id) == -1
+    old = record("paused")  # written before the index
+    client.set(redis_store.PREFIX + old.id, json.dumps(old.to_dict()))
+    client.delete(redis_store.INDEXED)
+    assert {waiting.id, old.id} <= {s.id for s in store.unfinished()}
+    assert client.exists(redis_store.INDEXED)
+    store.delete(waiting.id)
+    assert waiting.id not in {s.id for s in store.unfinished()}

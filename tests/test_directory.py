@@ -74,8 +74,8 @@ def test_one_server_answers_from_its_live_view(store: FileSessionStore) -> None:
     assert directory.all() == [session]
     assert directory.owns(session)
     assert directory.route(session, "pause", {}, lambda s, a, _: s) is session
-    directory.expired(session.id)  # the live view keeps the tombstone; the record goes
-    assert store.load(session.id) is None
+    directory.evict(session.id)  # it left the live view: its record answers
+    assert directory.lookup(session.id) == session
 
 
 def test_a_record_left_writing_by_a_dead_node_waits_for_its_client(store: FileSessionStore) -> None:
@@ -118,7 +118,7 @@ def test_a_node_owns_what_it_stamped_and_shares_what_it_recovers(store: FileSess
     lifecycle.wait_for_client(mine, "the server restarted")
     directory.share(mine)
     assert store.load(mine.id).state == states.WAITING
-    directory.expired(mine.id)  # the shared record is the tombstone: it stays
-    assert store.load(mine.id) is not None
+    directory.evict(mine.id)  # the shared record answers
+    assert directory.lookup(mine.id) is not None
     assert directory.route(theirs, "pause", {}, lambda s, a, _: s) is theirs
     assert directory.node.routed == ["pause"]

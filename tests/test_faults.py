@@ -31,7 +31,10 @@ def readyz(server: Server) -> dict:
 
 def writer_of(server: Server, session_id: str) -> int:
     """The index of the writer a session is pinned to, from its durable record."""
-    path = server.upload_dir / ".upload_server" / "sessions" / f"{session_id}.json"
+    records = server.upload_dir / ".upload_server" / "sessions"
+    path = records / f"{session_id}.json"
+    if not path.exists():
+        path = records / "finished" / f"{session_id}.json"
     return json.loads(path.read_text())["writer"]
 
 

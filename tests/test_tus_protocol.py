@@ -63,12 +63,12 @@ def test_creation_with_upload(server, tus):
 
 def test_creation_body_refused_by_the_writer_leaves_no_upload(server, tus):
     records = server.upload_dir / ".upload_server" / "sessions"
-    before = set(records.iterdir())
+    before = set(records.glob("**/*.json"))
     response = tus.create(10, data=b"abc", headers={"Upload-Checksum": checksum("sha1", b"x")})
     assert response.status_code == 460, response.text
     assert "Location" not in response.headers
     assert response.json()["error"]["code"]
-    created = [json.loads(p.read_text()) for p in set(records.iterdir()) - before]
+    created = [json.loads(p.read_text()) for p in set(records.glob("**/*.json")) - before]
     assert all(record["state"] == "terminated" for record in created), created
 
 

@@ -27,6 +27,7 @@ class Backends:
     storage: str
     s3: S3Settings | None = None
     node_id: str | None = None  # set in cluster mode only (a shared session store)
+    keep_finished: float = 0.0  # a shared store expires finished records after twice this
 
     @classmethod
     def from_config(cls, config: Config) -> Backends:
@@ -42,7 +43,7 @@ class Backends:
                 max_upload_size=config.max_upload_size,
             )
         node_id = (config.node_id or default_node_id()) if config.shared else None
-        return cls(config.session_store, config.storage, s3, node_id)
+        return cls(config.session_store, config.storage, s3, node_id, config.keep_finished)
 
     @property
     def shared(self) -> bool:
@@ -53,7 +54,7 @@ class Backends:
             return FileSessionStore(layout.sessions)
         from .sessions.redis_store import RedisSessionStore, connect
 
-        return RedisSessionStore(connect(self.session_store))
+        return RedisSessionStore(connect(self.session_store), self.keep_finished)
 
     def open_storage(self, layout: Layout, *, writeback: bool = False) -> Storage:
         """`writeback` (writers whose data will be synced): see `LocalStorage`."""

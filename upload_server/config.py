@@ -302,6 +302,21 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("web", parse_bool, True, "Serve the upload page (false turns it off).", "BOOL"),
     Setting("web_path", parse_web_path, "/", "Where the upload page lives.", "PATH"),
+    # history: how long a finished session stays in the live view and on disk
+    Setting(
+        "live_grace",
+        parse_duration,
+        60.0,
+        "A finished session leaves the live view (memory) after this long; its record answers.",
+        "DURATION",
+    ),
+    Setting(
+        "keep_finished",
+        parse_duration,
+        "7d",
+        "A finished record becomes a tombstone after this long, removed as long again later (0 = never).",
+        "DURATION",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -366,6 +381,8 @@ class Config:
     portable: bool
     web: bool
     web_path: str
+    live_grace: float
+    keep_finished: float
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

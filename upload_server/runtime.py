@@ -116,7 +116,9 @@ class Runtime:
         self.directory.start(self.service.control_from_peer)
         for session in recovered:
             self.pool.drain(session)
-        self.sweeper = Sweeper(self.service, sweep_interval(self.config.expiry))
+        self.sweeper = Sweeper(
+            self.service, sweep_interval(self.config.expiry, self.config.live_grace)
+        )
         self.sweeper.start()
         log.info(
             "upload_server: %d writers (%s), upload dir %s, %d sessions recovered",
@@ -205,7 +207,9 @@ class Runtime:
         now, so nothing is deleted: the next start-up sweeps what is left."""
         directory = self.directory
         assert directory is not None
-        sessions = [s for s in self.store.all() if directory.owns(s)]  # not other nodes' uploads
+        # only what may still change (the store files finished records apart), and only this
+        # node's: not other nodes' uploads
+        sessions = [s for s in self.store.unfinished() if directory.owns(s)]
         named = {
             self.layout.segment(s.id, offset).name for s in sessions for offset, _ in s.segments
         }
@@ -299,9 +303,10 @@ class Runtime:
         self._lock_fd = fd
 
 
-def sweep_interval(expiry: float) -> float:
-    """Often enough that an upload expires within about a quarter of its expiry time."""
-    return max(0.5, min(60.0, expiry / 4)) if expiry else 60.0
+def sweep_interval(expiry: float, live_grace: float = 60.0) -> float:
+    """Often enough that an upload expires within about a quarter of its expiry time, and a
+    finished session leaves the live view within about its grace again."""
+    return max(0.5, min(60.0, expiry / 4 if expiry else 60.0, live_grace))
 
 
 def _try_lock(fd: int) -> bool:

@@ -127,8 +127,9 @@ class SessionService:
     # -- lookup -------------------------------------------------------------------------------
 
     def get(self, session_id: str | None, principal: Principal | None = None) -> Session:
-        """The live record, or NotFound: also for ids that cannot be ours, and for a session that
-        belongs to another credential (as if it did not exist)."""
+        """The session's record (from the live view, or the store once it has left it), or
+        NotFound: also for ids that cannot be ours, and for a session that belongs to another
+        credential (as if it did not exist)."""
         if not session_id:
             raise errors.BadRequest(
                 "the sessionID parameter is required", code="missing_session_id"

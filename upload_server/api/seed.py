@@ -37,7 +37,7 @@ class _SeedResource:
             raise errors.NotFound(
                 f"upload session {session.id} expired and was removed", code="session_expired"
             )
-        return session
+        return _shown(session)
 
     def _answer(self, resp: falcon.Response, session: Session) -> None:
         resp.media = status_of(session)
@@ -122,7 +122,7 @@ class StatusResource(_SeedResource):
         found, missing = [], []
         for session_id in dict.fromkeys(ids):
             try:
-                found.append(status_of(self.service.get(session_id, req.context.principal)))
+                found.append(status_of(_shown(self.service.get(session_id, req.context.principal))))
             except errors.NotFound:
                 missing.append(session_id)
         resp.media = {"sessions": found, "notFound": missing}
@@ -159,6 +159,18 @@ class ResumeResource(_SeedResource):
 class TerminateResource(_SeedResource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._terminate(req, resp)
+
+
+def _shown(session: Session) -> Session:
+    """A session past `--keep-finished` keeps only a tombstone: its status is gone, and the
+    answer says how it ended rather than that the id is unknown."""
+    if lifecycle.is_tombstone(session):
+        raise errors.NotFound(
+            f"upload session {session.id} ended ({session.state}) and its record was removed "
+            "after the retention time",
+            code="session_ended",
+        )
+    return session
 
 
 def _parse_form(req: falcon.Request, body: Any) -> list[multipart.Part]:

@@ -62,8 +62,9 @@ class ClusterDirectory:
         """Other nodes read the shared record, not this node's live view."""
         self.store.save(session, durable=True)
 
-    def expired(self, session_id: str) -> None:
-        """The shared record is the tombstone; the sweep removes it after the retention."""
+    def evict(self, session_id: str) -> None:
+        """The shared records answer; this node's live view only holds its writers' news."""
+        self.live.remove(session_id)
 
     def start(self, serve: Serve) -> None:
         self.node.start(serve)

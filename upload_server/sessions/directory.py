@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from ..locks import Locks, UploadLocks
 from .live import LiveSessions
+from .recent import RecentRecords
 from .record import Session
 from .store import SessionStore
 
@@ -50,9 +51,9 @@ class SessionDirectory(Protocol):
         """Make a change this server made outside its writers (start-up recovery) visible to
         whoever reads the records."""
 
-    def expired(self, session_id: str) -> None:
-        """The sweeper expired the upload; its id keeps answering 410 from a tombstone for a
-        while."""
+    def evict(self, session_id: str) -> None:
+        """The session leaves this server's live view, or its record changed outside a writer
+        (retention): drop what is held of it here; its record answers from now on."""
 
     def start(self, serve: Serve) -> None:
         """Begin answering (with `serve`) the commands other servers send here."""
@@ -65,7 +66,9 @@ class SessionDirectory(Protocol):
 
 
 class LocalDirectory:
-    """One server: the live view is the truth, every record is its own, commands run here."""
+    """One server: the live view is the truth for every session in it, every record is its own,
+    commands run here. A session that has left the live view (finished, `--live-grace` ago)
+    answers from its durable record, the recently asked ones from memory."""
 
     node_id = None
 
@@ -73,9 +76,13 @@ class LocalDirectory:
         self.live = live
         self.store = store
         self.locks = UploadLocks()
+        self.recent = RecentRecords()
 
     def lookup(self, session_id: str) -> Session | None:
-        return self.live.get(session_id)
+        session = self.live.get(session_id)
+        if session is None:
+            session = self.recent.get(session_id, self.store.load)
+        return session
 
     def all(self) -> list[Session]:
         return self.live.all()
@@ -92,9 +99,9 @@ class LocalDirectory:
     def share(self, session: Session) -> None:
         """Nobody else reads the records: the live view is put right by recovery itself."""
 
-    def expired(self, session_id: str) -> None:
-        """The tombstone is the live view's (until a restart): the durable record goes now."""
-        self.store.delete(session_id)
+    def evict(self, session_id: str) -> None:
+        self.live.remove(session_id)
+        self.recent.forget(session_id)
 
     def start(self, serve: Serve) -> None:
         """There are no other servers."""

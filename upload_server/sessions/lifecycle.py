@@ -209,3 +209,68 @@ def complete(session: Session, location: str | None) -> None:
     session.publishing = None
     session.error = None
     session.expires_at = None
+
+
+# -- after the end: the live view, retention -------------------------------------------------------
+
+
+def is_filed_as_finished(session: Session) -> bool:
+    """Done with for good: final, except a completed partial upload, whose data a final
+    concatenation may still take (it stays with the unfinished sessions, in the live view too)."""
+    return session.is_final and not (
+        session.concat == "partial" and session.state == states.COMPLETED
+    )
+
+
+def may_leave_live_view(session: Session, now: float, grace: float) -> bool:
+    """Ended more than `grace` ago: its record answers from now on. A failed upload stays (it may
+    be resumed and counts toward the limits)."""
+    return is_filed_as_finished(session) and session.updated_at + grace <= now
+
+
+def is_tombstone(session: Session) -> bool:
+    return session.reduced_at is not None
+
+
+def is_due_for_tombstone(session: Session, now: float, keep: float) -> bool:
+    """A finished record older than `keep` (0 keeps records for ever)."""
+    return (
+        keep > 0
+        and is_filed_as_finished(session)
+        and not is_tombstone(session)
+        and session.updated_at + keep <= now
+    )
+
+
+def is_due_for_removal(session: Session, now: float, keep: float) -> bool:
+    """A tombstone kept for `keep` again."""
+    return (
+        keep > 0
+        and is_tombstone(session)
+        and session.reduced_at is not None
+        and session.reduced_at + keep <= now
+    )
+
+
+def reduce_to_tombstone(session: Session, now: float) -> Session:
+    """What outlives retention: enough to download a completed file (where, its name, type, size,
+    digest) and to say how the session ended and whose it was; metadata, parts and errors go."""
+    return Session(
+        id=session.id,
+        protocol=session.protocol,
+        filename=session.filename,
+        chunk_size=session.chunk_size,
+        writer=session.writer,
+        total_bytes=session.total_bytes,
+        bytes_written=session.bytes_written,
+        state=session.state,
+        filetype=session.filetype,
+        location=session.location,
+        sha256=session.sha256,
+        owner=session.owner,
+        concat=session.concat,
+        node=session.node,
+        created_at=session.created_at,
+        updated_at=session.updated_at,
+        reduced_at=now,
+    )

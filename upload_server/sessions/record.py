@@ -85,6 +85,8 @@ class Session:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     expires_at: float | None = None
+    # Set when retention reduced the record to a tombstone (`lifecycle.reduce_to_tombstone`).
+    reduced_at: float | None = None
 
     @property
     def total_chunks(self) -> int:

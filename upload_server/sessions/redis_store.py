@@ -5,6 +5,12 @@ sees the old or the new record, never a mix. In cluster mode this record is the 
 the writer holding an upload saves it at the end of every tus PATCH, at every state change and at
 least once a second while a seed upload drains.
 
+The ids of unfinished records are also in the set `us:unfinished` (updated in the same transaction
+as the record), so start-up reads those alone: one SMEMBERS and an MGET per 500, never a SCAN of
+the history. A finished record is set to expire after twice `keep` (`--keep-finished`): Redis
+removes it itself, and until then the whole record is its tombstone. A Redis written before the
+index is indexed once, by one SCAN, the first time `unfinished` finds no index.
+
 `durable` is Redis's business, not ours: a record is as durable as the server's persistence settings
 make it (`appendonly yes` with `appendfsync everysec` loses at most a second on a power cut).
 """
@@ -18,11 +24,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import errors
+from . import lifecycle
 from .record import Session, is_session_id
 
 log = logging.getLogger("upload_server.store")
 
 PREFIX = "us:session:"
+UNFINISHED = "us:unfinished"
+INDEXED = "us:unfinished:indexed"  # present once the index covers every record
 _BATCH = 500
 
 
@@ -49,8 +58,9 @@ def unavailable_on_error() -> Iterator[None]:
 
 
 class RedisSessionStore:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, keep: float = 0.0) -> None:
         self.client = client
+        self.keep = keep
 
     @staticmethod
     def _key(session_id: str) -> str:
@@ -58,10 +68,22 @@ class RedisSessionStore:
             raise ValueError(f"not a session id: {session_id!r}")
         return PREFIX + session_id
 
+    def _ttl(self, session: Session) -> int | None:
+        """Seconds a finished record is kept (retention, then as long again); None: for ever."""
+        if self.keep > 0 and lifecycle.is_filed_as_finished(session):
+            return max(1, int(2 * self.keep))
+        return None
+
     def save(self, session: Session, *, durable: bool) -> None:
         data = json.dumps(session.to_dict(), separators=(",", ":"))
         with unavailable_on_error():
-            self.client.set(self._key(session.id), data)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(self._key(session.id), data, ex=self._ttl(session))
+            if lifecycle.is_filed_as_finished(session):
+                pipe.srem(UNFINISHED, session.id)
+            else:
+                pipe.sadd(UNFINISHED, session.id)
+            pipe.execute()
 
     def load(self, session_id: str) -> Session | None:
         if not is_session_id(session_id):
@@ -73,13 +95,37 @@ class RedisSessionStore:
     def delete(self, session_id: str) -> None:
         if is_session_id(session_id):
             with unavailable_on_error():
-                self.client.delete(self._key(session_id))
+                pipe = self.client.pipeline(transaction=True)
+                pipe.delete(self._key(session_id))
+                pipe.srem(UNFINISHED, session_id)
+                pipe.execute()
 
     def all(self) -> Iterator[Session]:
         with unavailable_on_error():
             keys = list(self.client.scan_iter(match=PREFIX + "*", count=_BATCH))
         for start in range(0, len(keys), _BATCH):
             yield from self._load_many(keys[start : start + _BATCH])
+
+    def unfinished(self) -> Iterator[Session]:
+        with unavailable_on_error():
+            if not self.client.exists(INDEXED):
+                self._index()
+            ids = sorted(i.decode() for i in self.client.smembers(UNFINISHED))
+        keys = [PREFIX.encode() + i.encode() for i in ids if is_session_id(i)]
+        for start in range(0, len(keys), _BATCH):
+            for session in self._load_many(keys[start : start + _BATCH]):
+                if not lifecycle.is_filed_as_finished(session):
+                    yield session
+
+    def _index(self) -> None:
+        """Index the records of a Redis written before the index: one SCAN, once."""
+        for session in self.all():
+            self.save(session, durable=True)
+        self.client.set(INDEXED, "1")
+
+    def finished_before(self, cutoff: float) -> Iterator[str]:
+        """None: a finished record expires by itself (its TTL)."""
+        return iter(())
 
     def _load_many(self, keys: list[bytes]) -> Iterator[Session]:
         with unavailable_on_error():
