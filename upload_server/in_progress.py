@@ -13,27 +13,31 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
+from .sessions import lifecycle
 from .sessions import record as states
 from .sessions.record import Session
-
-
-def is_in_progress(state: str) -> bool:
-    return state not in states.FINAL_STATES and state != states.FAILED
 
 
 class InProgress:
     def __init__(self, sessions: Iterable[Session], on_change: Callable[[int], None]) -> None:
         """`on_change(count)` is called with the new count whenever it changes (and once now)."""
         self._lock = threading.Lock()
-        self._ids = {s.id for s in sessions if is_in_progress(s.state)}
         self._on_change = on_change
-        on_change(len(self._ids))
+        self._ids: set[str] = set()
+        self.recount(sessions)
+
+    def recount(self, sessions: Iterable[Session]) -> None:
+        """Count afresh from every live record (start-up, and after the Manager was replaced:
+        an event its writers could not send is not missed for ever)."""
+        with self._lock:
+            self._ids = {s.id for s in sessions if lifecycle.is_in_progress(s.state)}
+            self._on_change(len(self._ids))
 
     def observe(self, session_id: str, state: str) -> None:
         """The session is now in `state`."""
         with self._lock:
             before = len(self._ids)
-            if is_in_progress(state):
+            if lifecycle.is_in_progress(state):
                 self._ids.add(session_id)
             else:
                 self._ids.discard(session_id)

@@ -176,6 +176,7 @@ class Runtime:
             live = LiveSessions(manager.dict())
             recovered = self._recover(live, startup=False)
             service.live.replace(live.proxy)
+            service.in_progress.recount(live.all())
             self.manager = manager
             pool.manager_sentinel = manager._process.sentinel
             pool.restart_all(manager)

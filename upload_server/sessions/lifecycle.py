@@ -137,6 +137,11 @@ def resumable_states(session: Session) -> tuple[str, ...]:
     return (states.PAUSED, states.FAILED)
 
 
+def is_in_progress(state: str) -> bool:
+    """Neither final nor failed: what the active-sessions gauge counts."""
+    return state not in states.FINAL_STATES and state != states.FAILED
+
+
 def is_whole(session: Session) -> bool:
     """Every byte of a known length is counted: completion is due."""
     return session.total_bytes is not None and session.bytes_written >= session.total_bytes
