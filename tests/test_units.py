@@ -8,13 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from upload_server import errors
 from upload_server.config import Config
 from upload_server.config_values import parse_duration, parse_size
 from upload_server.filenames import MAX_NAME_BYTES, candidates, sanitize
 from upload_server.protocol import multipart
 from upload_server.received_body import RequestBody
+from upload_server.session_limits import SessionLimits
 from upload_server.sessions import segments
-from upload_server.sessions.record import Session
+from upload_server.sessions.record import Session, new_session_id
 
 
 @pytest.mark.parametrize(
@@ -286,3 +288,26 @@ def test_cut_bodies_read_only_ascii_offsets():
 
     assert _offset_of(" 42 ") == 42
     assert _offset_of("²³") is None and _offset_of("-1") is None and _offset_of("") is None
+
+
+def test_the_limits_forget_what_ended_elsewhere_but_never_a_creation_in_flight():
+    """The cluster sweep lists only unfinished records: a counted session missing from them
+    ended (on another node); a place taken by a creation not yet saved is kept."""
+
+    def session(state: str = "waiting") -> Session:
+        return Session(
+            id=new_session_id(), protocol="tus", filename="f", chunk_size=1, writer=0, state=state
+        )
+
+    limits = SessionLimits(10, 3, [])
+    ended_elsewhere, still_open = session(), session()
+    limits.count(ended_elsewhere)
+    limits.count(still_open)
+    counted = limits.saved()
+    limits.take(None, "being-created", by_client=True)  # its record is not saved yet
+    limits.forget_ended(counted, [still_open])
+    assert limits.saved() == {still_open.id}
+    limits.take(None, "one-more", by_client=True)  # the third place
+    with pytest.raises(errors.UploadError) as refused:  # still_open, in flight, one-more
+        limits.take(None, "two-more", by_client=True)
+    assert refused.value.code == "too_many_sessions"

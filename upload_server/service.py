@@ -140,7 +140,8 @@ class SessionService:
         return session
 
     def all_sessions(self) -> list[Session]:
-        """Every session this server answers for: its own, or with several nodes all of them."""
+        """The sessions the sweeper looks at: this server's live view, or with several nodes
+        every unfinished record (the shared index, never the whole history)."""
         return self.directory.all()
 
     # -- creation -----------------------------------------------------------------------------

@@ -20,9 +20,10 @@ class SessionLimits:
         self.max_per_owner = max_per_owner
         self._lock = threading.Lock()
         self._active: dict[str | None, set[str]] = {}  # unfinished session ids by limit key
+        self._saved: set[str] = set()  # those of them whose record exists (not only a place taken)
         for session in sessions:
             if not session.is_final:
-                self._active.setdefault(session.limit_key, set()).add(session.id)
+                self.count(session)
 
     def take(self, key: str | None, session_id: str, *, by_client: bool) -> None:
         """Check the per-owner limit for `key` (a credential, or with auth off the client's
@@ -53,6 +54,7 @@ class SessionLimits:
         """Count a session that exists (saved), whether or not it took its place by `take`."""
         with self._lock:
             self._active.setdefault(session.limit_key, set()).add(session.id)
+            self._saved.add(session.id)
 
     def release(self, key: str | None, session_id: str) -> None:
         """Give a place back: a creation that failed, or a session that ended."""
@@ -67,18 +69,27 @@ class SessionLimits:
                 key = next((k for k, ids in self._active.items() if session.id in ids), key)
             self._discard(key, session.id)
 
-    def forget_ended(self, sessions: Iterable[Session]) -> None:
-        """An upload created here may end where this front end does not hear of it (on another
-        node, whose writer tells only its own front end): the sweep's view of every session takes
-        it off this server's count."""
-        ended = {s.id for s in sessions if s.is_final}
+    def saved(self) -> set[str]:
+        """The counted sessions whose records exist now: what `forget_ended` may judge."""
+        with self._lock:
+            return set(self._saved)
+
+    def forget_ended(self, counted: set[str], unfinished: Iterable[Session]) -> None:
+        """An upload counted here may end where this front end does not hear of it (on another
+        node, whose writer tells only its own front end). `counted` is `saved()` taken before
+        `unfinished` was listed: any of them no longer unfinished has ended. (A place taken by
+        a creation whose record is not saved yet is never in `counted`, so it is never lost.)"""
+        still = {s.id for s in unfinished if not s.is_final}
+        ended = counted - still
         with self._lock:
             for key, ids in list(self._active.items()):
                 ids -= ended
                 if not ids:
                     del self._active[key]
+            self._saved -= ended
 
     def _discard(self, key: str | None, session_id: str) -> None:
+        self._saved.discard(session_id)
         ids = self._active.get(key)
         if ids is not None:
             ids.discard(session_id)

@@ -67,8 +67,9 @@ class Sweeper:
     def sweep(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         service = self.service
+        counted = service.limits.saved()
         sessions = service.all_sessions()
-        service.limits.forget_ended(sessions)
+        service.limits.forget_ended(counted, sessions)
         due = [s for s in sessions if s.state in EXPIRABLE and s.expires_at and s.expires_at < now]
         for count, session in enumerate(due, 1):
             self._expire(session)

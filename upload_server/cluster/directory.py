@@ -36,7 +36,7 @@ class ClusterDirectory:
         return self._as_seen(stored) if stored is not None else None
 
     def all(self) -> list[Session]:
-        return [self._as_seen(s) for s in self.store.all()]
+        return [self._as_seen(s) for s in self.store.unfinished()]
 
     def _as_seen(self, session: Session) -> Session:
         """A record left `writing` by a node that is gone waits for its client."""

@@ -35,7 +35,8 @@ class SessionDirectory(Protocol):
         """The freshest record of a session, as this server should answer for it."""
 
     def all(self) -> list[Session]:
-        """Every session this server answers for (what the sweeper looks at)."""
+        """What the sweeper looks at: the live view (one server), or every unfinished record
+        (several: the shared index, never the whole history)."""
 
     def owns(self, session: Session) -> bool:
         """The record is this server's: start-up recovery takes it up, and a seed upload's spool
