@@ -284,3 +284,12 @@ def test_the_openapi_document_names_the_codes_of_each_status():
     assert "offset_mismatch" in patch["409"]["description"]
     pause = document["paths"]["/upload/pause"]["get"]["responses"]
     assert "paused" in pause["409"]["description"]  # the seed API's column of the table
+
+
+@pytest.mark.parametrize("state", states.STATES)
+def test_only_a_session_waiting_for_its_client_expires(state):
+    due = session(state, expires_at=10.0)
+    expected = state in (states.WAITING, states.PAUSED, states.FAILED)
+    assert lifecycle.is_due_to_expire(due, now=11.0) is expected
+    assert not lifecycle.is_due_to_expire(due, now=9.0)
+    assert not lifecycle.is_due_to_expire(session(state, expires_at=None), now=11.0)

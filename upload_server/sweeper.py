@@ -27,13 +27,11 @@ from pathlib import Path
 from . import errors
 from .service import SessionService
 from .sessions import lifecycle
-from .sessions import record as states
 from .sessions.lifecycle import Refusal
 from .sessions.record import Session
 
 log = logging.getLogger("upload_server.sweeper")
 
-EXPIRABLE = (states.WAITING, states.PAUSED, states.FAILED)
 TEMP_GRACE = 60.0
 BATCH = 100  # records handled between pauses
 PAUSE = 0.01  # seconds: requests get the interpreter and the Manager meanwhile
@@ -70,7 +68,7 @@ class Sweeper:
         counted = service.limits.saved()
         sessions = service.all_sessions()
         service.limits.forget_ended(counted, sessions)
-        due = [s for s in sessions if s.state in EXPIRABLE and s.expires_at and s.expires_at < now]
+        due = [s for s in sessions if lifecycle.is_due_to_expire(s, now)]
         for count, session in enumerate(due, 1):
             self._expire(session)
             if count % BATCH == 0 and self._stop.wait(PAUSE):

@@ -137,6 +137,16 @@ def resumable_states(session: Session) -> tuple[str, ...]:
     return (states.PAUSED, states.FAILED)
 
 
+def is_due_to_expire(session: Session, now: float) -> bool:
+    """Abandoned: idle past its expiry while waiting for its client (waiting, paused, failed).
+    A session a writer is working on is never expired under it."""
+    return (
+        session.state in (states.WAITING, states.PAUSED, states.FAILED)
+        and session.expires_at is not None
+        and session.expires_at < now
+    )
+
+
 def is_in_progress(state: str) -> bool:
     """Neither final nor failed: what the active-sessions gauge counts."""
     return state not in states.FINAL_STATES and state != states.FAILED
