@@ -93,6 +93,21 @@ SETTINGS: tuple[Setting, ...] = (
         "max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"
     ),
     Setting(
+        "write_behind",
+        parse_size,
+        64 * 1024**2,
+        "Bytes of one tus upload acknowledged once spooled (named in its record) before its "
+        "writer has copied them into the data; 0 = answer each PATCH only after the copy.",
+        "SIZE",
+    ),
+    Setting(
+        "write_behind_total",
+        parse_size,
+        1024**3,
+        "The same across all uploads (shared evenly by the writers).",
+        "SIZE",
+    ),
+    Setting(
         "writer_stall_timeout",
         parse_duration,
         10.0,
@@ -333,6 +348,8 @@ class Config:
     writers: int
     max_upload_size: int
     max_bytes_per_second: int
+    write_behind: int
+    write_behind_total: int
     writer_stall_timeout: float
     threads: int
     recv_bytes: int
