@@ -26,7 +26,7 @@ pytestmark = (
 )  # credentials, hooks and clients do not depend on how writers start
 
 ALICE, BOB = "alice-secret-key", "bob-secret-key"
-SECRET = "token-signing-secret"
+SECRET = "token-signing-secret-of-32-bytes-or-more"
 
 
 def bearer(credential: str) -> dict[str, str]:
@@ -69,7 +69,7 @@ def test_upload_tokens(secure):
     )
     assert with_seed.status_code == 413
 
-    expired = issue_token(SECRET, "carol", -10)
+    expired = issue_token(SECRET, "carol", -60)  # past the 30 s leeway
     response = _tus(secure, expired).create(10)
     assert response.status_code == 401 and response.json()["error"]["code"] == "token_expired"
 
