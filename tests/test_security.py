@@ -386,8 +386,10 @@ def test_undelivered_hooks_are_counted_at_shutdown(tmp_path, caplog):
         hook_url=f"http://127.0.0.1:{free_port()}/",
         hook_timeout="1",
     )
+    from upload_server.sessions.record import Session
+
     hooks = Hooks(config)
-    hooks.emit("post-finish", {"sessionID": "s1"})
+    hooks.emit("post-finish", Session("s1", "seed", "f.bin", 1024, 0))
     wait_for(lambda: hooks.stats.retried >= 1)  # the receiver is down: waiting to retry
     hooks.stop(grace=0)
     assert hooks.stats.dropped == 1

@@ -25,7 +25,16 @@ from typing import Any
 
 import falcon
 
-from . import connection_limits, errors, logs, metrics, portable, waitress_patches, waitress_server
+from . import (
+    connection_limits,
+    errors,
+    hooks_tusd,
+    logs,
+    metrics,
+    portable,
+    waitress_patches,
+    waitress_server,
+)
 from .api import health, middleware, openapi, refusals, seed, tus, web
 from .auth import Authenticator
 from .clients import client_key, explicit_proxies
@@ -73,6 +82,7 @@ def build_app(
             ),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
+            *([hooks_tusd.HookRequests()] if config.hook_format == "tusd" else []),
             *(
                 [middleware.ForwardedClientShare(config.max_connections_per_client)]
                 if forwarding and config.max_connections_per_client
