@@ -122,6 +122,8 @@ def _response_parts(http_response: dict[str, Any]) -> tuple[int, str, dict[str, 
     if not isinstance(headers, dict):
         headers = {}
     valid_status = status if isinstance(status, int) and 100 <= status <= 599 else 0
+    if valid_status == 500:
+        valid_status = 502  # never a 500: what went wrong is the hook receiver's
     return (
         valid_status,
         body if isinstance(body, str) else "",
@@ -139,8 +141,6 @@ class HookAnswered(errors.UploadError):
             body.strip() or message, code=code, status=hook_status or status, headers=headers
         )
         self.raw = body if "content-type" in {n.lower() for n in headers} else None
-        if self.status == 500:
-            self.status = 502  # never a 500: the refusal comes from the hook receiver
 
     def body(self) -> bytes:
         if self.raw is not None:
