@@ -3,6 +3,7 @@ with a shared secret, a public key file, and a JWKS served (and rotated) by a lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from upload_server.auth import hash_key
 
@@ -380,3 +383,53 @@ def test_bad_jwt_settings_stop_the_server_at_start(tmp_path):
         result = start(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    header=st.dictionaries(
+        st.sampled_from(["alg", "kid", "typ", "crit", "b64", "jku", "x5c"]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(),
+            st.text(max_size=8),
+            st.sampled_from(["HS256", "RS256", "none", "ES256"]),
+            st.lists(st.text(max_size=3), max_size=2),
+        ),
+    ),
+    payload=st.one_of(
+        st.binary(max_size=40),
+        st.dictionaries(
+            st.sampled_from(["sub", "exp", "nbf", "iat", "aud", "iss", "max"]),
+            st.one_of(
+                st.none(),
+                st.integers(),
+                st.floats(allow_nan=True),
+                st.text(max_size=5),
+                st.lists(st.integers(), max_size=2),
+            ),
+        ).map(lambda d: json.dumps(d).encode()),
+    ),
+)
+def test_any_token_is_refused_or_accepted_never_an_error(header, payload):
+    """Whatever a token's header and claims hold, the verifier answers a `TokenRefused` (401) or
+    claims, never another exception (a 500)."""
+    import hashlib
+    import hmac
+
+    from upload_server.auth import Authenticator, Unauthorized
+    from upload_server.config import Config
+
+    global _AUTHENTICATOR
+    if _AUTHENTICATOR is None:
+        _AUTHENTICATOR = Authenticator(Config.load(environ={}, auth="true", token_secret=SECRET))
+    head = jwt.utils.base64url_encode(json.dumps(header).encode())
+    body = jwt.utils.base64url_encode(payload)
+    signature = hmac.new(SECRET.encode(), head + b"." + body, hashlib.sha256).digest()
+    token = b".".join([head, body, jwt.utils.base64url_encode(signature)]).decode()
+    with contextlib.suppress(Unauthorized):
+        _AUTHENTICATOR.authenticate(f"Bearer {token}", None)
+
+
+_AUTHENTICATOR = None

@@ -328,3 +328,34 @@ def test_the_post_finish_of_a_seed_upload_is_not_held(tusd_server, receiver):
     session_id = form.json()["sessionID"]
     wait_for(lambda: receiver.of("post-finish", session_id), timeout=20)
     assert time.monotonic() - started < 5
+
+
+def test_a_python_callable_gets_tusds_body_and_its_dict_is_the_answer(tmp_path):
+    """`--hook-callable` (or `create_app(hook=...)`) in the tusd format, in-process."""
+    from upload_server.config import Config
+    from upload_server.hooks import Hooks
+    from upload_server.hooks_tusd import HookAnswered
+    from upload_server.sessions.record import Session
+
+    seen: list[tuple[str, dict]] = []
+
+    def hook(hook_type: str, body: dict) -> dict:
+        seen.append((hook_type, body))
+        if hook_type == "pre-create":
+            return {"RejectUpload": True, "HTTPResponse": {"StatusCode": 451, "Body": "no"}}
+        return {"StopUpload": True}
+
+    config = Config.load(environ={}, upload_dir=str(tmp_path), hook_format="tusd")
+    hooks = Hooks(config, hook)
+    stopped: list[str] = []
+    hooks.on_stop = stopped.append
+    try:
+        with pytest.raises(HookAnswered) as refused:
+            hooks.pre_create({"totalBytes": 3, "metadata": {"filename": "x"}})
+        assert (refused.value.status, refused.value.message) == (451, "no")
+        assert seen[0][1]["Event"]["Upload"]["MetaData"] == {"filename": "x"}
+        hooks.emit("progress", Session("a-session-id-000001", "tus", "x", 1024, 0))
+        wait_for(lambda: stopped == ["a-session-id-000001"])
+        assert seen[-1][0] == "post-receive"
+    finally:
+        hooks.stop(grace=0)

@@ -209,8 +209,10 @@ class JwtVerifier:
         """The token's claims once its signature and registered claims are good."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise TokenRefused("invalid_token", "the token is not a well-formed JWT") from None
+        except jwt.PyJWTError as exc:
+            raise TokenRefused(
+                "invalid_token", f"the token is not a well-formed JWT: {exc}"
+            ) from None
         algorithm = header.get("alg")
         if algorithm not in self.algorithms:
             raise TokenRefused(
