@@ -59,7 +59,9 @@ class Unauthorized(errors.UploadError):
     def __init__(self, message: str, code: str = "unauthorized") -> None:
         challenge = 'Bearer realm="upload_server"'
         if code != "unauthorized":
-            challenge += f', error="invalid_token", error_description="{message}"'
+            # RFC 6750 allows printable ASCII but `"` and `\` here; a token's text may have more
+            described = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in message)
+            challenge += f', error="invalid_token", error_description="{described}"'
         super().__init__(message, code=code, headers={"WWW-Authenticate": challenge})
 
 
