@@ -206,6 +206,7 @@ def test_pre_create_answers(tusd_server, receiver):
             "plain.bin": {"RejectUpload": True},
             "taken.bin": {"ChangeFileInfo": {"ID": existing}},
             "bad-id.bin": {"ChangeFileInfo": {"ID": "../../etc"}},
+            "unicode-id.bin": {"ChangeFileInfo": {"ID": "é" * 20}},
             "own-id.bin": {"ChangeFileInfo": {"ID": "my-own-upload-id-0001"}},
             "header.bin": {"HTTPResponse": {"Header": {"X-From-Hook": "hello"}}},
             "not-json.bin": {"HTTPResponse": "nope"},
@@ -221,6 +222,8 @@ def test_pre_create_answers(tusd_server, receiver):
     assert taken.status_code == 409 and taken.json()["error"]["code"] == "upload_id_taken"
     bad = tus.create(5, filename="bad-id.bin")
     assert bad.status_code == 502 and bad.json()["error"]["code"] == "hook_bad_answer"
+    unicode_id = tus.create(5, filename="unicode-id.bin")
+    assert unicode_id.status_code == 502, unicode_id.text
     garbled = tus.create(5, filename="not-json.bin")
     assert garbled.status_code == 502 and garbled.json()["error"]["code"] == "hook_bad_answer"
     own = tus.create(5, filename="own-id.bin")

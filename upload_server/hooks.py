@@ -469,8 +469,8 @@ def _message_of(answer: bytes) -> str:
 
 
 def is_hook_id(upload_id: str) -> bool:
-    """An upload id a hook may choose: one of ours could be it (and no option could)."""
-    return _is_session_id(upload_id) and upload_id[0].isalnum()
+    """An upload id a hook may choose: one of ours could be it (ASCII, and no option could)."""
+    return upload_id.isascii() and _is_session_id(upload_id) and upload_id[0].isalnum()
 
 
 def _remember(table: dict[str, Any], key: str, value: Any) -> None:

@@ -129,7 +129,7 @@ class JwksCache:
             if (stale or missing) and now - self._tried_at >= self.refresh_limit:
                 self._fetch(now)
             keys = self._keys
-            if keys is None or (self._failed and (kid is None or kid not in keys)):
+            if keys is None or (self._failed and kid is not None and kid not in keys):
                 raise errors.Unavailable(
                     "the identity provider's keys (JWKS) cannot be fetched; try again later",
                     code="auth_unavailable",
@@ -248,7 +248,7 @@ class JwtVerifier:
                 )
             try:
                 return jwt.PyJWK(jwk, algorithm=algorithm)
-            except jwt.PyJWTError:
+            except (jwt.PyJWTError, ValueError, TypeError, KeyError):
                 raise TokenRefused("unknown_kid", f"the key {kid!r} cannot be used") from None
         if self.public_key is not None and algorithm in public_key_algorithms(self.public_key):
             return self.public_key
