@@ -25,22 +25,14 @@ from typing import Any
 
 import falcon
 
-from . import (
-    connection_limits,
-    errors,
-    hooks_tusd,
-    logs,
-    metrics,
-    portable,
-    waitress_patches,
-    waitress_server,
-)
+from . import connection_limits, errors, logs, metrics, portable, waitress_patches, waitress_server
 from .api import health, middleware, openapi, refusals, seed, tus, web
 from .auth import Authenticator
 from .clients import client_key, explicit_proxies
 from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
+from .hooks_tusd import HookRequests
 from .layout import Layout
 from .locks import Locks, UploadLocks
 from .runtime import Runtime
@@ -82,7 +74,7 @@ def build_app(
             ),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
-            *([hooks_tusd.HookRequests()] if config.hook_format == "tusd" else []),
+            *([HookRequests()] if config.hook_format == "tusd" else []),
             *(
                 [middleware.ForwardedClientShare(config.max_connections_per_client)]
                 if forwarding and config.max_connections_per_client

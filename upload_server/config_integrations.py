@@ -93,7 +93,13 @@ INTEGRATION_SETTINGS: tuple[Setting, ...] = (
         "LIST",
     ),
     Setting("jwt_issuer", str, "", "Required JWT `iss` (empty: not checked).", "ISS"),
-    Setting("jwt_audience", str, "", "Required JWT `aud` (empty: tokens with none).", "AUD"),
+    Setting(
+        "jwt_audience",
+        str,
+        "",
+        "Required JWT `aud`, a comma list (empty: tokens with none).",
+        "AUD",
+    ),
     Setting("jwt_owner_claim", parse_claim_name, "sub", "JWT claim naming the owner.", "CLAIM"),
     Setting(
         "jwt_limit_claims",

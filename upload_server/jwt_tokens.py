@@ -197,7 +197,8 @@ class JwtVerifier:
             )
         self.algorithms = tuple(dict.fromkeys(wanted))
         self.issuer = config.jwt_issuer or None
-        self.audience = config.jwt_audience or None
+        # several audiences, comma separated: a token naming any of them is for this server
+        self.audience = [a.strip() for a in config.jwt_audience.split(",") if a.strip()] or None
         self.leeway = config.jwt_leeway
         self.owner_claim = config.jwt_owner_claim
 
