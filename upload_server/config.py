@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="upload-server",
         description="Resumable file upload server (seed API and tus 1.0).",
         epilog="Every flag can also be set as an environment variable: --chunk-size is "
-        "UPLOAD_SERVER_CHUNK_SIZE. Sizes take units (512KiB, 1MiB, 10GB).",
+        "UPLOAD_SERVER_CHUNK_SIZE. Sizes take units (512KiB, 1MiB, 10GB). Other commands: "
+        "upload-server keygen|token|import-tusd --help.",
     )
     for setting in SETTINGS:
         default = setting.default if setting.default is not None else "auto"
