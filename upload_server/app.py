@@ -32,6 +32,7 @@ from .clients import client_key, explicit_proxies
 from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
+from .hooks_tusd import HookRequests
 from .layout import Layout
 from .locks import Locks, UploadLocks
 from .runtime import Runtime
@@ -73,6 +74,7 @@ def build_app(
             ),
             middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
+            *([HookRequests()] if config.hook_format == "tusd" else []),
             *(
                 [middleware.ForwardedClientShare(config.max_connections_per_client)]
                 if forwarding and config.max_connections_per_client
