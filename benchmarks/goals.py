@@ -123,13 +123,14 @@ def bounded_by(judge: Judge, metric: str, key: str) -> str:
     role, share = max(busy.items(), key=lambda item: item[1])
     if share >= BUSY:
         return f"one process's CPU: {role} ({_pct(share)} of a core)"
-    client = judge.median(f"{name}-busy-client", key)
-    if client is not None and client >= BUSY:
+    client = judge.median(f"{name}-busy-client", key) or 0.0
+    if client >= BUSY:
         return f"the client's CPU ({_pct(client)} of a core)"
+    shares = f"busiest: {role} {_pct(share)}, client {_pct(client)}"
     machine = judge.median(f"{name}-busy-machine", key)
     if machine is not None and machine >= BUSY:
-        return f"all {psutil.cpu_count()} cores ({_pct(machine)} busy, client included)"
-    return f"latency/hand-offs (no resource saturated; busiest: {role} {_pct(share)})"
+        return f"all {psutil.cpu_count()} cores ({_pct(machine)} busy; {shares})"
+    return f"latency/hand-offs (no resource saturated; {shares})"
 
 
 def _vs_tus(judge: Judge, metric: str, theirs: str, key: str, goal: float) -> Goal:
