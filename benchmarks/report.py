@@ -172,12 +172,14 @@ def _goals(results: Results, key: str) -> list[tuple[str, list[tuple[bool, str]]
     vs_tus = [
         (row.metric.label.strip(), row.vs_tus(key))
         for row in results.rows
-        if row.metric.shown and row.median(TUS_NODE) is not None
+        if row.metric.shown
+        and row.median(TUS_NODE) is not None
+        and ("-cpu-" not in row.metric.key or row.metric.key.endswith("-cpu-tree"))
     ]
     single = [
         (row.metric.label, row.vs_ceiling(key))
         for row in results.rows
-        if row.metric.key == "seed" or row.metric.key.startswith("tus-")
+        if row.metric.vs_ceiling and (row.metric.key == "seed" or row.metric.key.startswith("tus-"))
     ]
     smallest, largest = results.sizes.memory[0] // MiB, results.sizes.memory[-1] // MiB
     peaks, growth = [], []
