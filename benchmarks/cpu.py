@@ -131,7 +131,8 @@ class ProcessCpu:
         self.wall = max(end.at - start.at, 1e-9)
         self.client = (end.client - start.client) / self.wall
         cores = psutil.cpu_count() or 1
-        self.machine = (end.machine_busy - start.machine_busy) / self.wall / cores
+        busy = (end.machine_busy - start.machine_busy) / self.wall / cores
+        self.machine = min(busy, 1.0)  # CPU times tick every 10 ms: a short run can read over 1
 
     def _seconds(self, role: str) -> list[float]:
         return [s for r, s in self.by_pid.values() if r == role or r.startswith(role + " ")]
