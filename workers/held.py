@@ -26,7 +26,7 @@ from upload_server.sessions.lifecycle import Refusal
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 from upload_server.sessions.store import SessionStore
-from upload_server.storage import ReadBack, Storage, UploadData
+from upload_server.storage import CopyingIn, ReadBack, Storage, UploadData
 
 from .outbox import Outbox
 from .policy import RecordPolicy
@@ -97,14 +97,19 @@ class Held:
         self, src_fd: int, src_offset: int, dst_offset: int, length: int, extra: Any = None
     ) -> int:
         """Copy one chunk from a spool file into the data, hashing it on the way (and into
-        `extra`, an Upload-Checksum's hash): written from the same mmap window, no Python copy."""
+        `extra`, an Upload-Checksum's hash) from an mmap window, no Python copy: data that can
+        copy in (`CopyingIn`) takes the bytes inside the kernel, other data from that window."""
+        data = self.data()
         with fileio.mapped(src_fd, src_offset, length) as view:
             hasher = self.hasher()
             if hasher is not None:
                 hasher.update(view)
             if extra is not None:
                 extra.update(view)
-            self.data().write(view, dst_offset)
+            if not isinstance(data, CopyingIn):
+                data.write(view, dst_offset)
+        if isinstance(data, CopyingIn):
+            data.write_from(src_fd, src_offset, length, dst_offset)
         self.owner.bytes_written.inc(length)
         return length
 

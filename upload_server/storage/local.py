@@ -33,6 +33,11 @@ class LocalUploadData:
         if self.writeback:
             fileio.start_writeback(self.fd, offset, len(data))
 
+    def write_from(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
+        fileio.copy_range(src_fd, src_offset, self.fd, offset, length)
+        if self.writeback:
+            fileio.start_writeback(self.fd, offset, length)
+
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
 
