@@ -26,7 +26,7 @@ from typing import Any
 import falcon
 
 from . import connection_limits, errors, logs, metrics, portable, waitress_patches, waitress_server
-from .api import health, middleware, openapi, refusals, seed, tus, web
+from .api import draft, health, middleware, openapi, refusals, seed, tus, web
 from .auth import Authenticator
 from .clients import client_key, explicit_proxies
 from .config import Config
@@ -89,9 +89,12 @@ def build_app(
     app.add_route("/upload/pause", seed.PauseResource(service))
     app.add_route("/upload/resume", seed.ResumeResource(service))
     app.add_route("/upload/terminate", seed.TerminateResource(service))
-    app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(service, locks))
-    app.add_route(config.tus_path, tus.TusCollection(service, locks))
-    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(service, locks, cut_bodies))
+    drafts = draft.DraftResources(service, locks, cut_bodies)
+    collection = draft.CollectionRoute(tus.TusCollection(service, locks), drafts)
+    app.add_route(config.tus_path.rstrip("/"), collection)
+    app.add_route(config.tus_path, collection)
+    upload = draft.UploadRoute(tus.TusUpload(service, locks, cut_bodies), drafts)
+    app.add_route(config.tus_path + "{upload_id}", upload)
     app.add_route("/openapi.json", openapi.OpenApiResource(config))
     _add_operations(app, health_source, with_metrics=config.metrics_listen is None)
     if config.web:

@@ -58,6 +58,7 @@ class NewUpload:
     client: str | None = None  # `clients.client_key` of the creating request: for limits only
     concat: str | None = None
     parts: tuple[str, ...] = ()
+    announced_length: int | None = None  # the IETF draft: a length announced before completion
 
     @property
     def owner(self) -> str | None:
@@ -221,6 +222,7 @@ class SessionService:
                 client=new.client,
                 concat=new.concat,
                 parts=list(new.parts),
+                announced_length=new.announced_length,
                 node=self.directory.node_id,
             )
         except BaseException:
@@ -333,7 +335,7 @@ class SessionService:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
         its spool; a tus upload is released for PATCH requests again."""
         lifecycle.check_command(session, lifecycle.RESUME)
-        if session.protocol == states.TUS:
+        if session.protocol in states.APPENDED:
             if part is not None:
                 raise errors.Conflict(
                     "a tus upload takes its data by PATCH; resume it without a file",
@@ -383,7 +385,7 @@ class SessionService:
                 segment = str(self.spool.write_segment(session.id, offset, body, 0, body.length))
             except OSError as exc:
                 raise _storage_error(exc) from None
-            metrics.get().bytes_received.labels(states.TUS).inc(body.length)
+            metrics.get().bytes_received.labels(session.protocol).inc(body.length)
         message = Append(
             self.pool.next_request_id(),
             session.id,

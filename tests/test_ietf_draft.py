@@ -1,0 +1,286 @@
+"""Resumable Uploads for HTTP (draft-ietf-httpbis-resumable-upload, interop version 8) against a
+real server, written from the draft's text: each test quotes the rule it checks."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import requests
+
+from .conftest import MiB, sha256_file
+from .draft_http import PARTIAL, Draft, interop, problem
+
+IANA = "https://iana.org/assignments/http-problem-types#"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Draft(server.base)
+
+
+def blob(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def upload_id(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[1]
+
+
+def stored_bytes(server, url: str) -> bytes:
+    status = server.wait_state(upload_id(url), "completed", "failed")
+    assert status["state"] == "completed", status
+    return (server.upload_dir / status["storedAs"]).read_bytes()
+
+
+# -- creation -----------------------------------------------------------------------------------
+
+
+def test_creation_with_the_whole_representation_completes(server, client):
+    """'If the Upload-Complete request header field is set to true ... If the request content
+    was fully processed, no resumable upload is needed and the server proceeds to process the
+    request and generate a response.' The response MUST include `Upload-Complete: ?1`."""
+    data = blob(300_000, 1)
+    response = client.create(
+        data,
+        complete=True,
+        headers={
+            "Content-Disposition": 'inline; filename="photo one.jpg"',
+            "Content-Type": "image/jpeg",
+            "Upload-Length": str(len(data)),
+        },
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["Upload-Complete"] == "?1"
+    url = response.headers["Location"]
+    assert stored_bytes(server, url) == data
+    status = server.status(upload_id(url))
+    assert status["protocol"] == "ietf"
+    assert status["filename"] == "photo one.jpg"
+    assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_creation_without_completion_answers_location_and_limits(server, client):
+    """'If the Upload-Complete request header field is set to false ... the server MUST include
+    the Location response header field pointing to the upload resource and MUST include the
+    Upload-Limit header field ... Servers are RECOMMENDED to use the 201 (Created) status code.'"""
+    data = blob(100_000, 2)
+    response = client.create(data[:40_000], complete=False, headers={"Upload-Length": "100000"})
+    assert response.status_code == 201, response.text
+    assert response.headers["Upload-Complete"] == "?0"
+    assert "max-size=" in response.headers["Upload-Limit"]
+    url = response.headers["Location"]
+    head = client.head(url)
+    assert head.headers["Upload-Offset"] == "40000"
+    assert server.status(upload_id(url))["state"] == "waiting"
+
+
+def test_empty_creation_then_appends_and_explicit_completion(server, client):
+    """An empty creation with `?0` 'can be used to retrieve the upload resource's URI before
+    transferring any representation data'; appends follow; `Upload-Complete: ?1` on an empty
+    append completes it: 'This usage requires the full representation data to have been
+    processed during prior requests.' Until then the upload is incomplete even when every byte
+    is in: 'The offset could match the length, but the upload can still be incomplete.'"""
+    data = blob(3 * MiB + 17, 3)
+    url = client.new(len(data))
+    offset = 0
+    for start in range(0, len(data), MiB):
+        piece = data[start : start + MiB]
+        response = client.append(url, offset, piece, complete=False)
+        assert response.status_code == 204, response.text
+        assert response.headers["Upload-Complete"] == "?0"
+        offset = int(response.headers["Upload-Offset"])
+    assert offset == len(data)
+    head = client.head(url)
+    assert head.headers["Upload-Complete"] == "?0"
+    assert server.status(upload_id(url))["state"] == "waiting"
+    done = client.append(url, offset, b"", complete=True)
+    assert done.status_code == 200, done.text
+    assert done.headers["Upload-Complete"] == "?1"
+    assert stored_bytes(server, url) == data
+    assert client.head(url).headers["Upload-Complete"] == "?1"
+
+
+def test_last_append_completes_with_its_content(server, client):
+    data = blob(500_000, 4)
+    url = client.new()
+    assert client.append(url, 0, data[:200_000], complete=False).status_code == 204
+    done = client.append(url, 200_000, data[200_000:], complete=True)
+    assert done.status_code == 200, done.text
+    assert done.headers["Upload-Complete"] == "?1"
+    assert (
+        sha256_file(server.upload_dir / server.wait_state(upload_id(url), "completed")["storedAs"])
+        == hashlib.sha256(data).hexdigest()
+    )
+
+
+def test_put_and_patch_also_create(server, client):
+    """'all request methods that allow content are possible, such as POST, PUT, and PATCH.'"""
+    for method in ("PUT", "PATCH"):
+        response = client.http.request(
+            method,
+            client.endpoint,
+            headers=client.headers(**{"Upload-Complete": "?1"}),
+            data=b"hello",
+            timeout=30,
+        )
+        assert response.status_code == 201, (method, response.text)
+        assert stored_bytes(server, response.headers["Location"]) == b"hello"
+
+
+def test_creation_lengths_must_agree(client):
+    """'If indicators (1) and (2) are both present in the same request, their indicated lengths
+    MUST match' (problem type inconsistent-upload-length)."""
+    response = client.create(b"abc", complete=True, headers={"Upload-Length": "5"})
+    assert response.status_code == 400
+    assert problem(response)["type"] == IANA + "inconsistent-upload-length"
+
+
+# -- offset retrieval ---------------------------------------------------------------------------
+
+
+def test_offset_retrieval_headers(client):
+    """A successful response to HEAD 'MUST include the offset in the Upload-Offset header field,
+    MUST include the Upload-Complete header field, MUST include the length in the Upload-Length
+    header field, ... MUST indicate the limits in the Upload-Limit header field, and SHOULD
+    include the Cache-Control header field with the value no-store'."""
+    url = client.new(1000)
+    client.append(url, 0, b"x" * 10, complete=False)
+    for method in ("HEAD", "GET"):
+        response = client.http.request(method, url, headers=client.headers(), timeout=30)
+        assert response.status_code in (200, 204), response.text
+        assert response.headers["Upload-Offset"] == "10"
+        assert response.headers["Upload-Complete"] == "?0"
+        assert response.headers["Upload-Length"] == "1000"
+        assert "max-size=" in response.headers["Upload-Limit"]
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "Tus-Resumable" not in response.headers
+
+
+# -- append ------------------------------------------------------------------------------------
+
+
+def test_mismatching_offset_is_a_problem(client):
+    """'If the Upload-Offset request header field value does not match the current offset, the
+    server MUST reject the request with a 409 (Conflict) status code and the Upload-Complete
+    header field set to false. The response MUST include the correct offset in the
+    Upload-Offset header field.' The problem has expected-offset and provided-offset."""
+    url = client.new()
+    client.append(url, 0, b"a" * 100, complete=False)
+    response = client.append(url, 250, b"b" * 10, complete=False)
+    assert response.status_code == 409
+    assert response.headers["Upload-Complete"] == "?0"
+    assert response.headers["Upload-Offset"] == "100"
+    body = problem(response)
+    assert body["type"] == IANA + "mismatching-upload-offset"
+    assert body["expected-offset"] == 100
+    assert body["provided-offset"] == 250
+
+
+def test_append_past_the_length_is_refused(client):
+    """'If the length is known, the server MUST prevent the offset from exceeding the upload
+    length by rejecting the request'."""
+    url = client.new(10)
+    response = client.append(url, 0, b"z" * 11, complete=False)
+    assert response.status_code == 400
+    assert problem(response)["type"] == IANA + "inconsistent-upload-length"
+    assert client.head(url).headers["Upload-Offset"] == "0"
+
+
+def test_completing_at_another_length_is_refused(client):
+    url = client.new(10)
+    response = client.append(url, 0, b"z" * 5, complete=True)
+    assert response.status_code == 400
+    assert problem(response)["type"] == IANA + "inconsistent-upload-length"
+
+
+def test_append_needs_partial_upload_media_type(client):
+    url = client.new()
+    response = client.append(url, 0, b"abc", complete=False, headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415
+    problem(response)
+
+
+def test_append_to_a_completed_upload_is_refused_and_lost_answer_replayed(server, client):
+    """'If the upload is already complete, the server MUST NOT modify the upload resource and
+    MUST reject the request'; 'The server can choose to replay the final response to the client
+    if the request to append to the completed upload is valid.'"""
+    response = client.create(b"done", complete=True)
+    url = response.headers["Location"]
+    stored_bytes(server, url)
+    refused = client.append(url, 4, b"more", complete=False)
+    assert 400 <= refused.status_code < 500
+    problem(refused)
+    replay = client.append(url, 4, b"", complete=True)
+    assert replay.status_code == 200
+    assert replay.headers["Upload-Complete"] == "?1"
+
+
+# -- cancellation, limits, versions ---------------------------------------------------------------
+
+
+def test_cancellation(client):
+    url = client.new(100)
+    assert client.cancel(url).status_code == 204
+    assert client.head(url).status_code == 404
+
+
+def test_options_announces_limits(client):
+    """'When responding to an OPTIONS request without the Upload-Complete header field, ... the
+    server MUST include the Upload-Limit header field'."""
+    response = client.http.options(client.endpoint, timeout=30)
+    limits = dict(
+        member.strip().split("=", 1) for member in response.headers["Upload-Limit"].split(",")
+    )
+    assert int(limits["max-size"]) > 0
+    assert limits["min-size"] == "0"
+    assert "max-append-size" in limits
+
+
+def test_too_large_announces_limits(client):
+    """'A server responding with a 413 (Content Too Large) status code as a result of its upload
+    limits SHOULD include the Upload-Limit header field in this response'."""
+    response = client.create(complete=False, headers={"Upload-Length": str(1 << 42)})
+    assert response.status_code == 413
+    assert "max-size=" in response.headers["Upload-Limit"]
+    problem(response)
+
+
+@pytest.mark.parametrize("version", [None, "2", "99", "x"])
+def test_missing_or_unknown_version_is_a_clear_problem(client, version):
+    headers = {"Upload-Complete": "?0"}
+    if version is not None:
+        headers["Upload-Draft-Interop-Version"] = version
+    response = requests.post(client.endpoint, headers=headers, timeout=30)
+    assert response.status_code == 400
+    body = problem(response)
+    assert "Upload-Draft-Interop-Version" in body["detail"]
+
+
+def test_tus_requests_are_still_tus(server):
+    response = requests.post(
+        server.url("/files/"), headers={"Tus-Resumable": "1.0.0", "Upload-Length": "3"}, timeout=30
+    )
+    assert response.status_code == 201
+    assert "Upload-Complete" not in response.headers
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+
+
+def test_paused_upload_answers_503_with_retry_after(server, client):
+    """Draft clients take any 4xx as final: a paused upload must not end them."""
+    url = client.new(100)
+    paused = requests.get(server.url(f"/upload/pause?sessionID={upload_id(url)}"), timeout=30)
+    assert paused.status_code == 200, paused.text
+    response = client.append(url, 0, b"q" * 10, complete=False)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    problem(response)
+    requests.post(server.url(f"/upload/resume?sessionID={upload_id(url)}"), timeout=30)
+    assert client.append(url, 0, b"q" * 10, complete=False).status_code == 204
+
+
+def test_interop_version_header_on_other_resources_is_not_draft(server):
+    response = requests.get(server.url("/healthz"), headers=interop(), timeout=30)
+    assert response.status_code == 200
+    assert PARTIAL  # the media type constant the client uses
