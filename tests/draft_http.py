@@ -3,12 +3,32 @@ header is explicit, as the draft's examples write them."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 
 import requests
+import urllib3.connection
 
 PARTIAL = "application/partial-upload"
+
+
+class InterimSkippingResponse(http.client.HTTPResponse):
+    """http.client reads a 104 as the final answer (it skips only 100 Continue): skip every
+    informational answer, keeping the statuses and headers in `interim`, as clients of the draft
+    do."""
+
+    def _read_status(self):  # type: ignore[override]
+        self.interim = getattr(self, "interim", [])
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            self.interim.append((status, dict(http.client.parse_headers(self.fp))))
+
+
+# requests (urllib3) builds its responses with http.client's, from this attribute
+urllib3.connection.HTTPConnection.response_class = InterimSkippingResponse
 
 
 def interop(version: int = 8) -> dict[str, str]:

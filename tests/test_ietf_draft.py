@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 
 import pytest
 import requests
 
 from .conftest import MiB, sha256_file
-from .draft_http import PARTIAL, Draft, interop, problem
+from .draft_http import PARTIAL, Draft, interop, problem, read_interim
 
 IANA = "https://iana.org/assignments/http-problem-types#"
 
@@ -284,3 +285,65 @@ def test_interop_version_header_on_other_resources_is_not_draft(server):
     response = requests.get(server.url("/healthz"), headers=interop(), timeout=30)
     assert response.status_code == 200
     assert PARTIAL  # the media type constant the client uses
+
+
+# -- the 104 before the body ----------------------------------------------------------------------
+
+
+def _raw_creation(server, body_length: int, version: str = "8", extra: str = "") -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    head = (
+        f"POST /files/ HTTP/1.1\r\nHost: {server.host}\r\nContent-Length: {body_length}\r\n"
+        f"Upload-Complete: ?1\r\nUpload-Draft-Interop-Version: {version}\r\n{extra}\r\n"
+    )
+    sock.sendall(head.encode())
+    return sock
+
+
+def test_104_with_location_comes_before_the_body(server):
+    """'the server SHOULD announce the upload resource by sending an interim response with the
+    104 (Upload Resumption Supported) status code ... it MUST include Location header field
+    pointing to the upload resource and MUST include the Upload-Limit header field'; the server
+    'MUST also send a header field Upload-Draft-Interop-Version with the interop version' in it.
+    Read off a raw socket before a byte of the body is sent."""
+    data = blob(2 * MiB, 7)
+    with _raw_creation(server, len(data)) as sock:
+        status, fields = read_interim(sock)
+        assert status == 104, fields
+        location = fields["location"]
+        assert fields["upload-draft-interop-version"] == "8"
+        assert "max-size=" in fields["upload-limit"]
+        assert server.status(upload_id(location))["state"] == "waiting"
+        sock.sendall(data)
+        status, fields = read_interim(sock, timeout=60)
+        assert status == 201, fields
+        assert fields["location"] == location, "the same Location in interim and final answer"
+        assert fields["upload-complete"] == "?1"
+    assert stored_bytes(server, location) == data
+
+
+def test_no_104_for_an_unknown_version(server):
+    """'Server implementations ... MUST NOT send a 104 (Upload Resumption Supported) informational
+    response when the interop version ... is missing or mismatching.'"""
+    with _raw_creation(server, 5, version="99") as sock:
+        sock.sendall(b"hello")
+        status, _ = read_interim(sock)
+        assert status == 400
+
+
+def test_100_continue_is_not_omitted(server):
+    """'the server MUST NOT omit the 100 (Continue) response because it has sent an interim
+    response with the 104 (Upload Resumption Supported) status code.'"""
+    with _raw_creation(server, 5, extra="Expect: 100-continue\r\n") as sock:
+        statuses = [read_interim(sock)[0], read_interim(sock)[0]]
+        assert sorted(statuses) == [100, 104]
+        sock.sendall(b"hello")
+        assert read_interim(sock)[0] == 201
+
+
+def test_a_refused_creation_is_answered_before_its_body(make_server):
+    server = make_server(["--max-upload-size", "1000"])
+    with _raw_creation(server, 5000) as sock:
+        status, fields = read_interim(sock)
+        assert status == 413, fields
+        assert "upload-limit" in fields

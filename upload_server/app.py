@@ -32,6 +32,7 @@ from .clients import client_key, explicit_proxies
 from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
+from .interim import InterimResponses
 from .layout import Layout
 from .locks import Locks, UploadLocks
 from .runtime import Runtime
@@ -56,11 +57,13 @@ def build_app(
     *,
     cut_bodies: CutBodies | None = None,
     locks: Locks | None = None,
+    interim: InterimResponses | None = None,
 ) -> UploadApp:
     """The app serving `service` (both protocols), with `/readyz` and `/metrics` reading
     `health_source`. `cut_bodies` replays cut tus bodies through this app (a server's channels
     offer them to it; without a server none arrive); `locks` serialize a tus upload's requests
-    (one process's own by default; the cluster's leases with several nodes)."""
+    (one process's own by default; the cluster's leases with several nodes); `interim` creates
+    an IETF draft upload for its 104 through this app."""
     cut_bodies = cut_bodies if cut_bodies is not None else CutBodies(config.tus_path)
     locks = locks if locks is not None else UploadLocks()
     forwarding = explicit_proxies(config.trusted_proxy)
@@ -100,6 +103,8 @@ def build_app(
     if config.web:
         web.add_routes(app, config)
     cut_bodies.app = app
+    if interim is not None:
+        interim.app = app
     return app
 
 
@@ -144,17 +149,25 @@ def start_app(
     atexit.register(runtime.close)
     cut_bodies = CutBodies(config.tus_path)
     runtime.on_close(cut_bodies.close)
+    interim = InterimResponses(config.tus_path)
+    runtime.on_close(interim.close)
     assert runtime.service is not None and runtime.directory is not None
     locks = runtime.directory.locks
-    app = build_app(config, runtime.service, runtime, cut_bodies=cut_bodies, locks=locks)
+    app = build_app(
+        config, runtime.service, runtime, cut_bodies=cut_bodies, locks=locks, interim=interim
+    )
     app.runtime = runtime
-    app.server_policy = _server_policy(config, layout, runtime.service, cut_bodies)
+    app.server_policy = _server_policy(config, layout, runtime.service, cut_bodies, interim)
     app.metrics_app = build_metrics_app(config, runtime) if config.metrics_listen else None
     return app
 
 
 def _server_policy(
-    config: Config, layout: Layout, service: SessionService, cut_bodies: CutBodies
+    config: Config,
+    layout: Layout,
+    service: SessionService,
+    cut_bodies: CutBodies,
+    interim: InterimResponses,
 ) -> waitress_patches.ServerPolicy:
     """What the server's connections ask of the app before it sees a request (see
     `waitress_patches`)."""
@@ -163,6 +176,7 @@ def _server_policy(
         allow_origin=middleware.Cors(config.cors_origins, config.tus_path).allow_origin,
         admit=service.space_refusal,
         observer=cut_bodies,
+        interim=interim,
         limits=connection_limits.Limits(
             max_connections=config.max_connections,
             max_connections_per_client=config.max_connections_per_client,

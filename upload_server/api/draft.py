@@ -31,6 +31,7 @@ import falcon
 from .. import errors
 from ..cut_bodies import ENVIRON_KEY as CUT
 from ..cut_bodies import CutBodies
+from ..interim import CREATED, RESERVE
 from ..locks import Locks
 from ..protocol import draft, tus
 from ..service import NewUpload, SessionService
@@ -41,8 +42,6 @@ from ..status import status_of
 from .bodies import open_body
 from .tus import declared_sha256, repr_digest
 
-RESERVE = "upload_server.draft.reserve"  # creation at headers time: the Content-Length to come
-CREATED = "upload_server.draft.created"  # the upload the 104 announced for this request
 LOCK_WAIT = 10.0  # a draft client takes a 4xx as final: wait out a request in flight, then 503
 _REPR_TYPES = frozenset({"application/octet-stream", draft.PARTIAL_UPLOAD})
 
