@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import time
 
 import pytest
 import requests
@@ -293,7 +294,7 @@ def test_interop_version_header_on_other_resources_is_not_draft(server):
 def _raw_creation(server, body_length: int, version: str = "8", extra: str = "") -> socket.socket:
     sock = socket.create_connection((server.host, server.port), timeout=10)
     head = (
-        f"POST /files/ HTTP/1.1\r\nHost: {server.host}\r\nContent-Length: {body_length}\r\n"
+        f"POST /files/ HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: {body_length}\r\n"
         f"Upload-Complete: ?1\r\nUpload-Draft-Interop-Version: {version}\r\n{extra}\r\n"
     )
     sock.sendall(head.encode())
@@ -347,3 +348,72 @@ def test_a_refused_creation_is_answered_before_its_body(make_server):
         status, fields = read_interim(sock)
         assert status == 413, fields
         assert "upload-limit" in fields
+
+
+# -- interrupted transfers keep what arrived ---------------------------------------------------
+
+
+def test_interrupted_creation_resumes_from_what_the_server_kept(server, client):
+    """'The server might not process the entire request content when the upload is interrupted
+    ... the server SHOULD append as much of the request content as possible to the upload
+    resource, allowing the client to resume the upload from where it was interrupted. In
+    addition, the upload resource MUST NOT be considered complete then.'"""
+    data = blob(2 * MiB + 5, 8)
+    sent = MiB + 333
+    with _raw_creation(server, len(data)) as sock:
+        status, fields = read_interim(sock)
+        assert status == 104
+        location = fields["location"]
+        sock.sendall(data[:sent])
+    head = client.head(location)
+    assert head.status_code == 204
+    assert head.headers["Upload-Complete"] == "?0"
+    offset = int(head.headers["Upload-Offset"])
+    assert offset == sent
+    done = client.append(location, offset, data[offset:], complete=True)
+    assert done.status_code == 200, done.text
+    assert stored_bytes(server, location) == data
+
+
+def _raw_append(server, url: str, offset: int, length: int, complete: bool) -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    path = "/" + url.split("/", 3)[3]
+    head = (
+        f"PATCH {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: {length}\r\n"
+        f"Upload-Offset: {offset}\r\nUpload-Complete: {'?1' if complete else '?0'}\r\n"
+        f"Content-Type: {PARTIAL}\r\nUpload-Draft-Interop-Version: 8\r\n\r\n"
+    )
+    sock.sendall(head.encode())
+    return sock
+
+
+def test_interrupted_append_keeps_its_prefix(server, client):
+    data = blob(3 * MiB, 9)
+    url = client.new(len(data))
+    assert client.append(url, 0, data[:MiB], complete=False).status_code == 204
+    with _raw_append(server, url, MiB, 2 * MiB, complete=True) as sock:
+        sock.sendall(data[MiB : MiB + 700_000])
+    offset = int(client.head(url).headers["Upload-Offset"])
+    assert offset == MiB + 700_000
+    assert server.status(upload_id(url))["state"] == "waiting", "a cut ?1 must not complete"
+    assert client.append(url, offset, data[offset:], complete=True).status_code == 200
+    assert stored_bytes(server, url) == data
+
+
+def test_a_new_request_ends_an_append_still_in_flight(server, client):
+    """'If a server receives a new request to retrieve the offset ... while a previous request
+    for ... appending representation data to the same upload resource is still ongoing, the
+    server SHOULD ... [terminate] the previous request before processing the new request.' The
+    client is not locked out, and what arrived of the old request is kept."""
+    data = blob(2 * MiB, 10)
+    url = client.new(len(data))
+    with _raw_append(server, url, 0, len(data), complete=True) as sock:
+        sock.sendall(data[:MiB])
+        time.sleep(0.3)
+        head = client.head(url)
+        assert head.status_code == 204, head.text
+        offset = int(head.headers["Upload-Offset"])
+        assert offset == MiB
+    done = client.append(url, offset, data[offset:], complete=True)
+    assert done.status_code == 200, done.text
+    assert stored_bytes(server, url) == data

@@ -127,7 +127,7 @@ class AppAnswer(waitress.utilities.Error):
 # -- the channel's side (waitress's objects, on the I/O thread) ----------------------------------
 
 
-def offer(parser: Any, channel: Any, environ_of: Callable[[], dict[str, Any]]) -> None:
+def offer(parser: Any, channel: Any) -> None:
     """After a request's headers: hold it and create its upload if it gets a 104."""
     interim: InterimResponses | None = parser.policy.interim
     if interim is None or channel.requests:
@@ -135,7 +135,7 @@ def offer(parser: Any, channel: Any, environ_of: Callable[[], dict[str, Any]]) -
     version = interim.wants(parser.command, parser.path, parser.headers)
     if version is None:
         return
-    environ = dict(environ_of())
+    environ = dict(channel.task_class(channel, parser).get_environment())
     environ[RESERVE] = parser.content_length
     environ["CONTENT_LENGTH"] = "0"
     environ["wsgi.input"] = io.BytesIO(b"")

@@ -135,10 +135,11 @@ class BodyObserver(Protocol):
     call comes from waitress's I/O thread and must return at once."""
 
     def body_started(
-        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int | None], None]
     ) -> object | None:
         """A body begins; a key to report its end with, or None when it is of no interest.
-        `abort(offset)` refuses the request at once (409, the upload's offset is `offset`)."""
+        `abort(offset)` refuses the request at once (409, the upload's offset is `offset`);
+        `abort(None)`, from any thread, cuts its connection (its prefix is then offered)."""
 
     def body_ended(self, key: object) -> None:
         """The body of `key` is complete or gone."""
@@ -153,7 +154,7 @@ class BodyObserver(Protocol):
 
 class _NoObserver:
     def body_started(
-        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int | None], None]
     ) -> object | None:
         return None
 
@@ -253,10 +254,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             try:
                 self._observe()
                 if not self.completed and self.channel is not None:
-                    channel = self.channel
-                    interim.offer(
-                        self, channel, lambda: channel.task_class(channel, self).get_environment()
-                    )
+                    interim.offer(self, self.channel)
             except Exception:  # a request's headers must never break waitress's loop
                 log.exception("the body observer failed on a request's headers")
 
@@ -307,9 +305,13 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             self.channel.discarding = True
         return received
 
-    def _abort(self, offset: int) -> None:
-        if self.channel is not None:
-            self.channel.abort(self, StaleOffset(offset))
+    def _abort(self, offset: int | None) -> None:
+        channel = self.channel
+        if channel is not None and offset is None:  # on the I/O thread, as any close
+            cut = lambda: channel.request is self and channel.handle_close()  # noqa: E731
+            channel.server.trigger.pull_trigger(cut)
+        elif channel is not None:
+            channel.abort(self, StaleOffset(offset))
 
     def end_watch(self) -> None:
         key, self.watch_key = self.watch_key, None
