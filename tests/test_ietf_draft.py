@@ -3,8 +3,10 @@ real server, written from the draft's text: each test quotes the rule it checks.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
+import re
 import socket
 import time
 
@@ -417,3 +419,63 @@ def test_a_new_request_ends_an_append_still_in_flight(server, client):
     done = client.append(url, offset, data[offset:], complete=True)
     assert done.status_code == 200, done.text
     assert stored_bytes(server, url) == data
+
+
+def test_draft_uploads_are_counted_in_metrics(server, client):
+    response = client.create(b"counted", complete=True)
+    stored_bytes(server, response.headers["Location"])
+    text = requests.get(server.url("/metrics"), timeout=10).text
+    for name in ("uploads_started", "uploads_completed", "bytes_received"):
+        match = re.search(rf'^upload_server_{name}_total\{{protocol="ietf"\}} (\S+)$', text, re.M)
+        assert match and float(match.group(1)) > 0, name
+
+
+# -- integrity (RFC 9530) ---------------------------------------------------------------------
+
+
+def _digest(algorithm: str, data: bytes) -> str:
+    name = {"sha-256": "sha256", "sha-512": "sha512"}[algorithm]
+    return f"{algorithm}=:{base64.b64encode(hashlib.new(name, data).digest()).decode()}:"
+
+
+def test_repr_digest_is_checked_at_completion_and_answered(server, client):
+    """'If the client knows the integrity digest of the entire representation data before
+    creating an upload resource, it can include the Repr-Digest header field ... If the digests
+    don't match, the server SHOULD consider the upload failed'; with Want-Repr-Digest 'The
+    server SHOULD compute the representation digests ... and include the corresponding
+    Repr-Digest header field in the response.'"""
+    data = blob(200_000, 11)
+    response = client.create(
+        complete=False,
+        headers={"Repr-Digest": _digest("sha-256", data), "Want-Repr-Digest": "sha-256=10"},
+    )
+    url = response.headers["Location"]
+    done = client.append(url, 0, data, complete=True)
+    assert done.status_code == 200, done.text
+    assert done.headers["Repr-Digest"] == _digest("sha-256", data)
+    assert client.head(url).headers["Repr-Digest"] == _digest("sha-256", data)
+    assert stored_bytes(server, url) == data
+
+    wrong = client.create(complete=False, headers={"Repr-Digest": _digest("sha-256", b"other")})
+    refused = client.append(wrong.headers["Location"], 0, data, complete=True)
+    assert refused.status_code == 400
+    problem(refused)
+    assert server.status(upload_id(wrong.headers["Location"]))["state"] == "failed"
+
+
+@pytest.mark.parametrize("algorithm", ["sha-256", "sha-512"])
+def test_content_digest_protects_one_append(client, algorithm):
+    """'If the digests don't match the server SHOULD consider the transfer failed, not append
+    the content to the upload resource, and signal the failure to the client.'"""
+    url = client.new()
+    bad = client.append(
+        url, 0, b"abcdef", complete=False, headers={"Content-Digest": _digest(algorithm, b"x")}
+    )
+    assert bad.status_code == 400
+    problem(bad)
+    assert client.head(url).headers["Upload-Offset"] == "0"
+    good = client.append(
+        url, 0, b"abcdef", complete=False, headers={"Content-Digest": _digest(algorithm, b"abcdef")}
+    )
+    assert good.status_code == 204, good.text
+    assert good.headers["Upload-Offset"] == "6"

@@ -119,11 +119,11 @@ class CutBodies:
         if target is None or self.app is None:
             return False
         kind, upload_id = target
-        if environ.get("HTTP_UPLOAD_CHECKSUM"):
+        if environ.get("HTTP_UPLOAD_CHECKSUM") or environ.get("HTTP_CONTENT_DIGEST"):
             metrics.get().cut_bytes.labels("discarded").inc(cut.length)
             log.info(
                 "discarded %d bytes of a cut %s of upload %s (%s): it carries Upload-Checksum, "
-                "which cannot be verified on part of a body",
+                "(or Content-Digest), which cannot be verified on part of a body",
                 cut.length,
                 kind,
                 upload_id or "(new)",

@@ -40,7 +40,7 @@ from ..sessions import record as states
 from ..sessions.record import Session
 from ..status import status_of
 from .bodies import open_body
-from .tus import declared_sha256, repr_digest
+from .tus import repr_digest
 
 LOCK_WAIT = 10.0  # a draft client takes a 4xx as final: wait out a request in flight, then 503
 _REPR_TYPES = frozenset({"application/octet-stream", draft.PARTIAL_UPLOAD})
@@ -201,11 +201,24 @@ class DraftResources:
             filetype=filetype or metadata.get("filetype") or metadata.get("type"),
             metadata=metadata,
             metadata_header=header,
-            expected_sha256=declared_sha256(req, metadata),
+            expected_sha256=self._declared_sha256(req),
             principal=req.context.principal,
             client=req.context.client,
             announced_length=announced,
         )
+
+    @staticmethod
+    def _declared_sha256(req: falcon.Request) -> str | None:
+        """The representation's SHA-256 a client declares at creation (`Repr-Digest`), which the
+        writer checks at completion (a mismatch fails the upload)."""
+        try:
+            digests = draft.parse_digests("Repr-Digest", req.get_header("Repr-Digest"))
+        except draft.DraftHeaderError as exc:
+            raise _problem(str(exc), "bad_digest") from None
+        value = digests.get("sha-256")
+        if value is not None and len(value) != 32:
+            raise _problem("the Repr-Digest sha-256 value is not 32 bytes", "bad_digest")
+        return value.hex() if value is not None else None
 
     # -- one upload -------------------------------------------------------------------------
 
@@ -281,8 +294,12 @@ class DraftResources:
             lifecycle.check_append(session, offset, length, declared=declared, max_size=limit)
             if not length and declared is None:
                 return session  # nothing to store, nothing to complete
+            try:
+                checksum = draft.known_digest("Content-Digest", req.get_header("Content-Digest"))
+            except draft.DraftHeaderError as exc:
+                raise _problem(str(exc), "bad_digest") from None
             with open_body(req, self.service, limit=limit) as body:
-                return self.service.append(session, body, offset, None, declared)
+                return self.service.append(session, body, offset, checksum, declared)
 
     def cancel(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         _dialect(req)

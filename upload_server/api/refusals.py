@@ -68,6 +68,8 @@ OVERRIDES: dict[tuple[str, str], int] = {
     ("exceeds_length", IETF): 400,
     ("length_set", IETF): 400,
     ("upload_too_large", IETF): 413,
+    ("checksum_mismatch", IETF): 400,  # Content-Digest (tus's own 460 means nothing to them)
+    ("digest_mismatch", IETF): 400,
 }
 
 # Answers a client should retry after a moment.

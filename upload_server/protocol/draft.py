@@ -16,6 +16,8 @@ Every parser raises `DraftHeaderError` on malformed input: the caller answers a 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -162,6 +164,38 @@ def upload_limit(
     if max_age is not None:
         members.append(f"{dialect.age_key}={max(0, max_age)}")
     return ", ".join(members)
+
+
+# RFC 9530 algorithms this server verifies, by the hashlib name the writers compute them with
+DIGEST_ALGORITHMS = {"sha-256": "sha256", "sha-512": "sha512"}
+_DIGEST_MEMBER = re.compile(r"^([a-z][a-z0-9_.*-]*)\s*=\s*:([A-Za-z0-9+/=]*):\s*(;.*)?$")
+
+
+def parse_digests(name: str, value: str | None) -> dict[str, bytes]:
+    """`Repr-Digest` / `Content-Digest` (RFC 9530): an RFC 9651 dictionary of byte sequences,
+    by algorithm. Unknown algorithms are kept (the caller uses those it knows)."""
+    if value is None or not value.strip():
+        return {}
+    digests: dict[str, bytes] = {}
+    for member in value.split(","):
+        match = _DIGEST_MEMBER.match(member.strip())
+        if not match:
+            raise DraftHeaderError(f"{name} is not a digest dictionary: {member.strip()[:60]!r}")
+        try:
+            digests[match.group(1)] = base64.b64decode(match.group(2), validate=True)
+        except (binascii.Error, ValueError):
+            raise DraftHeaderError(f"{name} has a malformed {match.group(1)} value") from None
+    return digests
+
+
+def known_digest(name: str, value: str | None) -> tuple[str, bytes] | None:
+    """The strongest digest of a `*-Digest` field this server can verify, as (hashlib name,
+    digest); None when the field is absent or names only algorithms it does not know."""
+    digests = parse_digests(name, value)
+    for algorithm in ("sha-512", "sha-256"):
+        if algorithm in digests:
+            return DIGEST_ALGORITHMS[algorithm], digests[algorithm]
+    return None
 
 
 _DISPOSITION_NAME = re.compile(r"""filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))""", re.I)
