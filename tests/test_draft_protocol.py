@@ -98,3 +98,22 @@ def test_a_whole_draft_upload_awaits_its_completion():
     assert lifecycle.awaits_completion(whole) and not lifecycle.is_whole(whole)
     assert not lifecycle.awaits_completion(session(announced_length=4, bytes_written=3))
     lifecycle.check_writable(whole)  # a draft upload takes appends like a tus one
+
+
+def test_a_draft_upload_whose_state_was_lost_is_deactivated():
+    """'the offset MUST NOT decrease. If the server loses any part of the state, it MUST
+    deactivate the upload resource and reject further interaction with it.'"""
+    from upload_server.sessions import segments
+
+    lost = session(bytes_written=10, state=states.WAITING)
+    segments.reconcile(lost, 6, lambda offset: None)
+    assert lifecycle.is_deactivated(lost)
+    with pytest.raises(lifecycle.Refusal) as refused:
+        lifecycle.check_writable(lost)
+    assert refused.value.code == lifecycle.STATE_LOST
+    with pytest.raises(lifecycle.Refusal):
+        lifecycle.check_command(lost, lifecycle.RESUME)
+    lifecycle.check_command(lost, lifecycle.TERMINATE)
+    tus = session(protocol=states.TUS, bytes_written=10, state=states.WAITING)
+    segments.reconcile(tus, 6, lambda offset: None)
+    assert tus.bytes_written == 6 and tus.state == states.WAITING

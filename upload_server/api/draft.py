@@ -86,6 +86,8 @@ class DraftResources:
         session = self.service.get(upload_id, req.context.principal)
         if session.state in lifecycle.ENDED:
             raise lifecycle.Refusal(session.state, f"upload {upload_id} was {session.state}")
+        if lifecycle.is_deactivated(session):
+            raise lifecycle.Refusal(lifecycle.STATE_LOST, f"the server lost part of {upload_id}")
         return session
 
     @staticmethod

@@ -50,6 +50,7 @@ STATUS: dict[str, int] = {
     "io_error": 500,
     "internal_error": 500,
     "inconsistent_length": 400,
+    "state_lost": 410,
     "missing_interop_version": 400,
     "unsupported_interop_version": 400,
 }

@@ -39,6 +39,7 @@ SEED_SESSION = "seed_session"
 FINAL_UPLOAD = "final_upload"
 UNKNOWN_COMMAND = "bad_command"
 INCONSISTENT_LENGTH = "inconsistent_length"
+STATE_LOST = "state_lost"
 
 # Commands (the control queue's actions, plus what the writer does to a session on its own).
 PAUSE, RESUME, TERMINATE, EXPIRE = "pause", "resume", "terminate", "expire"
@@ -67,6 +68,8 @@ def check_writable(session: Session) -> None:
         raise Refusal(SEED_SESSION, "this session takes its data through the seed API")
     if session.state in ENDED:
         raise Refusal(session.state, f"the upload was {session.state}")
+    if is_deactivated(session):
+        raise Refusal(STATE_LOST, "the server lost part of this upload; it cannot go on")
     if session.state == states.PAUSED:
         raise Refusal(
             PAUSED,
@@ -130,6 +133,8 @@ def check_command(session: Session, action: str, *, completed_too: bool = False)
         raise Refusal(session.state, f"the upload was {session.state}")
     if session.state == states.COMPLETED and not (action in (TERMINATE, EXPIRE) and completed_too):
         raise Refusal(COMPLETED, "the upload is already complete")
+    if action == RESUME and is_deactivated(session):
+        raise Refusal(STATE_LOST, "the server lost part of this upload; it cannot go on")
     if action == RESUME and session.state not in resumable_states(session):
         raise Refusal(NOT_PAUSED, f"the upload is {session.state}, not paused")
 
@@ -193,6 +198,21 @@ def awaits_completion(session: Session) -> bool:
         and session.announced_length is not None
         and session.bytes_written >= session.announced_length
     )
+
+
+def lose_state(session: Session, counted: int) -> None:
+    """The disk holds less than the record counted (a power loss took unsynced writes): the
+    offset goes back to `counted`. The IETF draft forbids an offset that decreases ('If the
+    server loses any part of the state, it MUST deactivate the upload resource'): a draft
+    upload fails for good; another continues from `counted` (its client asks the offset)."""
+    session.bytes_written = counted
+    if session.protocol == states.IETF:
+        fail(session, STATE_LOST, "the server lost part of this upload after a crash")
+
+
+def is_deactivated(session: Session) -> bool:
+    """A draft upload whose state was lost: only its termination is left."""
+    return session.state == states.FAILED and (session.error or {}).get("code") == STATE_LOST
 
 
 def is_whole(session: Session) -> bool:
