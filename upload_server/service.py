@@ -192,19 +192,20 @@ class SessionService:
         The new session holds its place in the limits from here on (checked and taken at once,
         so concurrent creations cannot overshoot them); a failure before it is saved gives the
         place back."""
-        if new.total_bytes is not None and new.total_bytes > self.config.max_upload_size:
+        size = new.total_bytes if new.total_bytes is not None else new.announced_length
+        if size is not None and size > self.config.max_upload_size:
             raise errors.TooLarge(
-                f"the upload is {new.total_bytes} bytes; the limit is {self.config.max_upload_size}",
+                f"the upload is {size} bytes; the limit is {self.config.max_upload_size}",
                 code="upload_too_large",
             )
-        check_upload(new.principal, new.total_bytes, new.filename, new.filetype)
+        check_upload(new.principal, size, new.filename, new.filetype)
         session_id = new_session_id()
         self.limits.take(new.limit_key, session_id, by_client=new.owner is None)
         try:
             copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole
             if self.config.storage != "local":
                 copies -= 1  # the data itself goes to remote storage
-            self.check_space((new.total_bytes or 0) * copies)
+            self.check_space((size or 0) * copies)
             self.hooks.pre_create(new.describe())
             session = Session(
                 id=session_id,

@@ -286,13 +286,17 @@ class DraftResources:
                 return session  # the final answer was lost: the same answer again
             if session.state == states.COMPLETED:
                 raise lifecycle.Refusal(
-                    lifecycle.COMPLETED, "the upload is already complete", offset=offset
+                    lifecycle.COMPLETED,
+                    "the upload is already complete",
+                    offset=session.bytes_written,
                 )
             declared = lifecycle.draft_length(
                 session, offset, length, complete=complete, announced=announced
             )
             limit = self.service.config.max_upload_size
             self._check_size(req, dialect, offset + length)
+            if declared is not None:
+                self._recheck(req, declared)
             lifecycle.check_append(session, offset, length, declared=declared, max_size=limit)
             if not length and declared is None:
                 return session  # nothing to store, nothing to complete
@@ -302,6 +306,19 @@ class DraftResources:
                 raise _problem(str(exc), "bad_digest") from None
             with open_body(req, self.service, limit=limit) as body:
                 return self.service.append(session, body, offset, checksum, declared)
+
+    @staticmethod
+    def _recheck(req: falcon.Request, length: int) -> None:
+        """Time of check, time of use: 'the server SHOULD validate that the user is still allowed
+        to perform the requested action before finalizing the upload'. The credential was checked
+        on this request itself; its size allowance is checked again against the final length."""
+        principal = req.context.principal
+        if principal is not None and principal.max_size is not None and length > principal.max_size:
+            raise _problem(
+                f"this token allows uploads of at most {principal.max_size} bytes",
+                "token_size_exceeded",
+                413,
+            )
 
     def cancel(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         _dialect(req)
