@@ -136,7 +136,7 @@ def offer(parser: Any, channel: Any) -> None:
     if version is None:
         return
     environ = dict(channel.task_class(channel, parser).get_environment())
-    environ[RESERVE] = parser.content_length
+    environ[RESERVE] = -1 if parser.chunked else parser.content_length  # -1: not yet known
     environ["CONTENT_LENGTH"] = "0"
     environ["wsgi.input"] = io.BytesIO(b"")
     hold = Hold(version, expect_continue=parser.expect_continue)
@@ -165,6 +165,11 @@ def resume(parser: Any, channel: Any, answer: Answer) -> None:
         channel.refuse_with(parser, answer)
         return
     parser.created = fields["location"].rsplit("/", 1)[-1]
+    # from now on its body is one of that upload's (a new request of it ends this one, `cut_bodies`)
+    headers = {**parser.headers, CREATED: parser.created}
+    parser.watch_key = parser.policy.observer.body_started(
+        parser.command, parser.path, headers, parser._abort
+    )
     lines = [
         "HTTP/1.1 104 Upload Resumption Supported",
         f"Location: {fields['location']}",

@@ -151,9 +151,9 @@ class DraftResources:
         complete, announced = self._parse(req, dialect)
         if complete is None:
             raise _problem(f"upload creation needs {dialect.complete_header}", "bad_header")
-        reserve = req.env.get(RESERVE)
-        length = reserve if reserve is not None else (req.content_length or 0)
-        total = length if complete else None
+        reserve = req.env.get(RESERVE)  # at headers time: the Content-Length (-1: chunked)
+        length = (req.content_length or 0) if reserve is None else max(reserve, 0)
+        total = length if complete and (reserve is None or reserve >= 0) else None
         if announced is not None and total is not None and announced != total:
             raise _problem(
                 f"Upload-Length {announced} differs from the {total} bytes that complete it",
@@ -322,6 +322,7 @@ class DraftResources:
 
     def cancel(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         _dialect(req)
+        self.cut_bodies.wait(upload_id, req.env)  # an append still arriving is ended first
         session = self._session(req, upload_id)
         with self.locks.hold(upload_id, wait=30.0):
             self.service.control(session, lifecycle.TERMINATE, completed_too=True)
