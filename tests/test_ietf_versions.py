@@ -137,3 +137,17 @@ def test_every_version_gets_the_104_with_its_own_number(server, version):
         assert fields["upload-draft-interop-version"] == version
         sock.sendall(b"abc")
         assert read_interim(sock)[0] == 201
+
+
+def test_every_error_a_draft_client_gets_is_a_problem(server):
+    client = Draft(server.base)
+    url = client.new()
+    for response in (
+        client.http.post(url, headers=client.headers(), timeout=30),  # 405
+        client.http.delete(server.url("/files/a/b"), headers=client.headers(), timeout=30),  # 404
+        client.http.head(server.url("/files/AAAAAAAAAAAAAAAAAAAAAA"), headers=client.headers()),
+    ):
+        assert 400 <= response.status_code < 500
+        assert response.headers["Content-Type"] == "application/problem+json", response
+    tus = client.http.post(url, headers={"Tus-Resumable": "1.0.0"}, timeout=30)
+    assert tus.status_code == 405 and tus.json()["error"]["code"]

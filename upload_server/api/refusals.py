@@ -183,5 +183,21 @@ def install(app: falcon.App, tus_path: str) -> None:
         else:
             errors.render(resp, ex)
 
+    def handle_http_error(
+        req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
+    ) -> None:
+        if protocol_of(req, tus_path) != IETF:
+            errors.handle_http_error(req, resp, ex, params)
+            return
+        code = (ex.title or "error").lower().replace(" ", "_")
+        answer = errors.UploadError(
+            ex.description or ex.title or "error",
+            code=code,
+            status=ex.status_code,
+            headers=dict(ex.headers or {}),
+        )
+        render_problem(req, resp, answer)
+
     app.add_error_handler(Refusal, handle)
     app.add_error_handler(errors.UploadError, handle_error)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)

@@ -140,7 +140,10 @@ def parse_integer(name: str, value: str | None) -> int | None:
         return None
     item = value.split(";", 1)[0].strip()
     if not _SF_INTEGER.match(item) or item.startswith("-"):
-        raise DraftHeaderError(f"{name} must be a non-negative integer, not {value[:40]!r}")
+        raise DraftHeaderError(
+            f"{name} must be a non-negative structured integer (at most 15 digits), "
+            f"not {value[:40]!r}"
+        )
     return int(item)
 
 
