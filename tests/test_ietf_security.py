@@ -1,0 +1,84 @@
+"""The IETF draft with credentials and hooks: the creation behind the 104 runs them once, before
+the body; completion (and its post-finish hook) waits for the client's `Upload-Complete: ?1`."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from upload_server.auth import hash_key
+
+from .conftest import wait_for
+from .draft_http import Draft, problem, read_interim
+from .test_security import Receiver
+
+pytestmark = pytest.mark.frontend
+
+ALICE, BOB = "alice-draft-key", "bob-draft-key"
+
+
+@pytest.fixture
+def receiver():
+    instance = Receiver()
+    yield instance
+    instance.httpd.shutdown()
+
+
+def _creation(server, length: int, extra: str = "") -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(
+        (
+            f"POST /files/ HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
+            f"Content-Length: {length}\r\nUpload-Complete: ?0\r\n"
+            f"Upload-Draft-Interop-Version: 8\r\n{extra}\r\n"
+        ).encode()
+    )
+    return sock
+
+
+def test_credentials_are_checked_before_the_104_and_on_every_request(make_server):
+    keys = f"alice={hash_key(ALICE)},bob={hash_key(BOB)}"
+    server = make_server(["--auth", "true", "--api-keys", keys])
+    with _creation(server, 10) as sock:
+        status, fields = read_interim(sock)
+        assert status == 401, fields  # refused on its headers: no 104, no body read
+    with _creation(server, 10, f"Authorization: Bearer {ALICE}\r\n") as sock:
+        status, fields = read_interim(sock)
+        assert status == 104
+        sock.sendall(b"0123456789")
+        assert read_interim(sock)[0] == 201
+    url = fields["location"]
+    alice, bob = Draft(server.base), Draft(server.base)
+    alice.http.headers["Authorization"] = f"Bearer {ALICE}"
+    bob.http.headers["Authorization"] = f"Bearer {BOB}"
+    assert alice.head(url).headers["Upload-Offset"] == "10"
+    refused = bob.head(url)
+    assert refused.status_code == 404  # another credential's upload does not exist for bob
+    assert problem(bob.append(url, 10, b"x", complete=False))["status"] == 404
+
+
+def test_hooks_run_once_and_post_finish_waits_for_completion(make_server, receiver):
+    server = make_server(["--hook-url", f"http://127.0.0.1:{receiver.port}/hook"])
+    disposition = 'Content-Disposition: inline; filename="draft-hooked.bin"\r\n'
+    with _creation(server, 10, disposition + "Upload-Length: 15\r\n") as sock:
+        assert read_interim(sock)[0] == 104
+        sock.sendall(b"0123456789")
+        status, fields = read_interim(sock)
+        assert status == 201
+    url = fields["location"]
+    client = Draft(server.base)
+    assert client.append(url, 10, b"abcde", complete=False).status_code == 204
+    time.sleep(0.5)
+    assert receiver.of("post-finish") == []  # every byte is in, but the client has not completed
+    assert client.append(url, 15, b"", complete=True).status_code == 200
+    finished = wait_for(lambda: receiver.of("post-finish"))
+    assert finished[0]["upload"]["protocol"] == "ietf"
+    assert len(receiver.of("pre-create")) == 1
+    assert len(receiver.of("post-create")) == 1
+
+    receiver.reject_filenames.add("evil.exe")
+    with _creation(server, 10, 'Content-Disposition: inline; filename="evil.exe"\r\n') as sock:
+        status, fields = read_interim(sock)
+        assert status == 422, fields  # the hook's veto, before the body
