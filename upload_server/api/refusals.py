@@ -49,10 +49,7 @@ STATUS: dict[str, int] = {
     "writer_unavailable": 503,
     "io_error": 500,
     "internal_error": 500,
-    "inconsistent_length": 400,
     "state_lost": 410,
-    "missing_interop_version": 400,
-    "unsupported_interop_version": 400,
 }
 
 # (code, protocol) -> status where a protocol's clients need another answer
@@ -68,6 +65,7 @@ OVERRIDES: dict[tuple[str, str], int] = {
     ("completed", IETF): 400,
     ("exceeds_length", IETF): 400,
     ("length_set", IETF): 400,
+    ("inconsistent_length", IETF): 400,
     ("upload_too_large", IETF): 413,
     ("checksum_mismatch", IETF): 400,  # Content-Digest (tus's own 460 means nothing to them)
     ("digest_mismatch", IETF): 400,
