@@ -82,3 +82,39 @@ def test_hooks_run_once_and_post_finish_waits_for_completion(make_server, receiv
     with _creation(server, 10, 'Content-Disposition: inline; filename="evil.exe"\r\n') as sock:
         status, fields = read_interim(sock)
         assert status == 422, fields  # the hook's veto, before the body
+
+
+def test_a_slow_creation_is_cut_at_the_body_rate_and_its_prefix_kept(make_server):
+    """The draft's Slowloris note: a creation trickling below --min-body-rate is cut like any
+    body, and since its 104 announced the upload, what arrived is kept for the client to resume."""
+    server = make_server(["--min-body-rate", "64KiB", "--min-body-rate-window", "2s"])
+    data = bytes(range(256)) * 8192  # 2 MiB
+    sent = 700 * 1024
+    sock = _creation(server, len(data), f"Upload-Length: {len(data)}\r\n")
+    try:
+        status, fields = read_interim(sock)
+        assert status == 104
+        sock.sendall(data[:sent])
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 15 and not closed:
+            try:
+                sock.send(data[sent : sent + 1024])
+                sent += 1024
+                time.sleep(1.0)
+                sock.settimeout(0.01)
+                closed = sock.recv(1, socket.MSG_PEEK) == b""
+            except (TimeoutError, BlockingIOError):
+                pass
+            except OSError:
+                closed = True
+        assert closed, "the slow creation was not cut"
+    finally:
+        sock.close()
+    client = Draft(server.base)
+    url = fields["location"]
+    offset = wait_for(lambda: int(client.head(url).headers["Upload-Offset"]) or None, timeout=10)
+    assert 700 * 1024 <= offset <= sent
+    assert client.append(url, offset, data[offset:], complete=True).status_code == 200
+    status = server.wait_state(url.rsplit("/", 1)[1], "completed")
+    assert (server.upload_dir / status["storedAs"]).read_bytes() == data
