@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+import requests
 
 from upload_server.auth import hash_key
 
@@ -118,3 +119,30 @@ def test_a_slow_creation_is_cut_at_the_body_rate_and_its_prefix_kept(make_server
     assert client.append(url, offset, data[offset:], complete=True).status_code == 200
     status = server.wait_state(url.rsplit("/", 1)[1], "completed")
     assert (server.upload_dir / status["storedAs"]).read_bytes() == data
+
+
+def test_an_override_cannot_turn_a_download_link_into_a_delete(make_server):
+    """`?access_token=` is accepted on downloads only; since X-HTTP-Method-Override now applies to
+    every method, authentication judges the overridden method, not the one on the wire."""
+    keys = f"alice={hash_key(ALICE)}"
+    server = make_server(["--auth", "true", "--api-keys", keys])
+    created = requests.post(
+        server.url("/files/"),
+        headers={
+            "Tus-Resumable": "1.0.0",
+            "Upload-Length": "3",
+            "Authorization": f"Bearer {ALICE}",
+        },
+        timeout=30,
+    )
+    url = created.headers["Location"]
+    attempt = requests.get(
+        f"{url}?access_token={ALICE}",
+        headers={"Tus-Resumable": "1.0.0", "X-HTTP-Method-Override": "DELETE"},
+        timeout=30,
+    )
+    assert attempt.status_code == 401, attempt.text
+    still = requests.head(
+        url, headers={"Tus-Resumable": "1.0.0", "Authorization": f"Bearer {ALICE}"}
+    )
+    assert still.status_code == 200

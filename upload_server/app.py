@@ -71,10 +71,12 @@ def build_app(
         middleware=[
             middleware.RequestLog(),
             middleware.Cors(config.cors_origins, config.tus_path),
+            # before authentication, which must judge the method the request will have (a GET
+            # overridden to DELETE must not pass as a download that may carry ?access_token)
+            middleware.MethodOverride(),
             _authenticate(
                 config, ("/upload", config.tus_path), with_metrics=config.metrics_listen is None
             ),
-            middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
             *(
                 [middleware.ForwardedClientShare(config.max_connections_per_client)]
