@@ -50,13 +50,6 @@ def _problem(message: str, code: str, status: int = 400, **extra: Any) -> errors
     return errors.UploadError(message, code=code, status=status, **extra)
 
 
-def _dialect(req: falcon.Request) -> draft.Dialect:
-    try:
-        return draft.dialect(req.get_header(draft.VERSION_HEADER))
-    except draft.DraftHeaderError as exc:
-        raise _problem(str(exc), exc.code) from None
-
-
 class DraftResources:
     """The draft's responders over `SessionService`, called by the shared routes."""
 
@@ -67,6 +60,16 @@ class DraftResources:
         self.base_path = service.config.tus_path
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _dialect(self, req: falcon.Request) -> draft.Dialect:
+        """The request's interop version (refused when missing or unknown); its `Upload-Limit`
+        is kept for a 413 answer ('SHOULD include the Upload-Limit header field')."""
+        try:
+            dialect = draft.dialect(req.get_header(draft.VERSION_HEADER))
+        except draft.DraftHeaderError as exc:
+            raise _problem(str(exc), exc.code) from None
+        req.context.draft_limit = self.limit(dialect)
+        return dialect
 
     def limit(self, dialect: draft.Dialect, session: Session | None = None) -> str | None:
         """`Upload-Limit` from the server's real limits (an upload's remaining lifetime)."""
@@ -125,10 +128,9 @@ class DraftResources:
             resp.content_type = falcon.MEDIA_JSON
             resp.data = json.dumps(status_of(session)).encode()
 
-    def _check_size(self, req: falcon.Request, dialect: draft.Dialect, total: int | None) -> None:
+    def _check_size(self, total: int | None) -> None:
         limit = self.service.config.max_upload_size
         if total is not None and total > limit:
-            req.context.draft_limit = self.limit(dialect)
             raise _problem(
                 f"the upload of {total} bytes is larger than max-size {limit}",
                 "upload_too_large",
@@ -147,7 +149,7 @@ class DraftResources:
 
     def create(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Creation: a new upload (or the one the 104 announced), then its content if any."""
-        dialect = _dialect(req)
+        dialect = self._dialect(req)
         complete, announced = self._parse(req, dialect)
         if complete is None:
             raise _problem(f"upload creation needs {dialect.complete_header}", "bad_header")
@@ -164,7 +166,7 @@ class DraftResources:
                 f"the content of {length} bytes is longer than Upload-Length {announced}",
                 "inconsistent_length",
             )
-        self._check_size(req, dialect, announced if announced is not None else total)
+        self._check_size(announced if announced is not None else total)
         created = req.env.get(CREATED)
         if created:
             session = self.service.get(created, req.context.principal)
@@ -226,14 +228,14 @@ class DraftResources:
 
     def retrieve(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         """Offset retrieval (HEAD, and GET, which the draft gives no content)."""
-        dialect = _dialect(req)
+        dialect = self._dialect(req)
         self.cut_bodies.wait(upload_id, req.env)
         session = self._session(req, upload_id)
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Upload-Offset", str(session.bytes_written))
         resp.set_header(*dialect.completeness(session.state == states.COMPLETED))
-        length = session.total_bytes if session.total_bytes is not None else None
-        length = length if length is not None else session.announced_length
+        known = session.total_bytes
+        length = known if known is not None else session.announced_length
         if length is not None:
             resp.set_header("Upload-Length", str(length))
         limit = self.limit(dialect, session)
@@ -245,7 +247,7 @@ class DraftResources:
 
     def append(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         """Upload append: the content at `Upload-Offset`, completing the upload on `?1`."""
-        dialect = _dialect(req)
+        dialect = self._dialect(req)
         media = (req.content_type or "").split(";")[0].strip().lower()
         if dialect.append_type and media != dialect.append_type:
             raise _problem(
@@ -294,7 +296,7 @@ class DraftResources:
                 session, offset, length, complete=complete, announced=announced
             )
             limit = self.service.config.max_upload_size
-            self._check_size(req, dialect, offset + length)
+            self._check_size(offset + length)
             if declared is not None:
                 self._recheck(req, declared)
             lifecycle.check_append(session, offset, length, declared=declared, max_size=limit)
@@ -321,7 +323,7 @@ class DraftResources:
             )
 
     def cancel(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        _dialect(req)
+        self._dialect(req)
         self.cut_bodies.wait(upload_id, req.env)  # an append still arriving is ended first
         session = self._session(req, upload_id)
         with self.locks.hold(upload_id, wait=30.0):
