@@ -151,3 +151,15 @@ def test_every_error_a_draft_client_gets_is_a_problem(server):
         assert response.headers["Content-Type"] == "application/problem+json", response
     tus = client.http.post(url, headers={"Tus-Resumable": "1.0.0"}, timeout=30)
     assert tus.status_code == 405 and tus.json()["error"]["code"]
+
+
+def test_waitress_own_413_is_a_problem_with_limits(make_server):
+    """A body past the server's size limit is refused by waitress before the app: a draft client
+    still gets a problem, with `Upload-Limit` ('A server responding with a 413 ... SHOULD
+    include the Upload-Limit header field')."""
+    server = make_server(["--max-upload-size", "1000"])
+    with _post_head(server, "Content-Length: 10000000\r\n") as sock:
+        status, fields = read_interim(sock)
+        assert status == 413
+        assert fields["content-type"] == "application/problem+json"
+        assert "max-size=1000" in fields["upload-limit"]

@@ -152,6 +152,7 @@ def start_app(
     cut_bodies = CutBodies(config.tus_path)
     runtime.on_close(cut_bodies.close)
     interim = InterimResponses(config.tus_path)
+    interim.limit = draft.limit_of(config)
     runtime.on_close(interim.close)
     assert runtime.service is not None and runtime.directory is not None
     locks = runtime.directory.locks

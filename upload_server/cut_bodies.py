@@ -48,6 +48,7 @@ log = logging.getLogger("upload_server.cut_bodies")
 ENVIRON_KEY = "upload_server.cut"  # set in the environ of a request replayed from a cut one
 PENDING_WAIT = 20.0  # longest a HEAD or PATCH waits for a cut prefix of its upload to be stored
 IN_FLIGHT_WAIT = 2.0  # longest it waits for a PATCH body of its upload that is still arriving
+SUPERSEDE_GRACE = 0.5  # a draft request: how long a body it supersedes may still end by itself
 LOOP_PASSES = 3  # accept a connection, read its last bytes, see it close
 LOOP_WAIT = 0.1  # at most this long
 WORKERS = 4
@@ -267,15 +268,17 @@ class CutBodies:
         reading the last bytes of the dead connection). A replayed request never waits."""
         if environ.get(ENVIRON_KEY):
             return
-        if draft.speaks_draft(lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))):
-            with self._guard:  # the client gave up on a body still arriving: end it
-                superseded = list(self._in_flight.get(upload_id, ()))
-            for body in superseded:
-                body.abort(None)
-        if environ.get("REQUEST_METHOD") == "HEAD":
+        is_draft = draft.speaks_draft(
+            lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
+        )
+        with self._guard:
+            arriving = upload_id in self._in_flight
+        if environ.get("REQUEST_METHOD") == "HEAD" or (is_draft and arriving):
             # a retry may overtake its own cut connection (sent on another keep-alive
             # connection): let waitress read what has reached this host first
             LOOP.settle(LOOP_PASSES, LOOP_WAIT)
+        if is_draft and arriving:
+            self._end_superseded(upload_id)
         now = time.monotonic()
         pending_until, in_flight_until = now + PENDING_WAIT, now + IN_FLIGHT_WAIT
         with self._guard:
@@ -289,6 +292,18 @@ class CutBodies:
                 if left <= 0:
                     return
                 self._guard.wait(left)
+
+    def _end_superseded(self, upload_id: str) -> None:
+        """A draft client sends a new request of an upload only once it has given up on the one
+        still arriving: give that body a moment to end by itself (a closed connection is read to
+        its end), then cut its connection, so that its prefix is kept and this request goes on."""
+        deadline = time.monotonic() + SUPERSEDE_GRACE
+        with self._guard:
+            while upload_id in self._in_flight and (left := deadline - time.monotonic()) > 0:
+                self._guard.wait(left)
+            superseded = list(self._in_flight.get(upload_id, ()))
+        for body in superseded:
+            body.abort(None)
 
     def close(self) -> None:
         """Stop taking cut requests; those queued are dropped (their clients re-send)."""

@@ -24,6 +24,7 @@ happens in the waitress adjustments, without ever blocking waitress's single I/O
 from __future__ import annotations
 
 import io
+import json
 import logging
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -60,6 +61,7 @@ class InterimResponses:
     def __init__(self, tus_path: str, workers: int = WORKERS) -> None:
         self.tus_path = tus_path
         self.app: WsgiApp | None = None
+        self.limit: str | None = None  # the server's Upload-Limit, for waitress's own 413s
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="interim")
 
     def wants(self, method: str, path: str, headers: dict[str, str]) -> int | None:
@@ -91,6 +93,31 @@ class InterimResponses:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def as_problem(self, request: Any) -> Any:
+        """waitress's own answer to a draft request (a body past the size limit, a malformed
+        request, a full disk) as the RFC 9457 problem its client expects, with `Upload-Limit` on
+        a 413; any other request's error as it is."""
+        error = request.error
+        header = request.headers.get
+        if isinstance(error, AppAnswer) or not draft.speaks_draft(
+            lambda name: header(name.upper().replace("-", "_"))
+        ):
+            return error
+        status, headers, body = error.to_response()
+        try:
+            detail = json.loads(body)["error"]
+            code, message = detail["code"], detail["message"]
+        except (ValueError, KeyError, TypeError):
+            code, message = "error", status
+        number = int(status.split(" ", 1)[0])
+        problem = {"type": "about:blank", "title": status.split(" ", 1)[1], "status": number}
+        problem.update(detail=message, code=code)
+        fields = [(k, v) for k, v in headers if k.lower() != "content-type"]
+        fields += [("Content-Type", draft.PROBLEM_JSON), ("Upload-Complete", "?0")]
+        if number == 413 and self.limit:
+            fields.append(("Upload-Limit", self.limit))
+        return AppAnswer((status, fields, json.dumps(problem).encode()))
 
 
 def _call(app: WsgiApp | None, environ: dict[str, Any]) -> Answer:

@@ -326,10 +326,13 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
 
 
 class JsonErrorTask(waitress.task.ErrorTask):
-    """waitress's own error answer, in JSON and with the headers the app would have added."""
+    """waitress's own error answer, in JSON (a problem for an IETF draft request, `interim`)
+    and with the headers the app would have added."""
 
     def execute(self) -> None:
         self.request.error = _as_json(self.request.error)
+        if self.channel.policy.interim is not None:
+            self.request.error = self.channel.policy.interim.as_problem(self.request)
         headers = self.request.headers
         if "TUS_RESUMABLE" in headers:
             self.response_headers.append(("Tus-Resumable", tus.VERSION))

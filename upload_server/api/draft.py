@@ -29,6 +29,7 @@ from typing import Any
 import falcon
 
 from .. import errors
+from ..config import Config
 from ..cut_bodies import ENVIRON_KEY as CUT
 from ..cut_bodies import CutBodies
 from ..interim import CREATED, RESERVE
@@ -48,6 +49,22 @@ _REPR_TYPES = frozenset({"application/octet-stream", draft.PARTIAL_UPLOAD})
 
 def _problem(message: str, code: str, status: int = 400, **extra: Any) -> errors.UploadError:
     return errors.UploadError(message, code=code, status=status, **extra)
+
+
+def limit_of(
+    config: Config, dialect: draft.Dialect | None = None, session: Session | None = None
+) -> str | None:
+    """`Upload-Limit` from the server's real limits: the size limit (one request may carry all of
+    it), and the lifetime left (of `session`, else of a new upload); `dialect` defaults to the
+    current version."""
+    if session is not None:
+        expires = session.expires_at
+        age = None if expires is None else int(expires - time.time())
+    else:
+        age = int(config.expiry) if config.expiry else None
+    size = config.max_upload_size
+    dialect = dialect or draft.DIALECTS[draft.CURRENT]
+    return draft.upload_limit(dialect, max_size=size, max_append=size, max_age=age)
 
 
 class DraftResources:
@@ -72,15 +89,7 @@ class DraftResources:
         return dialect
 
     def limit(self, dialect: draft.Dialect, session: Session | None = None) -> str | None:
-        """`Upload-Limit` from the server's real limits (an upload's remaining lifetime)."""
-        config = self.service.config
-        if session is not None:
-            expires = session.expires_at
-            age = None if expires is None else int(expires - time.time())
-        else:
-            age = int(config.expiry) if config.expiry else None
-        size = config.max_upload_size
-        return draft.upload_limit(dialect, max_size=size, max_append=size, max_age=age)
+        return limit_of(self.service.config, dialect, session)
 
     def _location(self, req: falcon.Request, session_id: str) -> str:
         return f"{req.prefix}{self.base_path}{session_id}"
