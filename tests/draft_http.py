@@ -98,3 +98,42 @@ def read_interim(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[
         name, _, value = line.partition(":")
         fields[name.strip().lower()] = value.strip()
     return status, fields
+
+
+def send_head(server, method: str, path: str, fields: dict) -> socket.socket:
+    """Open a connection to `server` and send only a request's head: its body, and when to send
+    it, are the caller's (a test reads the 104 off the socket first)."""
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {server.host}:{server.port}"]
+    lines += [f"{name}: {value}" for name, value in fields.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock
+
+
+def creation_head(
+    server,
+    length: int | None,
+    *,
+    complete: bool = True,
+    version: str = "8",
+    extra: dict | None = None,
+    method: str = "POST",
+) -> socket.socket:
+    """A creation's head on a raw socket (`length`: its Content-Length, None for none)."""
+    fields: dict = {"Upload-Complete": "?1" if complete else "?0"}
+    fields["Upload-Draft-Interop-Version"] = version
+    if length is not None:
+        fields["Content-Length"] = length
+    return send_head(server, method, "/files/", {**fields, **(extra or {})})
+
+
+def append_head(server, url: str, offset: int, length: int, *, complete: bool) -> socket.socket:
+    """An append's head on a raw socket."""
+    fields = {
+        "Content-Length": length,
+        "Upload-Offset": offset,
+        "Upload-Complete": "?1" if complete else "?0",
+        "Content-Type": PARTIAL,
+        "Upload-Draft-Interop-Version": "8",
+    }
+    return send_head(server, "PATCH", "/" + url.split("/", 3)[3], fields)

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import requests
 from benchmarks.localcluster import services
 
 from .conftest import MiB, Server, sha256_file, wait_for
-from .draft_http import Draft, read_interim
+from .draft_http import Draft, creation_head, read_interim
 from .tus_http import Tus, checksum
 
 BUCKET = "cluster-tests"
@@ -420,15 +419,8 @@ def test_ietf_draft_upload_created_on_one_node_appended_and_completed_on_others(
     servers = nodes(3)
     data = random.Random(9).randbytes(9 * MiB + 999)
     first = 5 * MiB + 3
-    sock = socket.create_connection((servers[0].host, servers[0].port), timeout=30)
-    with sock:
-        sock.sendall(
-            (
-                f"POST /files/ HTTP/1.1\r\nHost: {servers[0].host}:{servers[0].port}\r\n"
-                f"Content-Length: {first}\r\nUpload-Complete: ?0\r\n"
-                f"Upload-Length: {len(data)}\r\nUpload-Draft-Interop-Version: 8\r\n\r\n"
-            ).encode()
-        )
+    extra = {"Upload-Length": len(data)}
+    with creation_head(servers[0], first, complete=False, extra=extra) as sock:
         status, fields = read_interim(sock)
         assert status == 104, fields
         sock.sendall(data[:first])

@@ -7,14 +7,13 @@ import base64
 import hashlib
 import random
 import re
-import socket
 import time
 
 import pytest
 import requests
 
 from .conftest import MiB, sha256_file
-from .draft_http import PARTIAL, Draft, interop, problem, read_interim
+from .draft_http import PARTIAL, Draft, append_head, creation_head, interop, problem, read_interim
 
 IANA = "https://iana.org/assignments/http-problem-types#"
 
@@ -293,16 +292,6 @@ def test_interop_version_header_on_other_resources_is_not_draft(server):
 # -- the 104 before the body ----------------------------------------------------------------------
 
 
-def _raw_creation(server, body_length: int, version: str = "8", extra: str = "") -> socket.socket:
-    sock = socket.create_connection((server.host, server.port), timeout=10)
-    head = (
-        f"POST /files/ HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: {body_length}\r\n"
-        f"Upload-Complete: ?1\r\nUpload-Draft-Interop-Version: {version}\r\n{extra}\r\n"
-    )
-    sock.sendall(head.encode())
-    return sock
-
-
 def test_104_with_location_comes_before_the_body(server):
     """'the server SHOULD announce the upload resource by sending an interim response with the
     104 (Upload Resumption Supported) status code ... it MUST include Location header field
@@ -310,7 +299,7 @@ def test_104_with_location_comes_before_the_body(server):
     'MUST also send a header field Upload-Draft-Interop-Version with the interop version' in it.
     Read off a raw socket before a byte of the body is sent."""
     data = blob(2 * MiB, 7)
-    with _raw_creation(server, len(data)) as sock:
+    with creation_head(server, len(data)) as sock:
         status, fields = read_interim(sock)
         assert status == 104, fields
         location = fields["location"]
@@ -328,7 +317,7 @@ def test_104_with_location_comes_before_the_body(server):
 def test_no_104_for_an_unknown_version(server):
     """'Server implementations ... MUST NOT send a 104 (Upload Resumption Supported) informational
     response when the interop version ... is missing or mismatching.'"""
-    with _raw_creation(server, 5, version="99") as sock:
+    with creation_head(server, 5, version="99") as sock:
         sock.sendall(b"hello")
         status, _ = read_interim(sock)
         assert status == 400
@@ -337,7 +326,7 @@ def test_no_104_for_an_unknown_version(server):
 def test_100_continue_is_not_omitted(server):
     """'the server MUST NOT omit the 100 (Continue) response because it has sent an interim
     response with the 104 (Upload Resumption Supported) status code.'"""
-    with _raw_creation(server, 5, extra="Expect: 100-continue\r\n") as sock:
+    with creation_head(server, 5, extra={"Expect": "100-continue"}) as sock:
         statuses = [read_interim(sock)[0], read_interim(sock)[0]]
         assert sorted(statuses) == [100, 104]
         sock.sendall(b"hello")
@@ -346,7 +335,7 @@ def test_100_continue_is_not_omitted(server):
 
 def test_a_refused_creation_is_answered_before_its_body(make_server):
     server = make_server(["--max-upload-size", "1000"])
-    with _raw_creation(server, 5000) as sock:
+    with creation_head(server, 5000) as sock:
         status, fields = read_interim(sock)
         assert status == 413, fields
         assert "upload-limit" in fields
@@ -362,7 +351,7 @@ def test_interrupted_creation_resumes_from_what_the_server_kept(server, client):
     addition, the upload resource MUST NOT be considered complete then.'"""
     data = blob(2 * MiB + 5, 8)
     sent = MiB + 333
-    with _raw_creation(server, len(data)) as sock:
+    with creation_head(server, len(data)) as sock:
         status, fields = read_interim(sock)
         assert status == 104
         location = fields["location"]
@@ -377,23 +366,11 @@ def test_interrupted_creation_resumes_from_what_the_server_kept(server, client):
     assert stored_bytes(server, location) == data
 
 
-def _raw_append(server, url: str, offset: int, length: int, complete: bool) -> socket.socket:
-    sock = socket.create_connection((server.host, server.port), timeout=10)
-    path = "/" + url.split("/", 3)[3]
-    head = (
-        f"PATCH {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: {length}\r\n"
-        f"Upload-Offset: {offset}\r\nUpload-Complete: {'?1' if complete else '?0'}\r\n"
-        f"Content-Type: {PARTIAL}\r\nUpload-Draft-Interop-Version: 8\r\n\r\n"
-    )
-    sock.sendall(head.encode())
-    return sock
-
-
 def test_interrupted_append_keeps_its_prefix(server, client):
     data = blob(3 * MiB, 9)
     url = client.new(len(data))
     assert client.append(url, 0, data[:MiB], complete=False).status_code == 204
-    with _raw_append(server, url, MiB, 2 * MiB, complete=True) as sock:
+    with append_head(server, url, MiB, 2 * MiB, complete=True) as sock:
         sock.sendall(data[MiB : MiB + 700_000])
     offset = int(client.head(url).headers["Upload-Offset"])
     assert offset == MiB + 700_000
@@ -409,7 +386,7 @@ def test_a_new_request_ends_an_append_still_in_flight(server, client):
     client is not locked out, and what arrived of the old request is kept."""
     data = blob(2 * MiB, 10)
     url = client.new(len(data))
-    with _raw_append(server, url, 0, len(data), complete=True) as sock:
+    with append_head(server, url, 0, len(data), complete=True) as sock:
         sock.sendall(data[:MiB])
         time.sleep(0.3)
         head = client.head(url)

@@ -12,7 +12,7 @@ import requests
 from upload_server.auth import hash_key
 
 from .conftest import wait_for
-from .draft_http import Draft, problem, read_interim
+from .draft_http import Draft, creation_head, problem, read_interim
 from .test_security import Receiver
 
 pytestmark = pytest.mark.frontend
@@ -27,25 +27,15 @@ def receiver():
     instance.httpd.shutdown()
 
 
-def _creation(server, length: int, extra: str = "") -> socket.socket:
-    sock = socket.create_connection((server.host, server.port), timeout=10)
-    sock.sendall(
-        (
-            f"POST /files/ HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
-            f"Content-Length: {length}\r\nUpload-Complete: ?0\r\n"
-            f"Upload-Draft-Interop-Version: 8\r\n{extra}\r\n"
-        ).encode()
-    )
-    return sock
-
-
 def test_credentials_are_checked_before_the_104_and_on_every_request(make_server):
     keys = f"alice={hash_key(ALICE)},bob={hash_key(BOB)}"
     server = make_server(["--auth", "true", "--api-keys", keys])
-    with _creation(server, 10) as sock:
+    with creation_head(server, 10, complete=False) as sock:
         status, fields = read_interim(sock)
         assert status == 401, fields  # refused on its headers: no 104, no body read
-    with _creation(server, 10, f"Authorization: Bearer {ALICE}\r\n") as sock:
+    with creation_head(
+        server, 10, complete=False, extra={"Authorization": f"Bearer {ALICE}"}
+    ) as sock:
         status, fields = read_interim(sock)
         assert status == 104
         sock.sendall(b"0123456789")
@@ -62,8 +52,8 @@ def test_credentials_are_checked_before_the_104_and_on_every_request(make_server
 
 def test_hooks_run_once_and_post_finish_waits_for_completion(make_server, receiver):
     server = make_server(["--hook-url", f"http://127.0.0.1:{receiver.port}/hook"])
-    disposition = 'Content-Disposition: inline; filename="draft-hooked.bin"\r\n'
-    with _creation(server, 10, disposition + "Upload-Length: 15\r\n") as sock:
+    extra = {"Content-Disposition": 'inline; filename="draft-hooked.bin"', "Upload-Length": 15}
+    with creation_head(server, 10, complete=False, extra=extra) as sock:
         assert read_interim(sock)[0] == 104
         sock.sendall(b"0123456789")
         status, fields = read_interim(sock)
@@ -80,7 +70,9 @@ def test_hooks_run_once_and_post_finish_waits_for_completion(make_server, receiv
     assert len(receiver.of("post-create")) == 1
 
     receiver.reject_filenames.add("evil.exe")
-    with _creation(server, 10, 'Content-Disposition: inline; filename="evil.exe"\r\n') as sock:
+    with creation_head(
+        server, 10, complete=False, extra={"Content-Disposition": 'inline; filename="evil.exe"'}
+    ) as sock:
         status, fields = read_interim(sock)
         assert status == 422, fields  # the hook's veto, before the body
 
@@ -91,7 +83,7 @@ def test_a_slow_creation_is_cut_at_the_body_rate_and_its_prefix_kept(make_server
     server = make_server(["--min-body-rate", "64KiB", "--min-body-rate-window", "2s"])
     data = bytes(range(256)) * 8192  # 2 MiB
     sent = 700 * 1024
-    sock = _creation(server, len(data), f"Upload-Length: {len(data)}\r\n")
+    sock = creation_head(server, len(data), complete=False, extra={"Upload-Length": len(data)})
     try:
         status, fields = read_interim(sock)
         assert status == 104

@@ -4,13 +4,12 @@ and the 104 path's edge cases (a chunked creation, a creation superseded while i
 from __future__ import annotations
 
 import random
-import socket
 import time
 
 import pytest
 
 from .conftest import MiB
-from .draft_http import Draft, problem, read_interim
+from .draft_http import Draft, creation_head, problem, read_interim
 
 IANA = "https://iana.org/assignments/http-problem-types#"
 
@@ -78,22 +77,10 @@ def test_interop_6_limits_say_expires(server):
     assert problem(too_long)["type"] == "about:blank"  # inconsistent-upload-length came with 7
 
 
-def _post_head(server, extra: str) -> socket.socket:
-    sock = socket.create_connection((server.host, server.port), timeout=10)
-    sock.sendall(
-        (
-            f"POST /files/ HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
-            f"Upload-Complete: ?1\r\nUpload-Draft-Interop-Version: 8\r\n{extra}\r\n"
-        ).encode()
-    )
-    return sock
-
-
 def test_a_chunked_creation_gets_its_104_and_completes(server):
     data = blob(200_000, 2)
-    with _post_head(
-        server, f"Transfer-Encoding: chunked\r\nUpload-Length: {len(data)}\r\n"
-    ) as sock:
+    extra = {"Transfer-Encoding": "chunked", "Upload-Length": len(data)}
+    with creation_head(server, None, extra=extra) as sock:
         status, fields = read_interim(sock)
         assert status == 104, fields
         sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
@@ -107,7 +94,7 @@ def test_a_new_request_ends_a_creation_still_arriving(server):
     client's HEAD (it thinks that connection dead) ends it, and what arrived is kept."""
     client = Draft(server.base)
     data = blob(2 * MiB, 3)
-    with _post_head(server, f"Content-Length: {len(data)}\r\n") as sock:
+    with creation_head(server, len(data)) as sock:
         status, fields = read_interim(sock)
         assert status == 104
         sock.sendall(data[:MiB])
@@ -123,15 +110,8 @@ def test_a_new_request_ends_a_creation_still_arriving(server):
 
 @pytest.mark.parametrize("version", ["3", "5", "6", "7", "8"])
 def test_every_version_gets_the_104_with_its_own_number(server, version):
-    sock = socket.create_connection((server.host, server.port), timeout=10)
-    with sock:
-        complete = "Upload-Incomplete: ?0" if version == "3" else "Upload-Complete: ?1"
-        sock.sendall(
-            (
-                f"PUT /files/ HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n{complete}\r\n"
-                f"Upload-Draft-Interop-Version: {version}\r\nContent-Length: 3\r\n\r\n"
-            ).encode()
-        )
+    marker = {"Upload-Incomplete": "?0"} if version == "3" else {}
+    with creation_head(server, 3, version=version, extra=marker, method="PUT") as sock:
         status, fields = read_interim(sock)
         assert status == 104
         assert fields["upload-draft-interop-version"] == version
@@ -158,7 +138,7 @@ def test_waitress_own_413_is_a_problem_with_limits(make_server):
     still gets a problem, with `Upload-Limit` ('A server responding with a 413 ... SHOULD
     include the Upload-Limit header field')."""
     server = make_server(["--max-upload-size", "1000"])
-    with _post_head(server, "Content-Length: 10000000\r\n") as sock:
+    with creation_head(server, 10_000_000) as sock:
         status, fields = read_interim(sock)
         assert status == 413
         assert fields["content-type"] == "application/problem+json"
