@@ -133,6 +133,8 @@ def table(results: Results) -> str:
     heading += [f"{t.key} vs tus" for t in ours] + [f"{t.key} vs ceiling" for t in ours]
     lines = [heading]
     for row in results.rows:
+        if not row.metric.shown:
+            continue  # in the JSON only
         line = [row.metric.label, row.metric.unit]
         line += [_cell_text(row.cells.get(t.key)) for t in results.targets]
         line += [_ratio(row.vs_tus(t.key)) for t in ours]
@@ -170,12 +172,14 @@ def _goals(results: Results, key: str) -> list[tuple[str, list[tuple[bool, str]]
     vs_tus = [
         (row.metric.label.strip(), row.vs_tus(key))
         for row in results.rows
-        if row.median(TUS_NODE) is not None
+        if row.metric.shown
+        and row.median(TUS_NODE) is not None
+        and ("-cpu-" not in row.metric.key or row.metric.key.endswith("-cpu-tree"))
     ]
     single = [
         (row.metric.label, row.vs_ceiling(key))
         for row in results.rows
-        if row.metric.key == "seed" or row.metric.key.startswith("tus-")
+        if row.metric.vs_ceiling and (row.metric.key == "seed" or row.metric.key.startswith("tus-"))
     ]
     smallest, largest = results.sizes.memory[0] // MiB, results.sizes.memory[-1] // MiB
     peaks, growth = [], []
@@ -284,7 +288,7 @@ def summary(results: Results, ctx: Context, quick: bool) -> str:
             f"server ({low[0].metric.label.strip()})"
         )
     caveat = " (quick run: sizes too small for the timings to mean anything)" if quick else ""
-    lines.append(f"\nTargets{caveat}:")
+    lines.append(f"\nEarlier targets (before issue 16; its own are in the table above){caveat}:")
     for v in verdicts(results, ctx):
         lines.append(f"- [{'met' if v.met else 'MISSED'}] {v.target}: {v.goal} — {v.detail}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ was corrupt, 2 on bad arguments. Timings are reported, never asserted. See docs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,9 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from client import Pattern, Unsupported
+from cpu import ProcessCpu, with_cpu_rows
+from goals import goals, goals_json, goals_table
+from pyspy import Profile
 from report import Results, document, summary, table
-from targets import Skipped, Target, UploadServer, all_targets
+from targets import Skipped, Target, TusNode, UploadServer, all_targets
 from workloads import FULL, QUICK, Context, Incomplete, Workload, workloads
+
+HERE = Path(__file__).resolve().parent
+PROFILES: list[str] = []  # what --profile found, printed after the tables
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +49,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--targets", metavar="TARGET,...", help=f"targets to run: {', '.join(keys)} (default: all)"
     )
     parser.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        nargs="?",
+        const=HERE / "results" / "profiles" / time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime()),
+        metavar="DIR",
+        help="py-spy on upload_server's front end and writers in each workload's first "
+        "repetition; stacks written to DIR (default: benchmarks/results/profiles/<time>)",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,8 +99,28 @@ def start_targets(
         started.append(target)
 
 
+def run_one(
+    ctx: Context, workload: Workload, target: Target, profile: Path | None
+) -> dict[str, float]:
+    """One repetition of `workload` on `target`; for a server and a workload that moves a known
+    volume, with the CPU each process of the server's tree used during it (cpu.py), and under
+    py-spy when `profile` names a directory (upload_server only; pyspy.py)."""
+    if workload.volume is None or not isinstance(target, UploadServer | TusNode):
+        return workload.run(ctx, target)
+    with contextlib.ExitStack() as stack:
+        if profile is not None and isinstance(target, UploadServer):
+            stack.enter_context(Profile(target, workload.name, profile, PROFILES))
+        usage = stack.enter_context(ProcessCpu(target))
+        figures = workload.run(ctx, target)
+    return figures | usage.figures(workload.name, workload.volume(ctx.sizes))
+
+
 def run_workloads(
-    ctx: Context, results: Results, chosen: list[Workload], targets: list[Target]
+    ctx: Context,
+    results: Results,
+    chosen: list[Workload],
+    targets: list[Target],
+    profile: Path | None = None,
 ) -> None:
     reps = ctx.sizes.reps
     for rep in range(reps):
@@ -96,7 +132,7 @@ def run_workloads(
                 os.sync()  # start each measurement with no dirty pages left by the one before
                 began = time.monotonic()
                 try:
-                    figures = workload.run(ctx, target)
+                    figures = run_one(ctx, workload, target, profile if rep == 0 else None)
                 except Unsupported as exc:
                     results.note(workload, target, f"unsupported: {exc}")
                     outcome = f"unsupported ({exc})"
@@ -116,7 +152,11 @@ def run_workloads(
                     outcome = f"FAILED ({exc!r})"
                 else:
                     results.add(workload, target, figures)
-                    outcome = ", ".join(f"{k} {v:.1f}" for k, v in figures.items())
+                    outcome = ", ".join(
+                        f"{k} {v:.1f}"
+                        for k, v in figures.items()
+                        if "-cpu-" not in k and "-busy-" not in k
+                    )
                 ctx.verify()
                 took = time.monotonic() - began
                 _progress(
@@ -130,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps:
         sizes = type(sizes)(**{**sizes.__dict__, "reps": args.reps})
     try:
-        chosen = _select(workloads(sizes), args.only, "name", "workload")
+        chosen = _select(
+            [with_cpu_rows(w) for w in workloads(sizes)], args.only, "name", "workload"
+        )
         targets = _select(all_targets(), args.targets, "key", "target")
     except ValueError as exc:
         print(f"run.py: {exc}", file=sys.stderr)
@@ -151,13 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         started: list[Target] = []
         try:
             start_targets(ctx, results, targets, started)
-            run_workloads(ctx, results, chosen, started)
+            run_workloads(ctx, results, chosen, started, args.profile)
         finally:
             for target in started:
                 target.stop()
     doc = document(results, ctx, args.quick)
+    targets_met = goals(results, args.quick)
+    doc["issue16_targets"] = goals_json(targets_met)
     print(table(results))
     print()
+    print(goals_table(targets_met))
+    print()
+    if PROFILES:
+        print("Profiles (py-spy, first repetition; samples of each function's own):")
+        print("\n".join(p for p in PROFILES if p))
+        print()
     print(summary(results, ctx, args.quick))
     print()
     text = json.dumps(doc, indent=2)

@@ -97,6 +97,7 @@ class Metric:
     unit: str
     higher_is_better: bool = True
     vs_ceiling: bool = False  # compared with min(loopback, disk)
+    shown: bool = True  # False: in the JSON, not in the table (what the "bounded by" verdict uses)
 
 
 @dataclass
@@ -196,6 +197,8 @@ class Workload:
     metrics: Callable[[Sizes], list[Metric]]
     run: Callable[[Context, Target], dict[str, float]]
     applies: Callable[[Target], bool]
+    # The bytes one run moves through a server, for per-process CPU per GiB (None: not measured).
+    volume: Callable[[Sizes], int] | None = None
 
 
 def _seed_metrics(s: Sizes) -> list[Metric]:
@@ -659,11 +662,19 @@ def workloads(sizes: Sizes) -> list[Workload]:
             ],
             _tus_single(patch),
             _throughput_target("tus"),
+            lambda s: s.single,
         )
         for patch in sizes.patches
     ]
     return [
-        Workload("seed", "seed API, one file", _seed_metrics, _seed, _throughput_target("seed")),
+        Workload(
+            "seed",
+            "seed API, one file",
+            _seed_metrics,
+            _seed,
+            _throughput_target("seed"),
+            lambda s: s.seed,
+        ),
         *single,
         Workload(
             "concurrent",
@@ -671,8 +682,16 @@ def workloads(sizes: Sizes) -> list[Workload]:
             _concurrent_metrics,
             _concurrent,
             _throughput_target("tus"),
+            lambda s: s.concurrent[0] * s.concurrent[1],
         ),
-        Workload("small", "tus, many small uploads", _small_metrics, _small, _needs("tus")),
+        Workload(
+            "small",
+            "tus, many small uploads",
+            _small_metrics,
+            _small,
+            _needs("tus"),
+            lambda s: s.small[0] * s.small[1],
+        ),
         Workload(
             "cut",
             "tus-js-client defaults through a connection cut every few MiB",

@@ -26,7 +26,7 @@ pytestmark = (
 )  # credentials, hooks and clients do not depend on how writers start
 
 ALICE, BOB = "alice-secret-key", "bob-secret-key"
-SECRET = "token-signing-secret"
+SECRET = "token-signing-secret-of-32-bytes-or-more"
 
 
 def bearer(credential: str) -> dict[str, str]:
@@ -69,7 +69,7 @@ def test_upload_tokens(secure):
     )
     assert with_seed.status_code == 413
 
-    expired = issue_token(SECRET, "carol", -10)
+    expired = issue_token(SECRET, "carol", -60)  # past the 30 s leeway
     response = _tus(secure, expired).create(10)
     assert response.status_code == 401 and response.json()["error"]["code"] == "token_expired"
 
@@ -386,8 +386,10 @@ def test_undelivered_hooks_are_counted_at_shutdown(tmp_path, caplog):
         hook_url=f"http://127.0.0.1:{free_port()}/",
         hook_timeout="1",
     )
+    from upload_server.sessions.record import Session
+
     hooks = Hooks(config)
-    hooks.emit("post-finish", {"sessionID": "s1"})
+    hooks.emit("post-finish", Session("s1", "seed", "f.bin", 1024, 0))
     wait_for(lambda: hooks.stats.retried >= 1)  # the receiver is down: waiting to retry
     hooks.stop(grace=0)
     assert hooks.stats.dropped == 1

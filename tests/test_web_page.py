@@ -326,6 +326,25 @@ def test_access_token_goes_on_every_request(make_server, open_page, tmp_path):
     assert page.input_value("#token") == "s3cret-key"
 
 
+def test_an_application_hands_the_page_a_jwt_in_the_fragment(make_server, open_page, tmp_path):
+    """An app that mints a JWT for its user sends them to `/#access_token=<jwt>`: the page keeps
+    it, takes it out of the address bar, and sends it as any token typed in Settings."""
+    import jwt
+
+    secret = "a-shared-secret-of-at-least-32-bytes!"
+    server = make_server(["--auth", "true", "--token-secret", secret])
+    token = jwt.encode({"sub": "hana", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    source = make_file(tmp_path / "from-app.bin", 200_000, seed=77)
+    page = open_page(server.url("/") + "#access_token=" + token)
+    assert "access_token" not in page.url
+    page.set_input_files("#picker", [str(source)])
+    page.locator("#finished li", has_text="from-app.bin").wait_for(timeout=30_000)
+    link = page.locator("#finished li a").get_attribute("href")
+    assert requests.get(link, timeout=30).content == source.read_bytes()
+    page.click("#settings-toggle")
+    assert page.input_value("#token") == token
+
+
 # -- serving the page --------------------------------------------------------------------------
 
 

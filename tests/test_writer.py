@@ -33,7 +33,13 @@ CHUNK = 64 * 1024
 class Harness:
     """One writer and what the front end would hold of it."""
 
-    def __init__(self, tmp_path: Path, storage: Any = None, fsync: str = "on-complete") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        storage: Any = None,
+        fsync: str = "on-complete",
+        write_behind: int = 0,
+    ) -> None:
         self.layout = Layout(tmp_path / "uploads")
         self.layout.create()
         settings = WriterSettings(
@@ -41,6 +47,8 @@ class Harness:
             upload_dir=str(self.layout.root),
             chunk_size=CHUNK,
             max_bytes_per_second=0,
+            write_behind=write_behind,
+            write_behind_total=write_behind,
             fsync=fsync,
             expiry=0,
             backends=Backends("file", "local"),

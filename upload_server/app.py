@@ -32,6 +32,7 @@ from .clients import client_key, explicit_proxies
 from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
+from .hooks_tusd import HookRequests
 from .interim import InterimResponses
 from .layout import Layout
 from .locks import Locks, UploadLocks
@@ -78,6 +79,7 @@ def build_app(
                 config, ("/upload", config.tus_path), with_metrics=config.metrics_listen is None
             ),
             middleware.TusVersion(config.tus_path),
+            *([HookRequests()] if config.hook_format == "tusd" else []),
             *(
                 [middleware.ForwardedClientShare(config.max_connections_per_client)]
                 if forwarding and config.max_connections_per_client

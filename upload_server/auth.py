@@ -1,15 +1,20 @@
-"""Who may upload: bearer API keys (stored hashed) and signed upload tokens.
+"""Who may upload: bearer API keys (stored hashed) and upload tokens (JWTs).
 
 With `--auth` on, every request to the upload APIs carries `Authorization: Bearer <credential>`
 (a download link may carry `?access_token=` instead, since a browser cannot add headers to a link).
 The credential is either an API key, of which the server knows only the SHA-256, or an upload token
-issued by the application behind the server:
+issued by the application behind the server: a JWT (see `jwt_tokens`) signed HS256 with
+`--token-secret`, or with a private key whose public half the server has (`--jwt-public-key`,
+`--jwks-url`).
 
-    ust1.<base64url JSON claims>.<base64url HMAC-SHA256 of "ust1.<claims>">
+Claims: the owner (`sub`, or `--jwt-owner-claim`), `exp` (required), and optionally the per-token
+limits (`--jwt-limit-claims`; by default `max`: largest upload in bytes, `name`: the only filename
+allowed, `type`: the only content type allowed). Each credential is a `Principal`; a session
+belongs to the principal that created it, `token:<owner>` for a token.
 
-Claims: `sub` (who; required), `exp` (Unix time; required), and optionally `max` (largest upload in
-bytes), `name` (the only filename allowed) and `type` (the only content type allowed). Each
-credential is a `Principal`; a session belongs to the principal that created it.
+The tokens of earlier releases (`ust1.<base64url claims>.<base64url HMAC-SHA256>`, same claims) are
+still accepted with `--token-secret` for this release, so that tokens already handed out keep
+working through an upgrade; the server no longer issues them.
 
 What only the operator may read (`/metrics` with `--metrics-auth`) takes an API key alone: a token
 is handed to end users, so it is refused there (403), whatever it allows.
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from . import errors
 from .config import Config
+from .jwt_tokens import JwtVerifier, TokenRefused, looks_like_jwt, mint
 
 TOKEN_PREFIX = "ust1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -53,16 +59,14 @@ class Unauthorized(errors.UploadError):
     def __init__(self, message: str, code: str = "unauthorized") -> None:
         challenge = 'Bearer realm="upload_server"'
         if code != "unauthorized":
-            challenge += f', error="invalid_token", error_description="{message}"'
+            # RFC 6750 allows printable ASCII but `"` and `\` here; a token's text may have more
+            described = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in message)
+            challenge += f', error="invalid_token", error_description="{described}"'
         super().__init__(message, code=code, headers={"WWW-Authenticate": challenge})
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
@@ -79,17 +83,17 @@ def issue_token(
     filetype: str | None = None,
     now: float | None = None,
 ) -> str:
-    """A signed upload token; the application behind the server calls this (or `upload-server
-    token`) and hands the token to its user."""
-    claims: dict[str, object] = {"sub": subject, "exp": int((now or time.time()) + expires_in)}
-    if max_size is not None:
-        claims["max"] = max_size
-    if filename is not None:
-        claims["name"] = filename
-    if filetype is not None:
-        claims["type"] = filetype
-    body = f"{TOKEN_PREFIX}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
-    return f"{body}.{_b64(_sign(secret, body))}"
+    """An HS256 JWT upload token; the application behind the server calls this (or `upload-server
+    token`, or any JWT library) and hands the token to its user."""
+    return mint(
+        secret,
+        subject,
+        expires_in,
+        max_size=max_size,
+        filename=filename,
+        filetype=filetype,
+        now=now,
+    )
 
 
 def _sign(secret: str, body: str) -> bytes:
@@ -101,9 +105,13 @@ class Authenticator:
         self.enabled = config.auth
         self.token_secret = config.token_secret
         self.keys = load_keys(config.api_keys, config.api_keys_file)
-        if self.enabled and not self.keys and not self.token_secret:
+        self.jwt = JwtVerifier(config)
+        self.owner_claim = config.jwt_owner_claim
+        self.limit_claims = dict(config.jwt_limit_claims)
+        if self.enabled and not self.keys and not self.jwt.enabled:
             raise ValueError(
-                "--auth needs API keys (--api-keys or --api-keys-file) or a --token-secret"
+                "--auth needs API keys (--api-keys or --api-keys-file) or token keys "
+                "(--token-secret, --jwt-public-key or --jwks-url)"
             )
         if config.metrics_auth and not self.keys:
             raise ValueError("--metrics-auth needs API keys (--api-keys or --api-keys-file)")
@@ -119,6 +127,8 @@ class Authenticator:
             )
         if credential.startswith(TOKEN_PREFIX + ".") and self.token_secret:
             return self._verify_token(credential)
+        if looks_like_jwt(credential) and self.jwt.enabled:
+            return self._verify_jwt(credential)
         key = self._key(credential)
         if key is None:
             raise Unauthorized("the API key or token is not valid", code="invalid_credential")
@@ -133,7 +143,7 @@ class Authenticator:
         key = self._key(credential)
         if key is not None:
             return key
-        if credential.startswith(TOKEN_PREFIX + "."):
+        if credential.startswith(TOKEN_PREFIX + ".") or looks_like_jwt(credential):
             raise errors.UploadError(
                 "this endpoint takes an API key; an upload token is not accepted here",
                 code="api_key_required",
@@ -145,7 +155,22 @@ class Authenticator:
         name = self.keys.get(hash_key(credential))
         return Principal(f"key:{name}") if name is not None else None
 
+    def _verify_jwt(self, token: str) -> Principal:
+        try:
+            claims = self.jwt.verify(token)
+        except TokenRefused as exc:
+            raise Unauthorized(exc.message, code=exc.code) from None
+        limits = {name: claims.get(claim) for name, claim in self.limit_claims.items()}
+        return _principal(
+            claims.get(self.owner_claim),
+            limits.get("max_size"),
+            limits.get("filename"),
+            limits.get("filetype"),
+            code="token_claims",
+        )
+
     def _verify_token(self, token: str) -> Principal:
+        """A token of the earlier format (`ust1.`), still read for this release."""
         try:
             prefix, claims_b64, signature_b64 = token.split(".")
             signature = _unb64(signature_b64)
@@ -156,25 +181,38 @@ class Authenticator:
             raise Unauthorized("the upload token's signature is not valid", code="invalid_token")
         try:
             claims = json.loads(_unb64(claims_b64))
-            subject, expires, max_size = claims["sub"], claims["exp"], claims.get("max")
-        except (ValueError, KeyError, TypeError):
-            subject = None
-        if not (
-            isinstance(subject, str)
-            and subject
-            and _is_number(expires)
-            and (max_size is None or (_is_number(max_size) and max_size >= 0))
-        ):
+        except ValueError:
+            claims = None
+        expires = claims.get("exp") if isinstance(claims, dict) else None
+        if not isinstance(claims, dict) or not _is_number(expires):
             raise Unauthorized("the upload token's claims are malformed", code="invalid_token")
-        if expires < time.time():
-            raise Unauthorized("the upload token has expired", code="token_expired")
-        name, filetype = claims.get("name"), claims.get("type")
-        return Principal(
-            f"token:{subject}",
-            max_size=int(max_size) if max_size is not None else None,
-            filename=str(name) if name is not None else None,
-            filetype=str(filetype) if filetype is not None else None,
+        principal = _principal(
+            claims.get("sub"),
+            claims.get("max"),
+            claims.get("name"),
+            claims.get("type"),
+            code="invalid_token",
         )
+        if expires < time.time():  # type: ignore[operator]
+            raise Unauthorized("the upload token has expired", code="token_expired")
+        return principal
+
+
+def _principal(
+    owner: object, max_size: object, filename: object, filetype: object, *, code: str
+) -> Principal:
+    """A token's principal from its verified claims; Unauthorized (`code`) when they are not of
+    the right types."""
+    if not isinstance(owner, str) or not owner:
+        raise Unauthorized("the token's owner claim is missing or not a string", code=code)
+    if max_size is not None and not (_is_number(max_size) and max_size >= 0):  # type: ignore[operator]
+        raise Unauthorized("the token's size limit is not a non-negative number", code=code)
+    return Principal(
+        f"token:{owner}",
+        max_size=int(max_size) if max_size is not None else None,  # type: ignore[call-overload]
+        filename=str(filename) if filename is not None else None,
+        filetype=str(filetype) if filetype is not None else None,
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import waitress
 
-from . import credentials, waitress_server
+from . import credentials, import_tusd, waitress_server
 from .app import start_app
 from .config import Config
 from .runtime import DirectoryLocked
@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in credentials.COMMANDS:
         return credentials.main(args)
+    if args and args[0] == "import-tusd":
+        return import_tusd.main(args[1:])
     try:
         config = Config.load(args)
     except ValueError as exc:

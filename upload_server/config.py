@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_integrations import INTEGRATION_SETTINGS
 from .config_values import (
+    Setting,
     parse_bool,
     parse_duration,
     parse_fsync_policy,
@@ -41,27 +43,6 @@ from .config_values import (
     parse_url_path,
     parse_web_path,
 )
-
-ENV_PREFIX = "UPLOAD_SERVER_"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One row of the settings table."""
-
-    name: str
-    parse: Callable[[Any], Any]
-    default: Any
-    help: str
-    metavar: str = "VALUE"
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
 
 
 def _cpu_count() -> int:
@@ -91,6 +72,21 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_bytes_per_second", parse_size, 0, "Per-session write rate limit; 0 = none.", "SIZE"
+    ),
+    Setting(
+        "write_behind",
+        parse_size,
+        64 * 1024**2,
+        "Bytes of one tus upload acknowledged once spooled (named in its record) before its "
+        "writer has copied them into the data; 0 = answer each PATCH only after the copy.",
+        "SIZE",
+    ),
+    Setting(
+        "write_behind_total",
+        parse_size,
+        1024**3,
+        "The same across all uploads (shared evenly by the writers).",
+        "SIZE",
     ),
     Setting(
         "writer_stall_timeout",
@@ -148,7 +144,8 @@ SETTINGS: tuple[Setting, ...] = (
         "File of API keys: one 'name sha256hex' a line.",
         "FILE",
     ),
-    Setting("token_secret", str, "", "HMAC secret for signed upload tokens.", "SECRET"),
+    Setting("token_secret", str, "", "HMAC secret for HS256 JWT upload tokens.", "SECRET"),
+    *INTEGRATION_SETTINGS,
     Setting(
         "metrics_auth",
         parse_bool,
@@ -333,6 +330,8 @@ class Config:
     writers: int
     max_upload_size: int
     max_bytes_per_second: int
+    write_behind: int
+    write_behind_total: int
     writer_stall_timeout: float
     threads: int
     recv_bytes: int
@@ -348,6 +347,17 @@ class Config:
     api_keys: str
     api_keys_file: Path | None
     token_secret: str
+    jwt_public_key: Path | None
+    jwks_url: str
+    jwt_algorithms: tuple[str, ...]
+    jwt_issuer: str
+    jwt_audience: str
+    jwt_owner_claim: str
+    jwt_limit_claims: tuple[tuple[str, str], ...]
+    jwt_leeway: float
+    jwks_refresh_limit: float
+    jwks_cache_time: float
+    hook_format: str
     metrics_auth: bool
     metrics_listen: tuple[str, int] | None
     max_sessions: int
@@ -459,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="upload-server",
         description="Resumable file upload server (seed API and tus 1.0).",
         epilog="Every flag can also be set as an environment variable: --chunk-size is "
-        "UPLOAD_SERVER_CHUNK_SIZE. Sizes take units (512KiB, 1MiB, 10GB).",
+        "UPLOAD_SERVER_CHUNK_SIZE. Sizes take units (512KiB, 1MiB, 10GB). Other commands: "
+        "upload-server keygen|token|import-tusd --help.",
     )
     for setting in SETTINGS:
         default = setting.default if setting.default is not None else "auto"

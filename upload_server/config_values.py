@@ -2,14 +2,40 @@
 
 Each raises `ValueError` saying what it expected, so a bad setting stops the server at start-up.
 They live apart from the table in `config` because sizes and durations are read the same way
-elsewhere too (credentials, `upload-client`).
+elsewhere too (credentials, `upload-client`). `Setting`, the row of that table, lives here too, so
+that rows can be kept in more than one module (`config_integrations`) without an import cycle.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "UPLOAD_SERVER_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
 
 _SIZE_UNITS = {
     "": 1,
@@ -142,7 +168,10 @@ def parse_optional_path(text: str | Path | None) -> Path | None:
     return Path(text) if text else None
 
 
-HOOK_EVENTS = ("pre-create", "post-create", "progress", "post-finish", "post-terminate")
+HOOK_EVENTS = (
+    *("pre-create", "post-create", "progress", "post-finish", "post-terminate"),
+    *("post-receive", "pre-finish", "pre-terminate"),  # tusd's names (`post-receive` is progress)
+)
 
 
 def parse_hook_events(text: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
 """`upload-server keygen NAME` and `upload-server token ...`: credentials for `--auth`.
 
 keygen prints a new API key on stderr (give it to the client) and, on stdout, the line for the keys
-file, so that `upload-server keygen alice >> keys.txt` stores only the key's SHA-256. token prints a signed upload token, as the application
-behind the server would issue it with `upload_server.auth.issue_token`.
+file, so that `upload-server keygen alice >> keys.txt` stores only the key's SHA-256. token prints
+an HS256 JWT upload token, as the application behind the server would issue it with any JWT library
+(or `upload_server.auth.issue_token`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .auth import hash_key, issue_token, new_key
+from .auth import hash_key, new_key
 from .config_values import parse_duration, parse_size
+from .jwt_tokens import mint
 
 COMMANDS = ("keygen", "token")
 
@@ -23,12 +25,14 @@ def main(argv: Sequence[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     keygen = commands.add_parser("keygen", help="a new API key and its keys-file line")
     keygen.add_argument("name", help="who the key is for (sessions record it as their owner)")
-    token = commands.add_parser("token", help="a signed upload token")
+    token = commands.add_parser("token", help="an HS256 JWT upload token")
     token.add_argument("--subject", required=True, help="who the token is for")
     token.add_argument("--expires-in", default="1h", help="validity (30m, 1h, 7d)")
     token.add_argument("--max-size", help="largest upload allowed (10MiB)")
     token.add_argument("--filename", help="the only filename allowed")
     token.add_argument("--filetype", help="the only content type allowed")
+    token.add_argument("--issuer", help="the iss claim (default: UPLOAD_SERVER_JWT_ISSUER)")
+    token.add_argument("--audience", help="the aud claim (default: UPLOAD_SERVER_JWT_AUDIENCE)")
     token.add_argument("--secret", help="default: UPLOAD_SERVER_TOKEN_SECRET")
     args = parser.parse_args(argv)
     if args.command == "keygen":
@@ -44,15 +48,19 @@ def main(argv: Sequence[str]) -> int:
             "upload-server token: give --secret or set UPLOAD_SERVER_TOKEN_SECRET", file=sys.stderr
         )
         return 2
+    issuer = args.issuer or os.environ.get("UPLOAD_SERVER_JWT_ISSUER", "")
+    audience = args.audience or os.environ.get("UPLOAD_SERVER_JWT_AUDIENCE", "")
+    extra = {k: v for k, v in (("iss", issuer), ("aud", audience)) if v}
     try:
         print(
-            issue_token(
+            mint(
                 secret,
                 args.subject,
                 parse_duration(args.expires_in),
                 max_size=parse_size(args.max_size) if args.max_size else None,
                 filename=args.filename,
                 filetype=args.filetype,
+                extra=extra,
             )
         )
     except ValueError as exc:

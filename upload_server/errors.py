@@ -40,6 +40,10 @@ class UploadError(Exception):
         self.headers = headers or {}
         self.extra = extra
 
+    def body(self) -> bytes:
+        """The response body: the JSON error object (a hook's answer may shape its own)."""
+        return error_body(self.code, self.message, **self.extra)
+
 
 class BadRequest(UploadError):
     status, code = 400, "bad_request"
@@ -100,7 +104,7 @@ def render(resp: falcon.Response, ex: UploadError) -> None:
     """Write `ex` as the response: its status, the JSON error object and its headers."""
     resp.status = _status_line(ex.status)
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = error_body(ex.code, ex.message, **ex.extra)
+    resp.data = ex.body()
     for name, value in ex.headers.items():
         resp.set_header(name, value)
 

@@ -84,6 +84,8 @@ class Runtime:
             upload_dir=str(self.layout.root),
             chunk_size=self.config.chunk_size,
             max_bytes_per_second=self.config.max_bytes_per_second,
+            write_behind=self.config.write_behind,
+            write_behind_total=self.config.write_behind_total // self.config.writers,
             fsync=self.config.fsync,
             expiry=self.config.expiry,
             backends=self.backends,

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from workers.messages import Append, Concat, Event
 from workers.pool import WriterPool, WriterUnavailable
 
-from . import errors, metrics
+from . import errors, hooks_tusd, metrics
 from .auth import Principal, check_upload
 from .config import Config
 from .filenames import sanitize
@@ -34,7 +35,6 @@ from .sessions.live import LiveSessions
 from .sessions.record import Session, is_session_id, new_session_id
 from .sessions.store import SessionStore
 from .spool import Spool
-from .status import status_of
 from .storage import Storage
 
 log = logging.getLogger("upload_server.service")
@@ -79,6 +79,7 @@ class NewUpload:
             "metadata": self.metadata or {},
             "owner": self.owner,
             "concat": self.concat,
+            "parts": list(self.parts),
         }
 
 
@@ -124,6 +125,8 @@ class SessionService:
         self.in_progress = InProgress(recovered, metrics.get().active_sessions.set)
         pool.on_event = self._on_writer_event
         pool.on_record = lambda record: self.in_progress.observe(record["id"], record["state"])
+        hooks.on_stop = self._stop_upload
+        self.claims = hooks_tusd.IdClaims(lambda i: self.directory.lookup(i) is not None)
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -175,6 +178,7 @@ class SessionService:
         except BaseException:
             for session in sessions:
                 self.limits.release(session.limit_key, session.id)
+                self.claims.release(session.id)
                 self.layout.spool(session.id).unlink(missing_ok=True)
             for session in saved:
                 self.in_progress.discard(session.id)
@@ -206,7 +210,14 @@ class SessionService:
             if self.config.storage != "local":
                 copies -= 1  # the data itself goes to remote storage
             self.check_space((size or 0) * copies)
-            self.hooks.pre_create(new.describe())
+            answer = self.hooks.pre_create(new.describe())
+            if answer is not None and answer.change_metadata is not None:
+                new = hooks_tusd.with_metadata(new, answer.change_metadata)
+            if answer is not None and answer.change_id is not None:
+                self.claims.take(answer.change_id)
+                self.limits.release(new.limit_key, session_id)
+                session_id = answer.change_id
+                self.limits.take(new.limit_key, session_id, by_client=new.owner is None)
             session = Session(
                 id=session_id,
                 protocol=new.protocol,
@@ -228,6 +239,7 @@ class SessionService:
             )
         except BaseException:
             self.limits.release(new.limit_key, session_id)
+            self.claims.release(session_id)
             raise
         if self.config.expiry:
             session.expires_at = session.created_at + self.config.expiry
@@ -239,6 +251,7 @@ class SessionService:
             yield
         except BaseException:
             self.limits.release(session.limit_key, session.id)
+            self.claims.release(session.id)
             raise
 
     def _save(self, session: Session) -> None:
@@ -246,10 +259,12 @@ class SessionService:
         # can only cost an upload that had not completed, which that policy accepts
         self.store.save(session, durable=self.config.fsync == "always")
         self.live.put(session)
+        self.claims.release(session.id)
+        hooks_tusd.current().created.add(session.id)
         self.limits.count(session)
         self.in_progress.observe(session.id, session.state)
         metrics.get().uploads_started.labels(session.protocol).inc()
-        self.hooks.emit("post-create", status_of(session))
+        self.hooks.emit("post-create", session)
 
     # -- the disk ------------------------------------------------------------------------------
 
@@ -290,7 +305,7 @@ class SessionService:
             figures.uploads_ended.labels(event.kind).inc()
         hook = _HOOK_OF_EVENT.get(event.kind)
         if hook:
-            self.hooks.emit(hook, status_of(session))
+            self.hooks.emit(hook, session)
 
     def _spool_seed(self, session: Session, body: RequestBody, start: int, end: int) -> None:
         try:
@@ -308,8 +323,21 @@ class SessionService:
 
     def control(self, session: Session, action: str, **args: Any) -> Session:
         """Have the session's writer apply a command; its refusal becomes an UploadError. With
-        several nodes, the writer of the node holding the upload (`SessionDirectory.route`)."""
+        several nodes, the writer of the node holding the upload (`SessionDirectory.route`). A
+        client's termination asks the pre-terminate hook first (tusd format)."""
+        if action == lifecycle.TERMINATE:
+            self.hooks.pre_terminate(session)
         return self.directory.route(session, action, args, self.control_here)
+
+    def _stop_upload(self, session_id: str) -> None:
+        """A post-receive hook said StopUpload: end the upload, as tusd does (in a thread of its
+        own: the hooks' delivery thread must not wait for a writer)."""
+
+        def stop() -> None:
+            with contextlib.suppress(errors.UploadError, lifecycle.Refusal):
+                self.control(self.get(session_id), lifecycle.TERMINATE)
+
+        threading.Thread(target=stop, name=f"stop-{session_id}", daemon=True).start()
 
     def control_here(self, session: Session, action: str, args: dict[str, Any]) -> Session:
         """Apply a command with this server's writer. A seed upload resumes from its spool, so
@@ -396,12 +424,29 @@ class SessionService:
             checksum,
             declare_length,
         )
-        return self._result(self._call(lambda: self.pool.append(session, message, REPLY_TIMEOUT)))
+        return self._finishing(session, lambda: self.pool.append(session, message, REPLY_TIMEOUT))
 
     def concat(self, session: Session) -> Session:
         """Have the writer build a final upload from its (complete) partial uploads."""
         message = Concat(self.pool.next_request_id(), session.id, tuple(session.parts))
-        return self._result(self._call(lambda: self.pool.concat(session, message, REPLY_TIMEOUT)))
+        return self._finishing(session, lambda: self.pool.concat(session, message, REPLY_TIMEOUT))
+
+    def _finishing(self, session: Session, request: Any) -> Session:
+        """The writer's answer to a request that may complete the upload; if it did, the
+        pre-finish hook is asked before the request is answered. An upload a post-receive hook
+        stopped answers as that hook asked."""
+        try:
+            result = self._result(self._call(request))
+        except lifecycle.Refusal:
+            stopped = self.hooks.stopped.pop(session.id, None)
+            if stopped is not None:
+                raise hooks_tusd.HookAnswered(
+                    "upload_stopped", "upload has been stopped by server", 400, stopped
+                ) from None
+            raise
+        if result.state == states.COMPLETED and session.state != states.COMPLETED:
+            self.hooks.pre_finish(result)
+        return result
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from upload_server.sessions import lifecycle
 from upload_server.sessions import record as states
 from upload_server.sessions.lifecycle import Refusal
 from upload_server.sessions.record import Session
+from upload_server.storage import Adopting
 
 from .context import Context, Interrupted
 from .finish import fail_write, finish
@@ -47,15 +50,58 @@ def append(ctx: Context, msg: Append) -> Generator[int, None, None]:
     if msg.length and msg.checksum is None and ctx.policy.segments:
         if not recorded and not _record_segment(ctx, held, msg):
             return
-        if (yield from apply_segments(ctx, held, msg.request_id)) and settle(
-            ctx, held, msg.request_id
-        ):
-            ctx.reply(msg.request_id, session)
+        if lifecycle.is_whole(session):
+            # The append that completes the upload is answered only once it is complete.
+            if (yield from apply_segments(ctx, held, Requester(msg.request_id))) and settle(
+                ctx, held, msg.request_id
+            ):
+                ctx.reply(msg.request_id, session)
+            return
+        requester = Requester(msg.request_id, behind=ctx.settings.write_behind > 0)
+        requester.answer_early(ctx, held)
+        stored = yield from apply_segments(ctx, held, requester)
+        # Once a later append has made the upload whole, that append's task completes it.
+        if stored and not lifecycle.is_whole(session) and settle(ctx, held, requester.request_id):
+            ctx.reply(requester.request_id, session)
         return
-    if session.segments and not (yield from apply_segments(ctx, held, msg.request_id)):
+    if session.segments and not (yield from apply_segments(ctx, held, Requester(msg.request_id))):
         discard_segment(msg)
         return
     yield from _append_checked(ctx, held, msg)
+
+
+@dataclass
+class Requester:
+    """Who waits for an append's answer. `behind`: it may be answered as soon as its bytes are
+    named in the record (they count, and a restart replays them) and the session's and this
+    writer's bytes not yet in the data fit the write-behind budget, so the front end takes in the
+    next PATCH while this writer copies; `request_id` is None once answered."""
+
+    request_id: int | None
+    behind: bool = False
+
+    def answer_early(self, ctx: Context, held: Held) -> None:
+        if not self.behind or self.request_id is None:
+            return
+        settings = ctx.settings
+        behind = ctx.sessions.behind()
+        if (
+            held.behind() <= settings.write_behind
+            and behind <= settings.write_behind_total
+            and _free_space(ctx) >= behind + settings.write_behind
+        ):
+            ctx.reply(self.request_id, held.session)
+            self.request_id = None
+
+
+def _free_space(ctx: Context) -> int:
+    """Write-behind borrows disk space (a segment and its copy coexist for longer, and the next
+    body arrives meanwhile): near a full disk each append is answered after its copy again, so
+    the request whose bytes do not fit is the one told `disk_full`."""
+    try:
+        return shutil.disk_usage(ctx.layout.root).free
+    except OSError:
+        return 0
 
 
 def _append_checked(ctx: Context, held: Held, msg: Append) -> Generator[int, None, None]:
@@ -139,38 +185,55 @@ def _record_segment(ctx: Context, held: Held, msg: Append) -> bool:
     return True
 
 
-def apply_segments(ctx: Context, held: Held, request_id: int | None) -> Generator[int, None, bool]:
+def apply_segments(
+    ctx: Context, held: Held, requester: Requester | None = None
+) -> Generator[int, None, bool]:
     """Copy every segment the record names into the data, in order, hashing on the way, and
     delete each file once its bytes are in the data. Only one task of a session copies at a
     time; another waits and finds the work done. Stopped by a command (pause, terminate),
     the data goes back to where the unfinished segment starts: the segment stays named, and
-    counted, and is copied again on resume. False when stopped; the requester has been told."""
+    counted, and is copied again on resume. False when stopped; the requester has been told.
+    A write-behind requester is answered as soon as the budget has room (`Requester`)."""
     session = held.session
+    requester = requester or Requester(None)
     try:
         while held.applying:
+            requester.answer_early(ctx, held)
             yield 0
     except Interrupted as stop:
-        ctx.refuse(request_id, session.id, stop)
+        ctx.refuse(requester.request_id, session.id, stop)
         return False
     held.applying = True
     try:
         while session.segments:
             offset, length = session.segments[0]
-            if not (yield from _apply_segment(ctx, held, offset, length, request_id)):
+            if not (yield from _apply_segment(ctx, held, offset, length, requester)):
                 return False
             session.segments.pop(0)
+            held.applied = 0
         return True
     finally:
         held.applying = False
+        held.applied = 0
 
 
 def _apply_segment(
-    ctx: Context, held: Held, offset: int, length: int, request_id: int | None
+    ctx: Context,
+    held: Held,
+    offset: int,
+    length: int,
+    requester: Requester,
+    adopt: bool | None = None,
 ) -> Generator[int, None, bool]:
+    """Copy one segment into the data, hashing it. The first segment of an upload whose
+    storage can adopt files is only hashed and then becomes the data by a rename (no copy: a
+    one-PATCH upload is written once, by waitress); elsewhere it is copied chunk by chunk."""
     session = held.session
     path = ctx.layout.segment(session.id, offset)
     hasher = held.hasher()
     rollback = hasher.copy() if hasher is not None else None
+    if adopt is None:
+        adopt = _adoptable(ctx, held, offset)
     try:
         fd = fileio.open_for_read(path)
     except FileNotFoundError:
@@ -184,19 +247,33 @@ def _apply_segment(
             try:
                 if fd < 0:
                     raise ValueError("segment missing")
-                held.copy_in(fd, done, offset + done, n)
+                if adopt:
+                    held.hash_in(fd, done, n)
+                else:
+                    held.copy_in(fd, done, offset + done, n)
             except (OSError, ValueError) as exc:
                 held.sha256 = rollback
-                fail_write(ctx, held, _as_os_error(exc, path), request_id)
+                held.applied = 0
+                fail_write(ctx, held, _as_os_error(exc, path), requester.request_id)
                 return False
             done += n
+            held.applied = done
+            requester.answer_early(ctx, held)
             try:
                 yield n
             except Interrupted as stop:
                 held.data().truncate(offset)
                 held.sha256 = rollback
-                ctx.refuse(request_id, session.id, stop)
+                held.applied = 0
+                ctx.refuse(requester.request_id, session.id, stop)
                 return False
+        if adopt:
+            os.close(fd)
+            fd = -1  # closed before the rename, which Windows refuses on an open file
+            if not _adopt_segment(ctx, held, path, length, requester):
+                held.sha256 = rollback
+                return (yield from _apply_segment(ctx, held, offset, length, requester, False))
+            return session.state != states.FAILED
         if ctx.settings.fsync == "always":
             held.data().sync()
     finally:
@@ -204,6 +281,36 @@ def _apply_segment(
             os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+    return True
+
+
+def _adoptable(ctx: Context, held: Held, offset: int) -> bool:
+    """The segment is the upload's first bytes, nothing is stored yet, and the storage can
+    take a file as the data (local files), with a running SHA-256 to continue."""
+    return (
+        offset == 0
+        and isinstance(ctx.storage, Adopting)
+        and held.hasher() is not None
+        and not ctx.storage.size(held.session.id)
+    )
+
+
+def _adopt_segment(ctx: Context, held: Held, path: Path, length: int, requester: Requester) -> bool:
+    """Rename the hashed segment into the data. From the rename on, the named segment whose
+    file is gone is in the data (the offset's definition), so a crash on either side of it is
+    consistent. False when the storage cannot adopt it (copy it instead); a failure fails the
+    session (the requester has been told)."""
+    assert isinstance(ctx.storage, Adopting)
+    held.close_data()
+    try:
+        if not ctx.storage.adopt(held.session.id, str(path)):
+            return False
+        if ctx.settings.fsync == "always":
+            held.data().sync()
+    except OSError as exc:
+        fail_write(ctx, held, exc, requester.request_id)
+        return True
+    held.owner.bytes_written.inc(length)
     return True
 
 

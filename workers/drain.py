@@ -35,7 +35,7 @@ def drain(ctx: Context, session_id: str) -> Generator[int, None, None]:
         return
     if session.protocol in states.APPENDED:  # segments counted before a crash or a pause
         held.data()
-        if (yield from apply_segments(ctx, held, None)):
+        if (yield from apply_segments(ctx, held)):
             settle(ctx, held, None)
         return
     spool = ctx.layout.spool(session_id)

@@ -47,6 +47,7 @@ class Held:
     handle: UploadData | None = None
     sha256: Any = None  # hashlib object over the data, [0, data_bytes); None until needed
     applying: bool = False  # a task is copying this session's segments into its data
+    applied: int = 0  # bytes of the first named segment already in the data (while applying)
     last_checkpoint: float = 0.0
     last_progress_event: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
@@ -106,6 +107,19 @@ class Held:
             self.data().write(view, dst_offset)
         self.owner.bytes_written.inc(length)
         return length
+
+    def hash_in(self, src_fd: int, src_offset: int, length: int) -> None:
+        """Hash one chunk of a file that is to become the data as it is (no copy); with fsync
+        on, start its writeback now so the flush at completion finds little left to do."""
+        with fileio.mapped(src_fd, src_offset, length) as view:
+            self.hasher().update(view)
+        if self.owner.settings.fsync != "never":
+            fileio.start_writeback(src_fd, src_offset, length)
+
+    def behind(self) -> int:
+        """Counted bytes not yet in the data: the named segments, less what is copied of the
+        first (the write-behind an early answer spends)."""
+        return sum(length for _, length in self.session.segments) - self.applied
 
     def show(self) -> None:
         """Replace the live record only (a state the front end shows; nothing to make durable)."""
@@ -194,6 +208,10 @@ class HeldSessions:
         held = Held(self, session)
         self._held[session_id] = held
         return held
+
+    def behind(self) -> int:
+        """Counted bytes of all held sessions not yet in their data."""
+        return sum(held.behind() for held in self._held.values())
 
     def release(self, held: Held) -> None:
         held.close_data()

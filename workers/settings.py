@@ -13,6 +13,8 @@ class WriterSettings:
     upload_dir: str
     chunk_size: int
     max_bytes_per_second: int
+    write_behind: int  # bytes of one upload acknowledged before they are in its data
+    write_behind_total: int  # the same for all the sessions of this writer
     fsync: str
     expiry: float
     backends: Backends

@@ -43,7 +43,7 @@ def _errors(*codes: int, protocol: str = refusals.SEED) -> dict[str, Any]:
         429: "Too many unfinished uploads",
         431: "Headers too large",
         460: "Checksum mismatch",
-        503: "Writer or hook unavailable; retry",
+        503: "Writer, hook or identity provider (JWKS) unavailable; retry",
         507: "Disk full",
     }
     return {str(code): _error(_with_codes(text[code], code, protocol)) for code in codes}

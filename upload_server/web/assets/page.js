@@ -51,7 +51,18 @@
     if (token()) headers.Authorization = `Bearer ${token()}`;
   }
 
+  // An application that sends its user here may hand over an upload token (a JWT it minted) in
+  // the fragment, `#access_token=...`: a fragment never reaches a server or its logs. It is kept
+  // like a token typed in Settings, and taken out of the address bar.
+  function takeTokenFromFragment() {
+    const given = new URLSearchParams(location.hash.replace(/^#/, '')).get('access_token');
+    if (!given || !given.trim()) return;
+    localStorage.setItem(KEYS.token, given.trim());
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+
   function setUpSettings() {
+    takeTokenFromFragment();
     const toggle = $('#settings-toggle');
     const form = $('#settings');
     const tokenInput = $('#token');
