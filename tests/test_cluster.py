@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import threading
 import time
@@ -25,6 +26,7 @@ import requests
 from benchmarks.localcluster import services
 
 from .conftest import MiB, Server, sha256_file, wait_for
+from .draft_http import Draft, creation_head, read_interim
 from .tus_http import Tus, checksum
 
 BUCKET = "cluster-tests"
@@ -409,3 +411,31 @@ def test_redis_start_up_reads_the_unfinished_index_and_finished_records_expire(b
     assert client.exists(redis_store.INDEXED)
     store.delete(waiting.id)
     assert waiting.id not in {s.id for s in store.unfinished()}
+
+
+def test_ietf_draft_upload_created_on_one_node_appended_and_completed_on_others(nodes, backends):
+    """The IETF draft on the same sessions: created (with its 104, before the body) on one node,
+    appended through another, completed through a third, byte-identical in S3."""
+    servers = nodes(3)
+    data = random.Random(9).randbytes(9 * MiB + 999)
+    first = 5 * MiB + 3
+    extra = {"Upload-Length": len(data)}
+    with creation_head(servers[0], first, complete=False, extra=extra) as sock:
+        status, fields = read_interim(sock)
+        assert status == 104, fields
+        sock.sendall(data[:first])
+        status, final = read_interim(sock, timeout=60)
+        assert status == 201, final
+    url = fields["location"]
+    second = Draft(servers[1].base)
+    appended = second.append(node_url(servers[1], url), first, data[first:], complete=False)
+    assert appended.status_code == 204, appended.text
+    third = Draft(servers[2].base)
+    head = third.head(node_url(servers[2], url))
+    assert head.headers["Upload-Offset"] == str(len(data))
+    assert head.headers["Upload-Complete"] == "?0"
+    done = third.append(node_url(servers[2], url), len(data), b"", complete=True)
+    assert done.status_code == 200, done.text
+    status = servers[0].status(upload_id(url))
+    assert status["protocol"] == "ietf" and status["state"] == "completed"
+    assert backends.object_sha256(status["storedAs"]) == hashlib.sha256(data).hexdigest()

@@ -531,6 +531,26 @@ def test_x_http_method_override(served):
     assert_error(served.head(url), 410)
 
 
+def test_x_http_method_override_on_every_method(served):
+    """tus 1.0: the override MUST be honoured when present, whatever the request's method."""
+    options = served.client.simulate_get("/files/", headers={"X-HTTP-Method-Override": "OPTIONS"})
+    assert options.status_code == 204 and options.headers["Tus-Version"] == "1.0.0"
+    url = served.new(3)
+    head = served.client.simulate_get(_path(url), headers={**TUS, "X-HTTP-Method-Override": "HEAD"})
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == "0"
+    patched = served.client.simulate_put(
+        _path(url),
+        headers={
+            **TUS,
+            "X-HTTP-Method-Override": "PATCH",
+            "Upload-Offset": "0",
+            "Content-Type": OCTET,
+        },
+        body=b"abc",
+    )
+    assert patched.status_code == 204 and patched.headers["Upload-Offset"] == "3"
+
+
 def test_expiration_header(served):
     created = served.create(10)
     assert "GMT" in created.headers["Upload-Expires"]

@@ -26,13 +26,14 @@ from typing import Any
 import falcon
 
 from . import connection_limits, errors, logs, metrics, portable, waitress_patches, waitress_server
-from .api import health, middleware, openapi, refusals, seed, tus, web
+from .api import draft, health, middleware, openapi, refusals, seed, tus, web
 from .auth import Authenticator
 from .clients import client_key, explicit_proxies
 from .config import Config
 from .cut_bodies import CutBodies
 from .hooks import Hooks
 from .hooks_tusd import HookRequests
+from .interim import InterimResponses
 from .layout import Layout
 from .locks import Locks, UploadLocks
 from .runtime import Runtime
@@ -57,11 +58,13 @@ def build_app(
     *,
     cut_bodies: CutBodies | None = None,
     locks: Locks | None = None,
+    interim: InterimResponses | None = None,
 ) -> UploadApp:
     """The app serving `service` (both protocols), with `/readyz` and `/metrics` reading
     `health_source`. `cut_bodies` replays cut tus bodies through this app (a server's channels
     offer them to it; without a server none arrive); `locks` serialize a tus upload's requests
-    (one process's own by default; the cluster's leases with several nodes)."""
+    (one process's own by default; the cluster's leases with several nodes); `interim` creates
+    an IETF draft upload for its 104 through this app."""
     cut_bodies = cut_bodies if cut_bodies is not None else CutBodies(config.tus_path)
     locks = locks if locks is not None else UploadLocks()
     forwarding = explicit_proxies(config.trusted_proxy)
@@ -69,10 +72,12 @@ def build_app(
         middleware=[
             middleware.RequestLog(),
             middleware.Cors(config.cors_origins, config.tus_path),
+            # before authentication, which must judge the method the request will have (a GET
+            # overridden to DELETE must not pass as a download that may carry ?access_token)
+            middleware.MethodOverride(),
             _authenticate(
                 config, ("/upload", config.tus_path), with_metrics=config.metrics_listen is None
             ),
-            middleware.MethodOverride(),
             middleware.TusVersion(config.tus_path),
             *([HookRequests()] if config.hook_format == "tusd" else []),
             *(
@@ -91,14 +96,19 @@ def build_app(
     app.add_route("/upload/pause", seed.PauseResource(service))
     app.add_route("/upload/resume", seed.ResumeResource(service))
     app.add_route("/upload/terminate", seed.TerminateResource(service))
-    app.add_route(config.tus_path.rstrip("/"), tus.TusCollection(service, locks))
-    app.add_route(config.tus_path, tus.TusCollection(service, locks))
-    app.add_route(config.tus_path + "{upload_id}", tus.TusUpload(service, locks, cut_bodies))
+    drafts = draft.DraftResources(service, locks, cut_bodies)
+    collection = draft.CollectionRoute(tus.TusCollection(service, locks), drafts)
+    app.add_route(config.tus_path.rstrip("/"), collection)
+    app.add_route(config.tus_path, collection)
+    upload = draft.UploadRoute(tus.TusUpload(service, locks, cut_bodies), drafts)
+    app.add_route(config.tus_path + "{upload_id}", upload)
     app.add_route("/openapi.json", openapi.OpenApiResource(config))
     _add_operations(app, health_source, with_metrics=config.metrics_listen is None)
     if config.web:
         web.add_routes(app, config)
     cut_bodies.app = app
+    if interim is not None:
+        interim.app = app
     return app
 
 
@@ -143,17 +153,26 @@ def start_app(
     atexit.register(runtime.close)
     cut_bodies = CutBodies(config.tus_path)
     runtime.on_close(cut_bodies.close)
+    interim = InterimResponses(config.tus_path)
+    interim.limit = draft.limit_of(config)
+    runtime.on_close(interim.close)
     assert runtime.service is not None and runtime.directory is not None
     locks = runtime.directory.locks
-    app = build_app(config, runtime.service, runtime, cut_bodies=cut_bodies, locks=locks)
+    app = build_app(
+        config, runtime.service, runtime, cut_bodies=cut_bodies, locks=locks, interim=interim
+    )
     app.runtime = runtime
-    app.server_policy = _server_policy(config, layout, runtime.service, cut_bodies)
+    app.server_policy = _server_policy(config, layout, runtime.service, cut_bodies, interim)
     app.metrics_app = build_metrics_app(config, runtime) if config.metrics_listen else None
     return app
 
 
 def _server_policy(
-    config: Config, layout: Layout, service: SessionService, cut_bodies: CutBodies
+    config: Config,
+    layout: Layout,
+    service: SessionService,
+    cut_bodies: CutBodies,
+    interim: InterimResponses,
 ) -> waitress_patches.ServerPolicy:
     """What the server's connections ask of the app before it sees a request (see
     `waitress_patches`)."""
@@ -162,6 +181,7 @@ def _server_policy(
         allow_origin=middleware.Cors(config.cors_origins, config.tus_path).allow_origin,
         admit=service.space_refusal,
         observer=cut_bodies,
+        interim=interim,
         limits=connection_limits.Limits(
             max_connections=config.max_connections,
             max_connections_per_client=config.max_connections_per_client,

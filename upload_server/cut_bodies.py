@@ -14,6 +14,13 @@ so a kept prefix is stored exactly as a PATCH of that length would be. A request
 `Upload-Checksum` cannot be verified without all of its body, so its prefix is discarded, as the
 tus checksum extension asks.
 
+The IETF draft's creations and appends are kept the same way: an append (`PATCH` of an upload), and
+a creation whose `104` announced its upload (`interim.CREATED`: a client that never learnt the
+upload could not resume it). Since the draft's client must never send two bodies of one upload at
+once, a new request of it while a body is still arriving means that body's connection is dead to
+the client: the draft recommends ending it, so `wait` cuts it (its prefix is kept as above) rather
+than leaving the client locked out until it times out.
+
 A client that retries sees the kept bytes: a `HEAD` first lets waitress's I/O thread read what has
 reached the host (a few loop passes, a retry may overtake its own cut connection), and a `HEAD` or
 `PATCH` of that upload waits (bounded) while a PATCH body of it is still arriving or a cut prefix
@@ -32,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .protocol import tus
+from .interim import CREATED
+from .protocol import draft, tus
 from .waitress_patches import LOOP, CutRequest
 
 log = logging.getLogger("upload_server.cut_bodies")
@@ -40,6 +48,7 @@ log = logging.getLogger("upload_server.cut_bodies")
 ENVIRON_KEY = "upload_server.cut"  # set in the environ of a request replayed from a cut one
 PENDING_WAIT = 20.0  # longest a HEAD or PATCH waits for a cut prefix of its upload to be stored
 IN_FLIGHT_WAIT = 2.0  # longest it waits for a PATCH body of its upload that is still arriving
+SUPERSEDE_GRACE = 0.5  # a draft request: how long a body it supersedes may still end by itself
 LOOP_PASSES = 3  # accept a connection, read its last bytes, see it close
 LOOP_WAIT = 0.1  # at most this long
 WORKERS = 4
@@ -91,8 +100,8 @@ class CutBodies:
         re-send a request cut on a reused connection by themselves. Refuse it on its headers,
         with the offset after the kept prefix."""
         target = self._target(method, path, headers)
-        if target is None or target[1] is None:
-            return None
+        if target is None or target[1] is None or target[0] == "draft":
+            return None  # a draft client takes a 409 as final: its repeat is refused as usual
         with self._guard:
             recent = self._kept.get(target[1])
         if recent is None or time.monotonic() - recent.since > REPEAT_WINDOW:
@@ -104,17 +113,18 @@ class CutBodies:
         """Take a cut request if its prefix can count; False lets waitress drop it."""
         environ = cut.environ
         headers = {"CONTENT_TYPE": environ.get("CONTENT_TYPE", "")}
-        if "HTTP_X_HTTP_METHOD_OVERRIDE" in environ:
-            headers["X_HTTP_METHOD_OVERRIDE"] = environ["HTTP_X_HTTP_METHOD_OVERRIDE"]
+        headers.update((k[5:], v) for k, v in environ.items() if k[5:] in _SIGNS)
+        if environ.get(CREATED):
+            headers[CREATED] = environ[CREATED]
         target = self._target(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), headers)
         if target is None or self.app is None:
             return False
         kind, upload_id = target
-        if environ.get("HTTP_UPLOAD_CHECKSUM"):
+        if environ.get("HTTP_UPLOAD_CHECKSUM") or environ.get("HTTP_CONTENT_DIGEST"):
             metrics.get().cut_bytes.labels("discarded").inc(cut.length)
             log.info(
                 "discarded %d bytes of a cut %s of upload %s (%s): it carries Upload-Checksum, "
-                "which cannot be verified on part of a body",
+                "(or Content-Digest), which cannot be verified on part of a body",
                 cut.length,
                 kind,
                 upload_id or "(new)",
@@ -125,7 +135,9 @@ class CutBodies:
             if self._closed:
                 return False
             repeats: list[_InFlight] = []
-            if upload_id:
+            if upload_id and kind == "draft":
+                _count(self._pending, upload_id, +1)
+            elif upload_id:
                 _count(self._pending, upload_id, +1)
                 request = (_offset(environ), environ.get("HTTP_AUTHORIZATION"))
                 if request[0] is not None:
@@ -146,18 +158,28 @@ class CutBodies:
         self, method: str, path: str, headers: dict[str, str]
     ) -> tuple[str, str | None] | None:
         """("append", id) for a tus PATCH, ("creation", None) for a tus creation with a body,
+        ("draft", id) for an IETF draft append, or creation whose 104 announced upload `id`,
         else None. The app checks everything else, as for any request."""
+        method = headers.get("X_HTTP_METHOD_OVERRIDE", "").strip().upper() or method
+        if draft.speaks_draft(lambda name: headers.get(name.upper().replace("-", "_"))):
+            if path in (self.tus_path, self.tus_path.rstrip("/")):
+                return ("draft", headers[CREATED]) if headers.get(CREATED) else None
+            target = self._upload(method, path)
+            return ("draft", target) if target else None
         content_type = headers.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if content_type != tus.OFFSET_OCTET_STREAM:
             return None
-        if method == "POST":
-            method = headers.get("X_HTTP_METHOD_OVERRIDE", "").strip().upper() or method
         if method == "POST" and path in (self.tus_path, self.tus_path.rstrip("/")):
             return "creation", None
+        upload_id = self._upload(method, path)
+        return ("append", upload_id) if upload_id else None
+
+    def _upload(self, method: str, path: str) -> str | None:
+        """The upload a PATCH appends to."""
         if method == "PATCH" and path.startswith(self.tus_path):
             upload_id = urllib.parse.unquote(path[len(self.tus_path) :])
             if upload_id and "/" not in upload_id:
-                return "append", upload_id
+                return upload_id
         return None
 
     # -- on a worker thread -----------------------------------------------------------------
@@ -246,10 +268,17 @@ class CutBodies:
         reading the last bytes of the dead connection). A replayed request never waits."""
         if environ.get(ENVIRON_KEY):
             return
-        if environ.get("REQUEST_METHOD") == "HEAD":
+        is_draft = draft.speaks_draft(
+            lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
+        )
+        with self._guard:
+            arriving = upload_id in self._in_flight
+        if environ.get("REQUEST_METHOD") == "HEAD" or (is_draft and arriving):
             # a retry may overtake its own cut connection (sent on another keep-alive
             # connection): let waitress read what has reached this host first
             LOOP.settle(LOOP_PASSES, LOOP_WAIT)
+        if is_draft and arriving:
+            self._end_superseded(upload_id)
         now = time.monotonic()
         pending_until, in_flight_until = now + PENDING_WAIT, now + IN_FLIGHT_WAIT
         with self._guard:
@@ -264,11 +293,29 @@ class CutBodies:
                     return
                 self._guard.wait(left)
 
+    def _end_superseded(self, upload_id: str) -> None:
+        """A draft client sends a new request of an upload only once it has given up on the one
+        still arriving: give that body a moment to end by itself (a closed connection is read to
+        its end), then cut its connection, so that its prefix is kept and this request goes on."""
+        deadline = time.monotonic() + SUPERSEDE_GRACE
+        with self._guard:
+            while upload_id in self._in_flight and (left := deadline - time.monotonic()) > 0:
+                self._guard.wait(left)
+            superseded = list(self._in_flight.get(upload_id, ()))
+        for body in superseded:
+            body.abort(None)
+
     def close(self) -> None:
         """Stop taking cut requests; those queued are dropped (their clients re-send)."""
         with self._guard:
             self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_SIGNS = frozenset(  # the headers (environ names) that tell a request's protocol
+    {"X_HTTP_METHOD_OVERRIDE", "TUS_RESUMABLE", "UPLOAD_COMPLETE", "UPLOAD_INCOMPLETE"}
+    | {"UPLOAD_DRAFT_INTEROP_VERSION"}
+)
 
 
 def _count(counts: dict[str, int], key: str, step: int) -> None:

@@ -109,7 +109,7 @@ def render(resp: falcon.Response, ex: UploadError) -> None:
         resp.set_header(name, value)
 
 
-def _handle_http_error(
+def handle_http_error(
     req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params
 ) -> None:
     code = (ex.title or "error").lower().replace(" ", "_").replace("-", "_")
@@ -135,5 +135,5 @@ def _handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception
 def install(app: falcon.App) -> None:
     """Register the JSON error handlers on a Falcon app."""
     app.add_error_handler(Exception, _handle_unexpected)
-    app.add_error_handler(falcon.HTTPError, _handle_http_error)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)
     app.add_error_handler(UploadError, _handle_upload_error)

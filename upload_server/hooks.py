@@ -47,7 +47,7 @@ from typing import Any
 from . import errors, hooks_tusd, metrics
 from .config import Config
 from .hooks_tusd import Answer, HookAnswered
-from .sessions.record import TUS, Session
+from .sessions.record import APPENDED, Session
 from .sessions.record import is_session_id as _is_session_id
 from .status import status_of
 
@@ -351,7 +351,7 @@ class Hooks:
             event == "post-finish"
             and self.tusd
             and "pre-finish" in self.events
-            and session.protocol == TUS
+            and session.protocol in APPENDED  # tus and the IETF draft: both call pre_finish
         )
 
     def _obey(self, delivery: _Delivery, raw: bytes) -> None:

@@ -91,7 +91,7 @@ class Metrics:
         """Create the series whose labels are known, so a scrape shows 0 rather than nothing."""
         from .config_values import HOOK_EVENTS
 
-        for protocol in ("seed", "tus"):
+        for protocol in ("seed", "tus", "ietf"):
             self.uploads_started.labels(protocol)
             self.uploads_completed.labels(protocol)
             self.bytes_received.labels(protocol)

@@ -58,6 +58,7 @@ class NewUpload:
     client: str | None = None  # `clients.client_key` of the creating request: for limits only
     concat: str | None = None
     parts: tuple[str, ...] = ()
+    announced_length: int | None = None  # the IETF draft: a length announced before completion
 
     @property
     def owner(self) -> str | None:
@@ -195,19 +196,20 @@ class SessionService:
         The new session holds its place in the limits from here on (checked and taken at once,
         so concurrent creations cannot overshoot them); a failure before it is saved gives the
         place back."""
-        if new.total_bytes is not None and new.total_bytes > self.config.max_upload_size:
+        size = new.total_bytes if new.total_bytes is not None else new.announced_length
+        if size is not None and size > self.config.max_upload_size:
             raise errors.TooLarge(
-                f"the upload is {new.total_bytes} bytes; the limit is {self.config.max_upload_size}",
+                f"the upload is {size} bytes; the limit is {self.config.max_upload_size}",
                 code="upload_too_large",
             )
-        check_upload(new.principal, new.total_bytes, new.filename, new.filetype)
+        check_upload(new.principal, size, new.filename, new.filetype)
         session_id = new_session_id()
         self.limits.take(new.limit_key, session_id, by_client=new.owner is None)
         try:
             copies = 2 if new.protocol == states.SEED else 1  # a seed upload is spooled whole
             if self.config.storage != "local":
                 copies -= 1  # the data itself goes to remote storage
-            self.check_space((new.total_bytes or 0) * copies)
+            self.check_space((size or 0) * copies)
             answer = self.hooks.pre_create(new.describe())
             if answer is not None and answer.change_metadata is not None:
                 new = hooks_tusd.with_metadata(new, answer.change_metadata)
@@ -232,6 +234,7 @@ class SessionService:
                 client=new.client,
                 concat=new.concat,
                 parts=list(new.parts),
+                announced_length=new.announced_length,
                 node=self.directory.node_id,
             )
         except BaseException:
@@ -361,7 +364,7 @@ class SessionService:
         """Resume an upload. A seed upload continues from a re-sent file if one came, else from
         its spool; a tus upload is released for PATCH requests again."""
         lifecycle.check_command(session, lifecycle.RESUME)
-        if session.protocol == states.TUS:
+        if session.protocol in states.APPENDED:
             if part is not None:
                 raise errors.Conflict(
                     "a tus upload takes its data by PATCH; resume it without a file",
@@ -411,7 +414,7 @@ class SessionService:
                 segment = str(self.spool.write_segment(session.id, offset, body, 0, body.length))
             except OSError as exc:
                 raise _storage_error(exc) from None
-            metrics.get().bytes_received.labels(states.TUS).inc(body.length)
+            metrics.get().bytes_received.labels(session.protocol).inc(body.length)
         message = Append(
             self.pool.next_request_id(),
             session.id,

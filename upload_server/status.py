@@ -25,7 +25,10 @@ def status_of(session: Session) -> dict[str, Any]:
         "completed": session.state == states.COMPLETED,
         "terminated": session.state == states.TERMINATED,
         "bytesWritten": session.bytes_written,
-        "totalBytes": session.total_bytes,
+        # a draft upload's length is the announced one until its client completes it
+        "totalBytes": session.total_bytes
+        if session.total_bytes is not None
+        else session.announced_length,
         "chunkSize": session.chunk_size,
         "filename": session.filename,
         "storedAs": session.location,

@@ -31,6 +31,9 @@ its server's `ServerPolicy` and hands it to its parser (`AdmittingParser`) and t
    headers or bodies are too slow; a body spills to disk early once the bodies held in memory
    reach their budget. The loop is told of a socket's close before it happens (`del_channel` of
    our channels and refusals).
+8. An IETF draft creation gets its `104 (Upload Resumption Supported)` before its body is read
+   (`interim`): the parser is held (the channel stops reading) while a worker thread creates the
+   upload, then the 104 is queued and reading resumes.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import waitress.task
 import waitress.utilities
 import waitress.wasyncore
 
-from . import fileio
+from . import fileio, interim
 from .connection_limits import ADMISSION, Limits
 from .errors import error_body
 from .event_loop import LOOP
@@ -75,7 +78,7 @@ class JsonError(waitress.utilities.Error):
 
 def _as_json(error: waitress.utilities.Error) -> waitress.utilities.Error:
     """`error` (one of waitress's own: 400, 413, 431, 500, 501) answered with a JSON body."""
-    if isinstance(error, JsonError):
+    if isinstance(error, JsonError | interim.AppAnswer):
         return error
     answer = JsonError(error.body)
     answer.code, answer.reason = error.code, error.reason
@@ -132,10 +135,11 @@ class BodyObserver(Protocol):
     call comes from waitress's I/O thread and must return at once."""
 
     def body_started(
-        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int | None], None]
     ) -> object | None:
         """A body begins; a key to report its end with, or None when it is of no interest.
-        `abort(offset)` refuses the request at once (409, the upload's offset is `offset`)."""
+        `abort(offset)` refuses the request at once (409, the upload's offset is `offset`);
+        `abort(None)`, from any thread, cuts its connection (its prefix is then offered)."""
 
     def body_ended(self, key: object) -> None:
         """The body of `key` is complete or gone."""
@@ -150,7 +154,7 @@ class BodyObserver(Protocol):
 
 class _NoObserver:
     def body_started(
-        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int], None]
+        self, method: str, path: str, headers: dict[str, str], abort: Callable[[int | None], None]
     ) -> object | None:
         return None
 
@@ -186,6 +190,7 @@ class ServerPolicy:
     admit: Callable[[int], str | None] = lambda length: None
     observer: BodyObserver = field(default_factory=_NoObserver)
     limits: Limits = field(default_factory=Limits)
+    interim: interim.InterimResponses | None = None
 
 
 class SpoolFileBuffer(waitress.buffers.TempfileBasedBuffer):
@@ -226,6 +231,8 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
     memory_reserved = 0  # bytes of the in-memory body budget it holds (see connection_limits)
     rate_mark: tuple[float, int] | None = None  # (when, body bytes then): the body rate's window
     channel: KeepingChannel | None = None  # set by the channel that creates it
+    hold: interim.Hold | None = None  # its body waits for its upload's creation (a 104)
+    created: str | None = None  # the upload its 104 announced
 
     def parse_header(self, header_plus: bytes) -> None:
         default = self.adj.inbuf_overflow
@@ -246,6 +253,8 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         if not self.completed and self.body_rcv is not None:
             try:
                 self._observe()
+                if not self.completed and self.channel is not None:
+                    interim.offer(self, self.channel)
             except Exception:  # a request's headers must never break waitress's loop
                 log.exception("the body observer failed on a request's headers")
 
@@ -260,6 +269,9 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         )
 
     def received(self, data: bytes) -> int:
+        if self.hold is not None:  # the body waits for the upload's creation (`interim`)
+            self.hold.stash.append(bytes(data))
+            return len(data)
         try:
             consumed = super().received(data)
         except OSError as exc:  # the body buffer's file could not take the bytes: answer that
@@ -293,9 +305,13 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             self.channel.discarding = True
         return received
 
-    def _abort(self, offset: int) -> None:
-        if self.channel is not None:
-            self.channel.abort(self, StaleOffset(offset))
+    def _abort(self, offset: int | None) -> None:
+        channel = self.channel
+        if channel is not None and offset is None:  # on the I/O thread, as any close
+            cut = lambda: channel.request is self and channel.handle_close()  # noqa: E731
+            channel.server.trigger.pull_trigger(cut)
+        elif channel is not None:
+            channel.abort(self, StaleOffset(offset))
 
     def end_watch(self) -> None:
         key, self.watch_key = self.watch_key, None
@@ -310,10 +326,13 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
 
 
 class JsonErrorTask(waitress.task.ErrorTask):
-    """waitress's own error answer, in JSON and with the headers the app would have added."""
+    """waitress's own error answer, in JSON (a problem for an IETF draft request, `interim`)
+    and with the headers the app would have added."""
 
     def execute(self) -> None:
         self.request.error = _as_json(self.request.error)
+        if self.channel.policy.interim is not None:
+            self.request.error = self.channel.policy.interim.as_problem(self.request)
         headers = self.request.headers
         if "TUS_RESUMABLE" in headers:
             self.response_headers.append(("Tus-Resumable", tus.VERSION))
@@ -327,6 +346,13 @@ class KeepAliveTask(waitress.task.WSGITask):
     """A WSGI task that does not close an HTTP/1.1 connection because a response has no body."""
 
     _bodiless_keep_alive = False
+
+    def get_environment(self) -> dict[str, Any]:
+        environ = super().get_environment()
+        created = getattr(self.request, "created", None)
+        if created:
+            environ[interim.CREATED] = created
+        return environ
 
     def build_response_header(self) -> bytes:
         wants_close = self.request.headers.get("CONNECTION", "").lower() == "close"
@@ -397,6 +423,14 @@ class KeepingChannel(waitress.channel.HTTPChannel):
             return False
         return super().received(data)
 
+    def readable(self) -> bool:
+        request = self.request
+        return super().readable() and (request is None or request.hold is None)
+
+    def refuse_with(self, request: AdmittingParser, answer: interim.Answer) -> None:
+        """Answer a held request with the app's refusal of its creation (`interim`)."""
+        self.abort(request, interim.AppAnswer(answer))
+
     def abort(self, request: AdmittingParser, error: waitress.utilities.Error) -> None:
         """Refuse `request`, still receiving its body, with `error` now (on the I/O thread): its
         answer is sent, the rest of its body is dropped, and the connection closes."""
@@ -437,7 +471,7 @@ class KeepingChannel(waitress.channel.HTTPChannel):
         if receiver is None or not len(receiver):
             return None
         stream, length = _received_prefix(receiver.getbuf())
-        environ = waitress.task.WSGITask(self, request).get_environment()
+        environ = self.task_class(self, request).get_environment()
         environ["wsgi.input"] = stream
         environ["CONTENT_LENGTH"] = str(length)
         environ.pop("HTTP_TRANSFER_ENCODING", None)

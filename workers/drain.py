@@ -33,7 +33,7 @@ def drain(ctx: Context, session_id: str) -> Generator[int, None, None]:
     session = held.session
     if session.state not in (states.QUEUED, states.WRITING, states.FAILED, states.WAITING):
         return
-    if session.protocol == states.TUS:  # segments counted before a crash or a pause
+    if session.protocol in states.APPENDED:  # segments counted before a crash or a pause
         held.data()
         if (yield from apply_segments(ctx, held)):
             settle(ctx, held, None)

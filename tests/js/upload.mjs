@@ -1,6 +1,7 @@
 // Drive an unmodified tus-js-client from the tests.
 // usage: node upload.mjs '{"endpoint": ..., "file": ..., "chunkSize": ..., "parallelUploads": 1,
-//                          "stopAt": 0.4, "uploadUrl": null, "metadata": {...}}'
+//                          "stopAt": 0.4, "uploadUrl": null, "metadata": {...},
+//                          "protocol": "ietf-draft-05"}'
 // Without "chunkSize", tus-js-client's own default applies (Infinity: the whole file in one PATCH).
 // Prints one JSON line: {"url", "bytesUploaded", "aborted", "requests"} or {"error", "requests"};
 // "requests" counts the requests tus-js-client sent, by method ({"POST": 1, "PATCH": 3, ...}).
@@ -15,6 +16,7 @@ const upload = new Upload(data, {
   endpoint: opts.endpoint,
   uploadUrl: opts.uploadUrl || null,
   ...(opts.chunkSize ? { chunkSize: opts.chunkSize } : {}),
+  ...(opts.protocol ? { protocol: opts.protocol } : {}),
   parallelUploads: opts.parallelUploads || 1,
   retryDelays: [0, 200, 500, 1000],
   metadata: opts.metadata || { filename: 'upload.bin' },

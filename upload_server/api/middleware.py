@@ -16,7 +16,7 @@ import falcon
 from .. import errors, logs, metrics
 from ..auth import Authenticator
 from ..clients import client_key
-from ..protocol import tus
+from ..protocol import draft, tus
 
 _OVERRIDABLE = {"PATCH", "DELETE", "HEAD", "GET", "OPTIONS", "PUT"}
 
@@ -35,6 +35,11 @@ EXPOSED_HEADERS = ", ".join(
         "Tus-Extension",
         "Tus-Checksum-Algorithm",
         "Repr-Digest",
+        "Upload-Complete",
+        "Upload-Incomplete",
+        "Upload-Limit",
+        "Upload-Draft-Interop-Version",
+        "Retry-After",
         "WWW-Authenticate",
         "Content-Disposition",
         "Content-Range",
@@ -58,10 +63,16 @@ ALLOWED_HEADERS = ", ".join(
         "Upload-Concat",
         "Upload-Checksum",
         "Repr-Digest",
+        "Want-Repr-Digest",
+        "Content-Digest",
+        "Content-Disposition",
+        "Upload-Complete",
+        "Upload-Incomplete",
+        "Upload-Draft-Interop-Version",
         "Range",
     )
 )
-ALLOWED_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -110,24 +121,27 @@ class RequestLog:
 
 
 class MethodOverride:
-    """`X-HTTP-Method-Override` on a POST, for clients and proxies that cannot send PATCH.
+    """`X-HTTP-Method-Override`, for clients and proxies that cannot send PATCH: honoured on
+    every method, as tus 1.0 says it MUST be when present.
 
-    On the wire the request stays a POST, so its answer must be framed as one: for an override to
-    HEAD, Falcon would drop the body but still announce its length (waitress then closes the
-    connection short of it, and the client reads a truncated answer). So once the app has
-    answered, the request is a POST again for Falcon, and an error's JSON body is sent whole."""
+    On the wire the request keeps its method, so its answer must be framed as one: for an override
+    to HEAD, Falcon would drop the body but still announce its length (waitress then closes the
+    connection short of it, and the client reads a truncated answer), and a HEAD overridden to GET
+    must not get a body. So once the app has answered, the request has its own method again for
+    Falcon."""
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        override = req.get_header("X-HTTP-Method-Override")
-        if override and req.method == "POST" and override.upper() in _OVERRIDABLE:
-            req.method = override.upper()
-            req.context.overridden = True
+        override = (req.get_header("X-HTTP-Method-Override") or "").strip().upper()
+        if override and override != req.method and override in _OVERRIDABLE | {"POST"}:
+            req.context.sent_method = req.method
+            req.method = override
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
     ) -> None:
-        if req.method == "HEAD" and req.context.get("overridden"):
-            req.method = "POST"
+        sent = req.context.get("sent_method")
+        if sent:
+            req.method = sent
 
 
 class TusVersion:
@@ -142,7 +156,7 @@ class TusVersion:
         return req.path == self.prefix or req.path.startswith(self.prefix + "/")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self._is_tus(req) or req.method == "OPTIONS":
+        if not self._is_tus(req) or req.method == "OPTIONS" or draft.speaks_draft(req.get_header):
             return
         version = req.get_header("Tus-Resumable")
         if version is None and req.method == "GET":
@@ -158,7 +172,7 @@ class TusVersion:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, succeeded: bool
     ) -> None:
-        if self._is_tus(req):
+        if self._is_tus(req) and not draft.speaks_draft(req.get_header):
             resp.set_header("Tus-Resumable", tus.VERSION)
 
 

@@ -133,7 +133,7 @@ def document(config: Config) -> dict[str, Any]:
                 ]
             },
             "error": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/ErrorDetail"}]},
-            "protocol": {"enum": ["seed", "tus"]},
+            "protocol": {"enum": ["seed", "tus", "ietf"]},
             "sha256": {"type": ["string", "null"]},
             "createdAt": {"type": ["string", "null"]},
             "updatedAt": {"type": ["string", "null"]},

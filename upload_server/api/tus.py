@@ -116,7 +116,7 @@ class TusCollection(_TusResource):
                 filetype=metadata.get("filetype") or metadata.get("type"),
                 metadata=metadata,
                 metadata_header=header,
-                expected_sha256=_declared_sha256(req, metadata),
+                expected_sha256=declared_sha256(req, metadata),
                 principal=req.context.principal,
                 client=req.context.client,
                 concat=concat.kind if concat else None,
@@ -352,7 +352,7 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quoted}"
 
 
-def _declared_sha256(req: falcon.Request, metadata: dict[str, str | None]) -> str | None:
+def declared_sha256(req: falcon.Request, metadata: dict[str, str | None]) -> str | None:
     """The digest a client declares up front: Repr-Digest sha-256, or a `sha256` metadata key."""
     header = req.get_header("Repr-Digest") or req.get_header("Content-Digest")
     if header:

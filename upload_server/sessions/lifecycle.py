@@ -14,6 +14,10 @@ the client speaks, so nothing here (or in `workers/`) knows HTTP.
 
 Completion is a separate step from receiving the last byte (`is_whole`): a protocol that completes
 only on the client's word (the IETF draft's `Upload-Complete: ?1`) can hold a whole upload open.
+A draft upload's length enters the record only with the request that completes it (`draft_length`,
+as a deferred tus length is declared): until then `is_whole` cannot be true, so an upload whose
+bytes are all in (`awaits_completion`) waits, and the writer's usual completion (digest,
+publishing, hooks) runs once the client says so.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ LENGTH_TOO_SMALL = "bad_header"  # the code tus clients have always been given f
 SEED_SESSION = "seed_session"
 FINAL_UPLOAD = "final_upload"
 UNKNOWN_COMMAND = "bad_command"
+INCONSISTENT_LENGTH = "inconsistent_length"
+STATE_LOST = "state_lost"
 
 # Commands (the control queue's actions, plus what the writer does to a session on its own).
 PAUSE, RESUME, TERMINATE, EXPIRE = "pause", "resume", "terminate", "expire"
@@ -58,10 +64,12 @@ def check_writable(session: Session) -> None:
     """May this session take request bodies at all (tus PATCH, creation-with-upload)?"""
     if session.concat == "final":
         raise Refusal(FINAL_UPLOAD, "a final upload cannot be patched")
-    if session.protocol != states.TUS:
+    if session.protocol not in states.APPENDED:
         raise Refusal(SEED_SESSION, "this session takes its data through the seed API")
     if session.state in ENDED:
         raise Refusal(session.state, f"the upload was {session.state}")
+    if is_deactivated(session):
+        raise Refusal(STATE_LOST, "the server lost part of this upload; it cannot go on")
     if session.state == states.PAUSED:
         raise Refusal(
             PAUSED,
@@ -125,6 +133,8 @@ def check_command(session: Session, action: str, *, completed_too: bool = False)
         raise Refusal(session.state, f"the upload was {session.state}")
     if session.state == states.COMPLETED and not (action in (TERMINATE, EXPIRE) and completed_too):
         raise Refusal(COMPLETED, "the upload is already complete")
+    if action == RESUME and is_deactivated(session):
+        raise Refusal(STATE_LOST, "the server lost part of this upload; it cannot go on")
     if action == RESUME and session.state not in resumable_states(session):
         raise Refusal(NOT_PAUSED, f"the upload is {session.state}, not paused")
 
@@ -150,6 +160,59 @@ def is_due_to_expire(session: Session, now: float) -> bool:
 def is_in_progress(state: str) -> bool:
     """Neither final nor failed: what the active-sessions gauge counts."""
     return state not in states.FINAL_STATES and state != states.FAILED
+
+
+def draft_length(
+    session: Session, offset: int, length: int, *, complete: bool, announced: int | None
+) -> int | None:
+    """The IETF draft's length rules for `length` bytes at `offset`: the length a request
+    `announced` (`Upload-Length`) must agree with the one announced before, the bytes must not
+    pass it, and a request that completes the upload must end exactly there. Returns the length
+    to declare to the writer (only when `complete`: the record learns it then), else None."""
+    known = session.announced_length
+    if announced is not None and known is not None and announced != known:
+        raise Refusal(
+            INCONSISTENT_LENGTH, f"Upload-Length {announced} differs from the {known} announced"
+        )
+    known = announced if announced is not None else known
+    end = offset + length
+    if known is not None and end > known:
+        raise Refusal(
+            INCONSISTENT_LENGTH, f"the content would take the upload past its length of {known}"
+        )
+    if not complete:
+        return None
+    if known is not None and end != known:
+        raise Refusal(
+            INCONSISTENT_LENGTH,
+            f"the upload would complete at {end} bytes, but its length is {known}",
+        )
+    return end
+
+
+def awaits_completion(session: Session) -> bool:
+    """A draft upload whose announced bytes are all in, waiting for `Upload-Complete: ?1`."""
+    return (
+        session.protocol == states.IETF
+        and session.state != states.COMPLETED
+        and session.announced_length is not None
+        and session.bytes_written >= session.announced_length
+    )
+
+
+def lose_state(session: Session, counted: int) -> None:
+    """The disk holds less than the record counted (a power loss took unsynced writes): the
+    offset goes back to `counted`. The IETF draft forbids an offset that decreases ('If the
+    server loses any part of the state, it MUST deactivate the upload resource'): a draft
+    upload fails for good; another continues from `counted` (its client asks the offset)."""
+    session.bytes_written = counted
+    if session.protocol == states.IETF:
+        fail(session, STATE_LOST, "the server lost part of this upload after a crash")
+
+
+def is_deactivated(session: Session) -> bool:
+    """A draft upload whose state was lost: only its termination is left."""
+    return session.state == states.FAILED and (session.error or {}).get("code") == STATE_LOST
 
 
 def is_whole(session: Session) -> bool:

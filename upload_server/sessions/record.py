@@ -33,6 +33,8 @@ FINAL_STATES = frozenset({COMPLETED, TERMINATED, EXPIRED})
 
 SEED = "seed"
 TUS = "tus"
+IETF = "ietf"  # Resumable Uploads for HTTP (the IETF draft): appended to like tus, completed explicitly
+APPENDED = frozenset({TUS, IETF})  # the protocols whose uploads take request bodies at an offset
 
 
 def new_session_id() -> str:
@@ -81,6 +83,9 @@ class Session:
     # [offset, length] pairs, contiguous and in order; each is the spool file `<id>.<offset>.seg`.
     # So the offset is the bytes in the data plus the bytes in the segments named here.
     segments: list[list[int]] = field(default_factory=list)
+    # The IETF draft: the length a client announced (`Upload-Length`) before it completes the
+    # upload. `total_bytes` is set only by the request that completes it (see `lifecycle`).
+    announced_length: int | None = None
     node: str | None = None  # cluster mode: the node that last wrote it (a seed's spool is there)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)

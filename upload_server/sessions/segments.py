@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from ..layout import Layout
 from ..storage.base import CommittedData, Storage, UploadData
+from . import lifecycle
 from .record import Session
 
 log = logging.getLogger("upload_server.sessions")
@@ -52,6 +53,8 @@ def reconcile(session: Session, data_size: int, segment_size: Callable[[int], in
                 counted,
                 counted,
             )
+        if counted < session.bytes_written:
+            lifecycle.lose_state(session, counted)
         session.bytes_written = counted
         session.segments = kept
     return session.data_bytes
