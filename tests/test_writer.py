@@ -267,16 +267,23 @@ def test_pause_mid_append_keeps_the_body_and_resume_drains_it(harness: Harness):
 
 def test_a_full_disk_fails_the_append_and_counts_nothing_past_the_data(tmp_path: Path):
     class FullAfter:
-        """Local data whose second write finds the disk full."""
+        """Local data whose second write (from memory or from a file) finds the disk full."""
 
         def __init__(self, data: Any) -> None:
             self._data, self.writes = data, 0
 
         def write(self, view: memoryview, offset: int) -> None:
+            self._count()
+            self._data.write(view, offset)
+
+        def write_from(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
+            self._count()
+            self._data.write_from(src_fd, src_offset, length, offset)
+
+        def _count(self) -> None:
             self.writes += 1
             if self.writes > 1:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            self._data.write(view, offset)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._data, name)
