@@ -397,15 +397,10 @@ def test_head_waits_at_most_two_seconds_for_a_body_still_arriving(server, tus, f
     finish_and_compare(server, tus, url, source)
 
 
-@pytest.mark.parametrize("write_behind", ["0", "64MiB"])
-def test_head_waits_for_a_prefix_that_takes_long_to_store(make_server, files, write_behind):
+def test_head_waits_for_a_prefix_that_takes_long_to_store(make_server, files):
     """A writer held to 2 MiB/s needs about 2.5 s for a 5 MiB prefix, longer than the 2 s a
-    HEAD waits for a body still arriving: without write-behind the HEAD waits for the prefix
-    being stored; with it, the prefix counts once it is named in the record, long before it is
-    copied, and the HEAD has no reason to wait."""
-    server = make_server(
-        ["--max-bytes-per-second", "2MiB", "--write-behind", write_behind], env=INFO_LOGS
-    )
+    HEAD waits for a body still arriving: the HEAD waits for the prefix being stored."""
+    server = make_server(["--max-bytes-per-second", "2MiB"], env=INFO_LOGS)
     tus = Tus(server.base)
     source = files(6 * MiB, seed=15)
     data = source.read_bytes()
@@ -413,8 +408,7 @@ def test_head_waits_for_a_prefix_that_takes_long_to_store(make_server, files, wr
     cut_patch(server, url, 0, len(data), data[: 5 * MiB])
     started = time.monotonic()
     assert offset_of(url) == 5 * MiB
-    if write_behind == "0":
-        assert time.monotonic() - started >= 1.5
+    assert time.monotonic() - started >= 1.5
     finish_and_compare(server, tus, url, source)
     assert_no_500(server)
 

@@ -232,13 +232,10 @@ def test_pause_and_resume_through_the_seed_api(slow):
     assert server.status(session_id)["completed"] is True
 
 
-@pytest.mark.parametrize("write_behind", ["0", "64MiB"])
-def test_pause_during_a_patch_keeps_all_of_it(make_server, write_behind):
+def test_pause_during_a_patch_keeps_all_of_it(slow):
     """The PATCH's body is named in the record before the writer copies it, so it counts whole;
-    the pause stops the copy, and the resume finishes it from the spool. Without write-behind
-    the PATCH waits for the copy and is answered 423; with it, it was answered 204 already."""
-    server = make_server(["--max-bytes-per-second", "2MiB", "--write-behind", write_behind])
-    tus = Tus(server.base)
+    the pause stops the copy, and the resume finishes it from the spool."""
+    server, tus = slow
     data = blob(6 * MiB, seed=10)
     url = tus.new(len(data), filename="held.bin")
     session_id = upload_id(url)
@@ -251,13 +248,8 @@ def test_pause_during_a_patch_keeps_all_of_it(make_server, write_behind):
         )
         assert pause.status_code == 200
         answer = patch.result()
-    if write_behind == "0":
-        assert answer.status_code == 423
-        kept = answer.json()["error"]["offset"]
-    else:
-        assert answer.status_code == 204
-        kept = int(answer.headers["Upload-Offset"])
-        wait_for(lambda: server.status(session_id)["state"] == "paused", timeout=10)
+    assert answer.status_code == 423
+    kept = answer.json()["error"]["offset"]
     assert kept == 4 * MiB
     assert tus.head(url).headers["Upload-Offset"] == str(kept)
     resume = requests.post(
@@ -278,11 +270,8 @@ def test_terminate_through_the_seed_api(slow):
     assert tus.head(url).status_code == 410
 
 
-def test_concurrent_patches_never_interleave(make_server):
-    # Without write-behind, so the first PATCH is still in flight (waiting for its copy at
-    # 2 MiB/s) when the second comes; with it, the first is answered once spooled.
-    server = make_server(["--max-bytes-per-second", "2MiB", "--write-behind", "0"])
-    tus = Tus(server.base)
+def test_concurrent_patches_never_interleave(slow):
+    server, tus = slow
     data = blob(6 * MiB, seed=8)
     url = tus.new(len(data))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

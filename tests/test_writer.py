@@ -265,6 +265,66 @@ def test_pause_mid_append_keeps_the_body_and_resume_drains_it(harness: Harness):
     assert not harness.layout.segment(upload, 0).exists()
 
 
+def test_write_behind_answers_once_the_segment_is_named_and_copies_after(tmp_path: Path):
+    harness = Harness(tmp_path, write_behind=64 * CHUNK)
+    first, second = payload(CHUNK, 20), payload(6 * CHUNK, 21)
+    upload = harness.session(total=len(first) + len(second) + 1)
+    assert harness.answer(harness.append(upload, 0, first)).ok
+    harness.settle()
+    request = harness.append(upload, CHUNK, second)
+    harness.turn()  # one step: the segment is named, and the answer goes out at once
+    reply = harness.answers.pop(request)
+    assert reply.ok and reply.session["bytes_written"] == CHUNK + len(second)
+    assert reply.session["segments"] == [[CHUNK, len(second)]]
+    assert harness.store.load(upload).segments == [[CHUNK, len(second)]]  # durable: it counts
+    assert len(harness.data(upload)) < CHUNK + len(second)  # not copied yet
+    harness.settle()
+    record = harness.store.load(upload)
+    assert record.segments == [] and record.bytes_written == CHUNK + len(second)
+    assert harness.data(upload) == first + second
+    assert not harness.layout.segment(upload, CHUNK).exists()
+
+
+def test_write_behind_waits_while_more_than_its_budget_is_behind(tmp_path: Path):
+    harness = Harness(tmp_path, write_behind=2 * CHUNK)
+    first, second = payload(CHUNK, 22), payload(5 * CHUNK, 23)
+    upload = harness.session(total=len(first) + len(second) + 1)
+    assert harness.answer(harness.append(upload, 0, first)).ok
+    harness.settle()
+    request = harness.append(upload, CHUNK, second)
+    harness.turn(2)
+    assert request not in harness.answers  # 5 chunks behind, 2 allowed
+    reply = harness.answer(request)
+    # answered as soon as no more than 2 chunks were left to copy
+    assert reply.ok and len(harness.data(upload)) - CHUNK >= 3 * CHUNK
+    harness.settle()
+    assert harness.data(upload) == first + second
+
+
+def test_the_append_that_completes_an_upload_is_answered_after_completion(tmp_path: Path):
+    harness = Harness(tmp_path, write_behind=64 * CHUNK)
+    first, last = payload(CHUNK, 24), payload(4 * CHUNK, 25)
+    upload = harness.session(total=len(first) + len(last))
+    assert harness.answer(harness.append(upload, 0, first)).ok
+    reply = harness.answer(harness.append(upload, CHUNK, last))
+    assert reply.ok and reply.session["state"] == states.COMPLETED
+    assert reply.session["sha256"] == hashlib.sha256(first + last).hexdigest()
+    assert (harness.layout.root / reply.session["location"]).read_bytes() == first + last
+    assert harness.kinds(upload).count("completed") == 1
+
+
+def test_an_uploads_first_segment_becomes_its_data_without_a_copy(harness: Harness):
+    data = payload(3 * CHUNK, 26)
+    upload = harness.session(total=len(data) + 1)
+    request = harness.append(upload, 0, data)
+    segment_inode = harness.layout.segment(upload, 0).stat().st_ino
+    assert harness.answer(request).ok
+    harness.settle()
+    assert harness.layout.partial(upload).stat().st_ino == segment_inode  # renamed, not copied
+    assert harness.data(upload) == data
+    assert harness.store.load(upload).segments == []
+
+
 def test_a_full_disk_fails_the_append_and_counts_nothing_past_the_data(tmp_path: Path):
     class FullAfter:
         """Local data whose second write (from memory or from a file) finds the disk full."""

@@ -78,7 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
         parse_size,
         64 * 1024**2,
         "Bytes of one tus upload acknowledged once spooled (named in its record) before its "
-        "writer has copied them into the data; 0 = answer each PATCH only after the copy.",
+        "writer has copied them into the data; 0 (or a --max-bytes-per-second) = answer each "
+        "PATCH only after the copy.",
         "SIZE",
     ),
     Setting(

@@ -57,7 +57,7 @@ def append(ctx: Context, msg: Append) -> Generator[int, None, None]:
             ):
                 ctx.reply(msg.request_id, session)
             return
-        requester = Requester(msg.request_id, behind=ctx.settings.write_behind > 0)
+        requester = Requester(msg.request_id, behind=_writes_behind(ctx))
         requester.answer_early(ctx, held)
         stored = yield from apply_segments(ctx, held, requester)
         # Once a later append has made the upload whole, that append's task completes it.
@@ -92,6 +92,12 @@ class Requester:
         ):
             ctx.reply(self.request_id, held.session)
             self.request_id = None
+
+
+def _writes_behind(ctx: Context) -> bool:
+    """Write-behind is on unless set to 0 or a rate limit is set: a client of a rate-limited
+    session should feel the limit (and not fill the spool ahead of it)."""
+    return ctx.settings.write_behind > 0 and not ctx.settings.max_bytes_per_second
 
 
 def _free_space(ctx: Context) -> int:
