@@ -121,6 +121,8 @@ class SelectorLoop:
         self._wake: Callable[[], None] = lambda: None
         self.on_tick: Callable[[float], None] = lambda now: None
         self._active: _Registrations | None = None
+        self._taken = 0  # events handled on connections that may hold a cut (`catch_up`)
+        self._taking: Any = None  # such a connection while its event is being handled
 
     def loop(
         self,
@@ -188,8 +190,15 @@ class SelectorLoop:
                 flags = (POLLIN if mask & selectors.EVENT_READ else 0) | (
                     POLLOUT if mask & selectors.EVENT_WRITE else 0
                 )
-                if flags:
+                if flags and _excused(obj):
                     waitress.wasyncore.readwrite(obj, flags)
+                elif flags:
+                    self._taking = obj
+                    try:
+                        waitress.wasyncore.readwrite(obj, flags)
+                    finally:
+                        self._taking = None
+                        self._taken += 1
                 touched.append((fd, obj))
                 if obj.accepting or isinstance(obj, waitress.trigger.trigger):
                     rescan = True  # new connections, or a request thread changed some
@@ -221,6 +230,54 @@ class SelectorLoop:
                 if self._passes >= target or left <= 0:
                     return
                 self._changed.wait(min(left, 0.005))
+
+    def catch_up(self, timeout: float, passes: int) -> None:
+        """Wait (from a request thread) until what reached this host before now has been taken
+        in: no waiting connection is left to accept and no socket the loop reads has unread bytes
+        or an unseen close, leaving out connections in the middle of a watched body (their
+        cut is waited for through the body observer, `cut_bodies`). Under load those are the
+        busy ones, so this usually returns at once, where `settle` waits whole passes of every
+        busy socket. Bounded by `timeout`; without `select.poll` it is `settle(passes, ...)`."""
+        if not hasattr(select, "poll"):
+            self.settle(passes, timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while self._unread():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.settle(1, left)
+
+    def _unread(self) -> bool:
+        registrations = self._active
+        if registrations is None:
+            return False
+        taken = self._taken
+        if self._taking is not None:
+            return True
+        poller = select.poll()
+        for fd, obj in list(registrations.map.items()):
+            known = registrations.known.get(fd)
+            if _excused(obj) or (known is not None and not known[1] & selectors.EVENT_READ):
+                continue  # not read by the loop now: waiting would not change it
+            with contextlib.suppress(OSError, ValueError):
+                poller.register(fd, _UNREAD)
+        if any(mask & _UNREAD for _, mask in poller.poll(0)):
+            return True
+        # a connection handled meanwhile may have taken bytes the poll no longer shows
+        return self._taking is not None or self._taken != taken
+
+
+_UNREAD = POLLIN | getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8)
+
+
+def _excused(obj: Any) -> bool:
+    """The trigger, or a connection in the middle of a body the observer watches (waitress
+    adjustments: its parser's `watch_key`): neither can hold a cut that `catch_up` must wait for."""
+    if isinstance(obj, waitress.trigger.trigger):
+        return True
+    request = getattr(obj, "request", None)
+    return getattr(request, "watch_key", None) is not None
 
 
 LOOP = SelectorLoop()
