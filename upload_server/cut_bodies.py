@@ -276,7 +276,7 @@ class CutBodies:
         if environ.get("REQUEST_METHOD") == "HEAD" or (is_draft and arriving):
             # a retry may overtake its own cut connection (sent on another keep-alive
             # connection): let waitress read what has reached this host first
-            LOOP.catch_up(LOOP_WAIT, LOOP_PASSES)
+            LOOP.catch_up(LOOP_WAIT, LOOP_PASSES, upload_id.encode())
         if is_draft and arriving:
             self._end_superseded(upload_id)
         now = time.monotonic()

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import select
 import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -231,24 +232,26 @@ class SelectorLoop:
                     return
                 self._changed.wait(min(left, 0.005))
 
-    def catch_up(self, timeout: float, passes: int) -> None:
-        """Wait (from a request thread) until what reached this host before now has been taken
-        in: no waiting connection is left to accept and no socket the loop reads has unread bytes
-        or an unseen close, leaving out connections in the middle of a watched body (their
-        cut is waited for through the body observer, `cut_bodies`). Under load those are the
-        busy ones, so this usually returns at once, where `settle` waits whole passes of every
-        busy socket. Bounded by `timeout`; without `select.poll` it is `settle(passes, ...)`."""
+    def catch_up(self, timeout: float, passes: int, about: bytes) -> None:
+        """Wait (from a request thread) until what reached this host before now about `about`
+        (an upload id) has been taken in: no waiting connection is left to accept and no socket
+        the loop reads has unread bytes or an unseen close, leaving out connections in the
+        middle of a watched body (their cut is waited for through the body observer,
+        `cut_bodies`) and those between requests whose unread bytes (peeked) do not name
+        `about`. Under load those are the busy ones, so this usually returns at once, where
+        `settle` waits whole passes of every busy socket. Bounded by `timeout`; without
+        `select.poll` it is `settle(passes, ...)`."""
         if not hasattr(select, "poll"):
             self.settle(passes, timeout)
             return
         deadline = time.monotonic() + timeout
-        while self._unread():
+        while self._unread(about):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             self.settle(1, left)
 
-    def _unread(self) -> bool:
+    def _unread(self, about: bytes) -> bool:
         registrations = self._active
         if registrations is None:
             return False
@@ -256,14 +259,17 @@ class SelectorLoop:
         if self._taking is not None:
             return True
         poller = select.poll()
+        watched = {}
         for fd, obj in list(registrations.map.items()):
             known = registrations.known.get(fd)
             if _excused(obj) or (known is not None and not known[1] & selectors.EVENT_READ):
                 continue  # not read by the loop now: waiting would not change it
             with contextlib.suppress(OSError, ValueError):
                 poller.register(fd, _UNREAD)
-        if any(mask & _UNREAD for _, mask in poller.poll(0)):
-            return True
+                watched[fd] = obj
+        for fd, mask in poller.poll(0):
+            if mask & _UNREAD and not _elsewhere(watched.get(fd), about):
+                return True
         # a connection handled meanwhile may have taken bytes the poll no longer shows
         return self._taking is not None or self._taken != taken
 
@@ -278,6 +284,23 @@ def _excused(obj: Any) -> bool:
         return True
     request = getattr(obj, "request", None)
     return getattr(request, "watch_key", None) is not None
+
+
+def _elsewhere(obj: Any, about: bytes) -> bool:
+    """A connection between requests whose unread bytes (peeked, not taken) do not name `about`:
+    a close there drops no request of it, and its next request is not about it. (A request
+    partly read is judged by the loop, not here.)"""
+    if obj is None or getattr(obj, "request", True) is not None or obj.accepting:
+        return False
+    try:
+        peeked = obj.socket.recv(_PEEK, _PEEK_FLAGS)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return about not in peeked
+
+
+_PEEK = 8192  # a request line and its headers
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 LOOP = SelectorLoop()
