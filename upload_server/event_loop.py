@@ -39,6 +39,9 @@ log = logging.getLogger("upload_server.waitress")
 TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick`
 POLLIN = getattr(select, "POLLIN", 1)
 POLLOUT = getattr(select, "POLLOUT", 4)
+BODY_READS = 4  # body reads (recv_bytes each) per pass at most, so that others wait less
+
+_Event = tuple[selectors.SelectorKey, int]
 
 
 def _interest(obj: Any) -> int:
@@ -122,6 +125,7 @@ class SelectorLoop:
         self._wake: Callable[[], None] = lambda: None
         self.on_tick: Callable[[float], None] = lambda now: None
         self._active: _Registrations | None = None
+        self._served: dict[int, int] = {}  # fd -> the pass that last read its body (`_ration`)
         self._taken = 0  # events handled on connections that may hold a cut (`catch_up`)
         self._taking: Any = None  # such a connection while its event is being handled
 
@@ -177,13 +181,13 @@ class SelectorLoop:
             wait = max(0.0, min(timeout, next_tick - time.monotonic()))
             if not reg.selector.get_map():
                 time.sleep(wait)
-                events: list[tuple[selectors.SelectorKey, int]] = []
+                events: list[_Event] = []
             else:
                 try:
                     events = reg.selector.select(wait)
                 except InterruptedError:
                     events = []
-            events.sort(key=_body_last)  # a HEAD or status is read before 16 body chunks
+            events = self._ration(events)
             for key, mask in events:
                 obj, fd = key.data, key.fd
                 if socket_map.get(fd) is not obj:
@@ -233,6 +237,25 @@ class SelectorLoop:
                     return
                 self._changed.wait(min(left, 0.005))
 
+    def _ration(self, events: list[_Event]) -> list[_Event]:
+        """This pass's events: every one of a connection not in a body first (a HEAD or status
+        waits for no body chunk), then at most `BODY_READS` of those in a body, the ones
+        served longest ago first. The rest stay ready for the next pass, which then comes
+        after a few chunks rather than after every busy upload's."""
+        quick = [event for event in events if not _in_body(event[0].data)]
+        if len(quick) == len(events):
+            return events
+        bodies = [event for event in events if _in_body(event[0].data)]
+        served = self._served
+        if len(bodies) > BODY_READS:
+            bodies.sort(key=lambda event: served.get(event[0].fd, -1))
+            del bodies[BODY_READS:]
+        if len(served) > 4096:  # numbers of closed connections
+            served.clear()
+        for key, _ in bodies:
+            served[key.fd] = self._passes
+        return quick + bodies
+
     def catch_up(self, timeout: float, passes: int, about: bytes) -> None:
         """Wait (from a request thread) until what reached this host before now about `about`
         (an upload id) has been taken in: no waiting connection is left to accept and no socket
@@ -279,17 +302,16 @@ _UNREAD = POLLIN | getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8
 
 
 def _excused(obj: Any) -> bool:
-    """The trigger, or a connection in the middle of a body the observer watches (waitress
-    adjustments: its parser's `watch_key`): neither can hold a cut that `catch_up` must wait for."""
-    if isinstance(obj, waitress.trigger.trigger):
-        return True
+    """The trigger, or a connection in the middle of a watched body: neither can hold a cut that
+    `catch_up` must wait for."""
+    return isinstance(obj, waitress.trigger.trigger) or _in_body(obj)
+
+
+def _in_body(obj: Any) -> bool:
+    """A connection in the middle of a body the observer watches (waitress adjustments: its
+    parser's `watch_key`, set from the headers until the body is complete or cut)."""
     request = getattr(obj, "request", None)
     return getattr(request, "watch_key", None) is not None
-
-
-def _body_last(event: tuple[selectors.SelectorKey, int]) -> bool:
-    """Connections in the middle of a watched body after the others within a pass (stable)."""
-    return _excused(event[0].data)
 
 
 def _elsewhere(obj: Any, about: bytes) -> bool:
