@@ -10,6 +10,12 @@ once, and its interest is looked at again only when something may have changed i
   accepted connections: then every connection is looked at once (one cheap pass),
 - at least once a second (`TICK`), when `on_tick` also runs (the deadline checks).
 
+Within a pass, connections in the middle of a watched request body (a tus PATCH) come after the
+others, and at most `BODY_READS` of them are read (longest unserved first; the rest stay ready for
+the next pass): a HEAD or status request waits for a few 256 KiB body reads, not for one of every
+busy upload. A HEAD's wait for cut connections (`catch_up`) looks at the sockets themselves
+(`poll`, and a peek at a connection between requests) instead of waiting whole passes.
+
 Listening sockets are asked every pass, as before: their `readable()` runs waitress's maintenance
 and its connection limit. Events are handed to `wasyncore.readwrite`, so channels see the same
 `handle_read_event` / `handle_write_event` / `handle_close` / `handle_error` calls as before.
@@ -222,7 +228,8 @@ class SelectorLoop:
 
     def settle(self, passes: int, timeout: float) -> None:
         """Wait (from a request thread) until the I/O thread has made `passes` more passes, each
-        reading every socket that has data: what reached this host before now has been seen.
+        reading every socket that has data (of those in a watched body, `BODY_READS`): what
+        reached this host before now has been seen.
         Bounded by `timeout`; returns at once when no loop runs (another WSGI server)."""
         with self._changed:
             if not self._passes:
