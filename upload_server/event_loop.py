@@ -45,7 +45,7 @@ log = logging.getLogger("upload_server.waitress")
 TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick`
 POLLIN = getattr(select, "POLLIN", 1)
 POLLOUT = getattr(select, "POLLOUT", 4)
-BODY_READS = 4  # body reads (recv_bytes each) per pass at most, so that others wait less
+BODY_READS = 2  # body reads (recv_bytes each) per pass at most, so that others wait less
 
 _Event = tuple[selectors.SelectorKey, int]
 
