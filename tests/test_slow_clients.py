@@ -386,3 +386,52 @@ def test_behind_a_trusted_proxy_the_cap_counts_forwarded_clients(make_server):
         assert [f.result(timeout=30) for f in slow] == [204, 204]
     assert third == 429
     assert other == 204
+
+
+def test_a_pass_reads_a_few_bodies_in_turn_and_every_other_connection():
+    """Busy uploads' bodies are read at most `BODY_READS` per pass, longest unserved first, so a
+    HEAD or status request waits for a few body chunks, not for every busy upload's; over
+    passes every body is read."""
+    import selectors as sel
+
+    from upload_server import event_loop
+
+    class Conn:
+        accepting = False
+
+        def __init__(self, in_body: bool) -> None:
+            self.request = type("P", (), {"watch_key": object() if in_body else None})()
+
+    def event(fd: int, conn: Conn) -> tuple[sel.SelectorKey, int]:
+        return (sel.SelectorKey(None, fd, sel.EVENT_READ, conn), sel.EVENT_READ)
+
+    loop = event_loop.SelectorLoop()
+    bodies = [event(fd, Conn(True)) for fd in range(10, 20)]
+    head = event(5, Conn(False))
+    seen: list[int] = []
+    for _ in range(-(-len(bodies) // event_loop.BODY_READS)):
+        chosen = loop._ration([*bodies, head])
+        assert chosen[0] is head and len(chosen) == 1 + event_loop.BODY_READS
+        seen += [key.fd for key, _ in chosen[1:]]
+        loop._passes += 1
+    assert set(seen) == set(range(10, 20))  # nobody starved
+
+
+def test_catch_up_waits_only_for_unread_bytes_that_name_the_upload():
+    """A HEAD lets the loop read what has arrived (a retry may overtake its own cut connection),
+    but not bytes of connections between requests that are about another upload."""
+    from upload_server import event_loop
+
+    left, right = socket.socketpair()
+    try:
+        conn = type("C", (), {"accepting": False, "request": None, "socket": right})()
+        left.sendall(b"PATCH /files/other HTTP/1.1\r\n")
+        assert event_loop._elsewhere(conn, b"mine")
+        assert not event_loop._elsewhere(conn, b"other")
+        assert right.recv(100).startswith(b"PATCH")  # peeked, not taken
+        left.close()
+        assert event_loop._elsewhere(conn, b"mine")  # a close between requests drops nothing
+    finally:
+        right.close()
+        with contextlib.suppress(OSError):
+            left.close()

@@ -49,7 +49,7 @@ ENVIRON_KEY = "upload_server.cut"  # set in the environ of a request replayed fr
 PENDING_WAIT = 20.0  # longest a HEAD or PATCH waits for a cut prefix of its upload to be stored
 IN_FLIGHT_WAIT = 2.0  # longest it waits for a PATCH body of its upload that is still arriving
 SUPERSEDE_GRACE = 0.5  # a draft request: how long a body it supersedes may still end by itself
-LOOP_PASSES = 3  # accept a connection, read its last bytes, see it close
+LOOP_PASSES = 3  # without poll(): accept a connection, read its last bytes, see it close
 LOOP_WAIT = 0.1  # at most this long
 WORKERS = 4
 REPEAT_WINDOW = 60.0  # seconds a PATCH repeating a kept cut request is refused on its headers
@@ -276,7 +276,7 @@ class CutBodies:
         if environ.get("REQUEST_METHOD") == "HEAD" or (is_draft and arriving):
             # a retry may overtake its own cut connection (sent on another keep-alive
             # connection): let waitress read what has reached this host first
-            LOOP.settle(LOOP_PASSES, LOOP_WAIT)
+            LOOP.catch_up(LOOP_WAIT, LOOP_PASSES, upload_id.encode())
         if is_draft and arriving:
             self._end_superseded(upload_id)
         now = time.monotonic()

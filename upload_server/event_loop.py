@@ -10,6 +10,12 @@ once, and its interest is looked at again only when something may have changed i
   accepted connections: then every connection is looked at once (one cheap pass),
 - at least once a second (`TICK`), when `on_tick` also runs (the deadline checks).
 
+Within a pass, connections in the middle of a watched request body (a tus PATCH) come after the
+others, and at most `BODY_READS` of them are read (longest unserved first; the rest stay ready for
+the next pass): a HEAD or status request waits for a few 256 KiB body reads, not for one of every
+busy upload. A HEAD's wait for cut connections (`catch_up`) looks at the sockets themselves
+(`poll`, and a peek at a connection between requests) instead of waiting whole passes.
+
 Listening sockets are asked every pass, as before: their `readable()` runs waitress's maintenance
 and its connection limit. Events are handed to `wasyncore.readwrite`, so channels see the same
 `handle_read_event` / `handle_write_event` / `handle_close` / `handle_error` calls as before.
@@ -23,6 +29,7 @@ import contextlib
 import logging
 import select
 import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +45,9 @@ log = logging.getLogger("upload_server.waitress")
 TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick`
 POLLIN = getattr(select, "POLLIN", 1)
 POLLOUT = getattr(select, "POLLOUT", 4)
+BODY_READS = 2  # body reads (recv_bytes each) per pass at most, so that others wait less
+
+_Event = tuple[selectors.SelectorKey, int]
 
 
 def _interest(obj: Any) -> int:
@@ -121,6 +131,9 @@ class SelectorLoop:
         self._wake: Callable[[], None] = lambda: None
         self.on_tick: Callable[[float], None] = lambda now: None
         self._active: _Registrations | None = None
+        self._served: dict[int, int] = {}  # fd -> the pass that last read its body (`_ration`)
+        self._taken = 0  # events handled on connections that may hold a cut (`catch_up`)
+        self._taking: Any = None  # such a connection while its event is being handled
 
     def loop(
         self,
@@ -174,12 +187,13 @@ class SelectorLoop:
             wait = max(0.0, min(timeout, next_tick - time.monotonic()))
             if not reg.selector.get_map():
                 time.sleep(wait)
-                events: list[tuple[selectors.SelectorKey, int]] = []
+                events: list[_Event] = []
             else:
                 try:
                     events = reg.selector.select(wait)
                 except InterruptedError:
                     events = []
+            events = self._ration(events)
             for key, mask in events:
                 obj, fd = key.data, key.fd
                 if socket_map.get(fd) is not obj:
@@ -188,8 +202,15 @@ class SelectorLoop:
                 flags = (POLLIN if mask & selectors.EVENT_READ else 0) | (
                     POLLOUT if mask & selectors.EVENT_WRITE else 0
                 )
-                if flags:
+                if flags and _excused(obj):
                     waitress.wasyncore.readwrite(obj, flags)
+                elif flags:
+                    self._taking = obj
+                    try:
+                        waitress.wasyncore.readwrite(obj, flags)
+                    finally:
+                        self._taking = None
+                        self._taken += 1
                 touched.append((fd, obj))
                 if obj.accepting or isinstance(obj, waitress.trigger.trigger):
                     rescan = True  # new connections, or a request thread changed some
@@ -207,7 +228,8 @@ class SelectorLoop:
 
     def settle(self, passes: int, timeout: float) -> None:
         """Wait (from a request thread) until the I/O thread has made `passes` more passes, each
-        reading every socket that has data: what reached this host before now has been seen.
+        reading every socket that has data (of those in a watched body, `BODY_READS`): what
+        reached this host before now has been seen.
         Bounded by `timeout`; returns at once when no loop runs (another WSGI server)."""
         with self._changed:
             if not self._passes:
@@ -221,6 +243,99 @@ class SelectorLoop:
                 if self._passes >= target or left <= 0:
                     return
                 self._changed.wait(min(left, 0.005))
+
+    def _ration(self, events: list[_Event]) -> list[_Event]:
+        """This pass's events: every one of a connection not in a body first (a HEAD or status
+        waits for no body chunk), then at most `BODY_READS` of those in a body, the ones
+        served longest ago first. The rest stay ready for the next pass, which then comes
+        after a few chunks rather than after every busy upload's."""
+        quick = [event for event in events if not _in_body(event[0].data)]
+        if len(quick) == len(events):
+            return events
+        bodies = [event for event in events if _in_body(event[0].data)]
+        served = self._served
+        if len(bodies) > BODY_READS:
+            bodies.sort(key=lambda event: served.get(event[0].fd, -1))
+            del bodies[BODY_READS:]
+        if len(served) > 4096:  # numbers of closed connections
+            served.clear()
+        for key, _ in bodies:
+            served[key.fd] = self._passes
+        return quick + bodies
+
+    def catch_up(self, timeout: float, passes: int, about: bytes) -> None:
+        """Wait (from a request thread) until what reached this host before now about `about`
+        (an upload id) has been taken in: no waiting connection is left to accept and no socket
+        the loop reads has unread bytes or an unseen close, leaving out connections in the
+        middle of a watched body (their cut is waited for through the body observer,
+        `cut_bodies`) and those between requests whose unread bytes (peeked) do not name
+        `about`. Under load those are the busy ones, so this usually returns at once, where
+        `settle` waits whole passes of every busy socket. Bounded by `timeout`; without
+        `select.poll` it is `settle(passes, ...)`."""
+        if not hasattr(select, "poll"):
+            self.settle(passes, timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while self._unread(about):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.settle(1, left)
+
+    def _unread(self, about: bytes) -> bool:
+        registrations = self._active
+        if registrations is None:
+            return False
+        taken = self._taken
+        if self._taking is not None:
+            return True
+        poller = select.poll()
+        watched = {}
+        for fd, obj in list(registrations.map.items()):
+            known = registrations.known.get(fd)
+            if _excused(obj) or (known is not None and not known[1] & selectors.EVENT_READ):
+                continue  # not read by the loop now: waiting would not change it
+            with contextlib.suppress(OSError, ValueError):
+                poller.register(fd, _UNREAD)
+                watched[fd] = obj
+        for fd, mask in poller.poll(0):
+            if mask & _UNREAD and not _elsewhere(watched.get(fd), about):
+                return True
+        # a connection handled meanwhile may have taken bytes the poll no longer shows
+        return self._taking is not None or self._taken != taken
+
+
+_UNREAD = POLLIN | getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8)
+
+
+def _excused(obj: Any) -> bool:
+    """The trigger, or a connection in the middle of a watched body: neither can hold a cut that
+    `catch_up` must wait for."""
+    return isinstance(obj, waitress.trigger.trigger) or _in_body(obj)
+
+
+def _in_body(obj: Any) -> bool:
+    """A connection in the middle of a body the observer watches (waitress adjustments: its
+    parser's `watch_key`, set from the headers until the body is complete or cut)."""
+    request = getattr(obj, "request", None)
+    return getattr(request, "watch_key", None) is not None
+
+
+def _elsewhere(obj: Any, about: bytes) -> bool:
+    """A connection between requests whose unread bytes (peeked, not taken) do not name `about`:
+    a close there drops no request of it, and its next request is not about it. (A request
+    partly read is judged by the loop, not here.)"""
+    if obj is None or getattr(obj, "request", True) is not None or obj.accepting:
+        return False
+    try:
+        peeked = obj.socket.recv(_PEEK, _PEEK_FLAGS)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return about not in peeked
+
+
+_PEEK = 8192  # a request line and its headers
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 LOOP = SelectorLoop()
