@@ -37,6 +37,14 @@ def finish(ctx: Context, held: Held, request_id: int | None = None) -> bool:
     the price of not being able to read an unfinished S3 multipart upload. A partial upload
     (concatenation) is published only where that is the only way to read it back."""
     session = held.session
+    if session.id in _IN_FLIGHT:
+        # A second task of the session (the drain that recovers it beside the re-sent request)
+        # while `finishing` runs its I/O: wait for that, which completes the upload or fails it.
+        flusher.wait_all()
+        if session.state == states.COMPLETED:
+            return True
+        ctx.outbox.reply(request_id, session, code="io_error", message="completing it failed")
+        return False
     durable = ctx.settings.fsync != "never"
     hasher = held.hasher()
     data = held.data()
