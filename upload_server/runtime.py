@@ -237,7 +237,7 @@ class Runtime:
                     elif (
                         session.protocol in states.APPENDED
                         and not session.segments
-                        and (self._data_whole(session))
+                        and self._data_whole(session)
                     ):
                         # every byte is in the data, the crash came before the publishing note:
                         # its drain completes it (the client has nothing left to send)
