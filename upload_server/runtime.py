@@ -234,6 +234,14 @@ class Runtime:
                         self._spool_whole(session) or self._data_whole(session)
                     ):
                         resumable.append(session)
+                    elif (
+                        session.protocol in states.APPENDED
+                        and not session.segments
+                        and self._data_whole(session)
+                    ):
+                        # every byte is in the data, the crash came before the publishing note:
+                        # its drain completes it (the client has nothing left to send)
+                        resumable.append(session)
                     else:
                         lifecycle.wait_for_client(session, "the server restarted")
                         directory.share(session)

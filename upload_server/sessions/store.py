@@ -105,9 +105,16 @@ class FileSessionStore:
         if durable:
             fsync_dir(place)
         if place is not self.directory:  # an unfinished record is never anywhere else
+            later = True
             for other in self._later_first:
-                if other is not place:
+                if other is place:
+                    later = False
+                elif later:
                     self._unlink(other / name, durable)
+                else:
+                    # No directory fsync: an older record left in an earlier place by a crash is
+                    # shadowed (`load` reads later places first) and dropped by `unfinished`.
+                    self._unlink(other / name, False)
 
     @staticmethod
     def _unlink(path: Path, durable: bool) -> None:
