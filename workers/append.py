@@ -27,7 +27,7 @@ from upload_server.sessions.record import Session
 from upload_server.storage import Adopting
 
 from .context import Context, Interrupted
-from .finish import fail_write, finish, finishing
+from .finish import fail_write, finish
 from .held import COMMIT, Held
 from .messages import Append
 
@@ -52,8 +52,8 @@ def append(ctx: Context, msg: Append) -> Generator[int, None, None]:
             return
         if lifecycle.is_whole(session):
             # The append that completes the upload is answered only once it is complete.
-            if (yield from apply_segments(ctx, held, Requester(msg.request_id))) and (
-                yield from finishing(ctx, held, msg.request_id)
+            if (yield from apply_segments(ctx, held, Requester(msg.request_id))) and settle(
+                ctx, held, msg.request_id
             ):
                 ctx.reply(msg.request_id, session)
             return

@@ -56,7 +56,6 @@ def _apply(ctx: Context, held: Held, command: Command) -> Session:
     lifecycle.check_command(session, action, completed_too=completed_too)
     if action == lifecycle.PAUSE:
         _interrupt(ctx, session.id, lifecycle.PAUSED, "the upload was paused")
-        lifecycle.check_command(session, action)  # a completion it waited for may have ended it
         lifecycle.pause(session)
         held.checkpoint(STATE)
     elif action == lifecycle.RESUME:
@@ -66,7 +65,6 @@ def _apply(ctx: Context, held: Held, command: Command) -> Session:
     else:
         ended = lifecycle.ENDED_BY[action]
         _interrupt(ctx, session.id, ended, f"the upload was {ended}")
-        lifecycle.check_command(session, action, completed_too=completed_too)  # as for pause
         lifecycle.end(session, action)
         discard_data(ctx, held)
         ctx.remove_spool(session.id)

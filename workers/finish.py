@@ -12,17 +12,13 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Generator
-from typing import Any
 
 from upload_server import fileio
 from upload_server.sessions import lifecycle
-from upload_server.sessions import record as states
 from upload_server.sessions.record import Session
-from upload_server.storage import ReadBack, UploadData
+from upload_server.storage import ReadBack
 
-from . import flusher
-from .context import Context, Interrupted
+from .context import Context
 from .held import STATE, Held
 
 log = logging.getLogger("upload_server.writer")
@@ -37,14 +33,6 @@ def finish(ctx: Context, held: Held, request_id: int | None = None) -> bool:
     the price of not being able to read an unfinished S3 multipart upload. A partial upload
     (concatenation) is published only where that is the only way to read it back."""
     session = held.session
-    if session.id in _IN_FLIGHT:
-        # A second task of the session (the drain that recovers it beside the re-sent request)
-        # while `finishing` runs its I/O: wait for that, which completes the upload or fails it.
-        flusher.wait_all()
-        if session.state == states.COMPLETED:
-            return True
-        ctx.outbox.reply(request_id, session, code="io_error", message="completing it failed")
-        return False
     durable = ctx.settings.fsync != "never"
     hasher = held.hasher()
     data = held.data()
@@ -73,117 +61,19 @@ def finish(ctx: Context, held: Held, request_id: int | None = None) -> bool:
     if hasher is None and not _digest_ok(ctx, held, digest, request_id):
         return False
     lifecycle.complete(session, None)
-    held.save(STATE)
-    _completed(ctx, held)
-    return True
-
-
-_IN_FLIGHT: set[str] = set()  # sessions whose completion I/O runs on a flusher thread
-
-
-def finishing(
-    ctx: Context, held: Held, request_id: int | None = None
-) -> Generator[int, None, bool]:
-    """`finish` as a task's last steps: with fsync on, local files and a running SHA-256, the
-    completion's I/O (sync the data, note the publishing, link, save the completed record, each
-    with its flushes) runs on the writer's flusher threads while the task yields, so the
-    completions of many sessions overlap their flushes (`flusher`). The requester is answered
-    after its own I/O, as by `finish`. Elsewhere it is `finish` in one go.
-
-    A command that comes meanwhile (pause, terminate) waits for that I/O: once the note is
-    durable the upload is as good as complete (a restart finishes it), so it completes, and the
-    command finds it complete (`control` asks the rules again after stopping the tasks)."""
-    session = held.session
-    hasher = held.hasher()
-    if not _overlaps(ctx, session, hasher):
-        return finish(ctx, held, request_id)
-    try:
-        while session.id in _IN_FLIGHT:  # a re-sent request beside the one completing it
-            yield 0
-    except Interrupted as stop:
-        ctx.refuse(request_id, session.id, stop)
-        return False
-    if session.state == states.COMPLETED:
-        return True
-    data = held.data()
-    try:
-        data.commit(whole=True)
-    except OSError as exc:
-        fail_write(ctx, held, exc, request_id)
-        return False
-    if not _digest_ok(ctx, held, hasher.hexdigest(), request_id):
-        return False
-    outcome: list[OSError | None] = []
-    _IN_FLIGHT.add(session.id)
-    try:
-        yield from flusher.run(
-            lambda: outcome.append(_complete_io(ctx, held, data)), lambda: _others_busy(ctx)
-        )
-    except Interrupted:
-        pass  # the I/O has ended: what it did stands (see above)
-    finally:
-        _IN_FLIGHT.discard(session.id)
-    failed = outcome[0] if outcome else OSError(errno.EIO, "the completed record was not saved")
-    if failed is not None:
-        fail_write(ctx, held, failed, request_id)
-        return False
-    _completed(ctx, held)
-    return True
-
-
-def _overlaps(ctx: Context, session: Session, hasher: Any) -> bool:
-    return (
-        ctx.settings.fsync != "never"
-        and hasher is not None
-        and session.concat != "partial"
-        and getattr(ctx.storage, "publishes_concurrently", False)
-    )
-
-
-def _complete_io(ctx: Context, held: Held, data: UploadData) -> OSError | None:
-    """On a flusher thread: sync, publish, save the completed record (no live view, no events:
-    those belong to the writer's thread). The OSError of a failed write or publish is returned
-    for the task to fail the upload with; a record that cannot be saved raises, as in `finish`."""
-    session = held.session
-    try:
-        data.sync()
-        held.close_data()
-        session.location = ctx.storage.publish(
-            session.id,
-            session.filename,
-            durable=True,
-            note=lambda location: _note_publishing(held, location, show=False),
-        )
-    except OSError as exc:
-        return exc
-    lifecycle.complete(session, None)
-    held.save(STATE)
-    return None
-
-
-def _others_busy(ctx: Context) -> bool:
-    """The writer holds a task that is not waiting for a flush (it has other work to step)."""
-    return len(getattr(ctx.scheduler, "tasks", ())) > flusher.waiting()
-
-
-def _completed(ctx: Context, held: Held) -> None:
-    """The upload is complete and its record durable: show it, tell the front end, let go."""
-    session = held.session
-    held.show()
+    held.checkpoint(STATE)
     ctx.outbox.emit("completed", session)
     ctx.remove_spool(session.id)
     held.release()
+    return True
 
 
-def _note_publishing(held: Held, location: str, *, show: bool = True) -> None:
+def _note_publishing(held: Held, location: str) -> None:
     """Write down, durably, where the data is about to appear: a crash from here on is
     finished at restart (`Runtime._recover`), not mistaken for lost data."""
     held.session.publishing = location
     held.session.spooled = False
-    if show:
-        held.checkpoint(STATE)
-    else:
-        held.save(STATE)
+    held.checkpoint(STATE)
 
 
 def _published_digest(ctx: Context, session: Session) -> str:

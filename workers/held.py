@@ -139,17 +139,6 @@ class Held:
         committed to its storage before the record: whole at COMMIT and STATE, its full parts at
         a PROGRESS checkpoint (a seed drain; only this node can continue it from its spool)."""
         owner, session = self.owner, self.session
-        now = self.save(level)
-        owner.live.put(session)
-        if level < STATE and now - self.last_progress_event >= PROGRESS_EVENT_INTERVAL:
-            self.last_progress_event = now
-            owner.outbox.emit("progress", session)
-
-    def save(self, level: int = STATE) -> float:
-        """`checkpoint` without the live view and events: the durable record alone, which a
-        flusher thread may write while the task waits (the Manager proxy and the outbox belong
-        to the writer's main thread). Returns the monotonic time it was stamped."""
-        owner, session = self.owner, self.session
         session.updated_at = time.time()
         owner.policy.stamp(session)
         if not session.is_final and owner.settings.expiry:
@@ -165,7 +154,10 @@ class Held:
             synced = fsync == "always" or (level == STATE and fsync != "never")
             owner.store.save(session, durable=synced)
             self.last_checkpoint = now
-        return now
+        owner.live.put(session)
+        if level < STATE and now - self.last_progress_event >= PROGRESS_EVENT_INTERVAL:
+            self.last_progress_event = now
+            owner.outbox.emit("progress", session)
 
     def release(self) -> None:
         """The writer is done with this session (finished, ended, or idle in a cluster)."""

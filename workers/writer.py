@@ -30,7 +30,6 @@ from upload_server.sessions.live import LiveSessions, LiveViewLost
 from upload_server.sessions.store import SessionStore
 from upload_server.storage import Storage
 
-from . import flusher
 from .append import append
 from .concat import concat
 from .context import Context, Task
@@ -96,7 +95,6 @@ class Writer:
         while not self.stopping:
             if not self.turn(self._idle_timeout()):
                 return  # the front end is gone
-        flusher.wait_all()  # completions in flight end before the held records are saved
         self.held.checkpoint_all()
 
     def turn(self, timeout: float | None = 0.0) -> bool:

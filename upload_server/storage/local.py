@@ -59,11 +59,7 @@ class LocalUploadData:
 
 
 class LocalStorage:
-    """`writeback`: start writing data to disk as it comes (for uploads that will be synced).
-    `publishes_concurrently`: `publish` may run on several threads at once (a name taken
-    meanwhile is a failed link, and the next candidate is tried)."""
-
-    publishes_concurrently = True
+    """`writeback`: start writing data to disk as it comes (for uploads that will be synced)."""
 
     def __init__(self, layout: Layout, *, writeback: bool = False) -> None:
         self.layout = layout
