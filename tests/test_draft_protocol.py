@@ -10,6 +10,8 @@ from upload_server.sessions import lifecycle
 from upload_server.sessions import record as states
 from upload_server.sessions.record import Session
 
+pytestmark = pytest.mark.frontend  # the draft's protocol: how writers start does not change it
+
 
 def headers(**values: str):
     named = {name.replace("_", "-").lower(): value for name, value in values.items()}

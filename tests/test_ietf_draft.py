@@ -15,6 +15,8 @@ import requests
 from .conftest import MiB, sha256_file
 from .draft_http import PARTIAL, Draft, append_head, creation_head, interop, problem, read_interim
 
+pytestmark = pytest.mark.frontend  # the draft's protocol: how writers start does not change it
+
 IANA = "https://iana.org/assignments/http-problem-types#"
 
 

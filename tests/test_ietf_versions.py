@@ -11,6 +11,8 @@ import pytest
 from .conftest import MiB
 from .draft_http import Draft, creation_head, problem, read_interim
 
+pytestmark = pytest.mark.frontend  # the draft's protocol: how writers start does not change it
+
 IANA = "https://iana.org/assignments/http-problem-types#"
 
 
