@@ -259,7 +259,6 @@ def _apply_segment(
                     held.copy_in(fd, done, offset + done, n)
             except (OSError, ValueError) as exc:
                 held.sha256 = rollback
-                held.applied = 0
                 fail_write(ctx, held, _as_os_error(exc, path), requester.request_id)
                 return False
             done += n
@@ -270,7 +269,6 @@ def _apply_segment(
             except Interrupted as stop:
                 held.data().truncate(offset)
                 held.sha256 = rollback
-                held.applied = 0
                 ctx.refuse(requester.request_id, session.id, stop)
                 return False
         if adopt:
