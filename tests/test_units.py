@@ -311,3 +311,29 @@ def test_the_limits_forget_what_ended_elsewhere_but_never_a_creation_in_flight()
     with pytest.raises(errors.UploadError) as refused:  # still_open, in flight, one-more
         limits.take(None, "two-more", by_client=True)
     assert refused.value.code == "too_many_sessions"
+
+
+def test_a_record_as_a_dict_is_asdict_and_shares_nothing_mutable():
+    import dataclasses
+
+    session = Session(
+        id=new_session_id(),
+        protocol="tus",
+        filename="f.bin",
+        chunk_size=1024,
+        writer=0,
+        error={"code": "io_error", "message": "m"},
+        metadata={"k": "v"},
+        parts=["a"],
+        segments=[[0, 5], [5, 7]],
+    )
+    record = session.to_dict()
+    assert record == dataclasses.asdict(session)
+    assert list(record) == [f.name for f in dataclasses.fields(Session)]
+    record["segments"][0][1] = 99
+    record["metadata"]["k"] = "changed"
+    record["error"]["code"] = "changed"
+    record["parts"].append("b")
+    assert session.segments == [[0, 5], [5, 7]] and session.metadata == {"k": "v"}
+    assert session.error == {"code": "io_error", "message": "m"} and session.parts == ["a"]
+    assert Session.from_dict({**session.to_dict(), "unknown": 1}) == session

@@ -52,9 +52,12 @@ class LiveSessions:
         return Session.from_dict(data) if data is not None else None
 
     def put(self, session: Session) -> None:
-        record = session.to_dict()
+        self.put_record(session.id, session.to_dict())
+
+    def put_record(self, session_id: str, record: dict[str, Any]) -> None:
+        """Put a record already encoded (`Session.to_dict`)."""
         try:
-            self._proxy[session.id] = record
+            self._proxy[session_id] = record
         except _LOST as exc:
             raise LiveViewLost(exc) from None
 
