@@ -27,7 +27,19 @@ from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 
 from . import writer
-from .messages import Append, Command, Concat, Drain, Event, Nudge, Ping, Reply, Shutdown
+from .messages import (
+    Append,
+    Claim,
+    Command,
+    Concat,
+    Drain,
+    Event,
+    Follow,
+    Nudge,
+    Ping,
+    Reply,
+    Shutdown,
+)
 from .monitor import Monitor, WriterHandle
 from .pending import PendingRequests, WriterUnavailable
 from .settings import WriterSettings
@@ -35,6 +47,9 @@ from .settings import WriterSettings
 __all__ = ["WriterPool", "WriterUnavailable"]
 
 log = logging.getLogger("upload_server.pool")
+
+FOLLOWED = 64  # bodies whose writer is remembered until their request claims them, at most
+CLAIM_TIMEOUT = 120.0  # seconds a request waits for its writer to finish hashing its part
 
 
 class WriterPool:
@@ -62,6 +77,7 @@ class WriterPool:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._round_robin = itertools.cycle(range(count))
+        self._followed: dict[tuple[int, int], int] = {}  # body -> the writer following it
         self.healing = False  # the Manager is being replaced: requests are refused at once
 
     # -- what the monitor sees and reports (set by the runtime and the service) -------------
@@ -233,6 +249,36 @@ class WriterPool:
         being replaced gets it with the replacement (see `_hand_over`)."""
         with contextlib.suppress(OSError, ValueError):
             self._handle_for(session).send(Drain(session.id))
+
+    def follow(self, message: Follow) -> None:
+        """Have a writer copy a seed form's file part while its body arrives (`follow.py`);
+        from waitress's I/O thread, so it never waits: a busy or unresponsive writer is skipped
+        (the front end then spools the part itself)."""
+        index = self.assign()
+        handle = self._monitor.handles[index]
+        if self.healing or handle.unresponsive:
+            return
+        with self._lock:
+            self._followed[message.key] = index
+            while len(self._followed) > FOLLOWED:
+                self._followed.pop(next(iter(self._followed)))
+        with contextlib.suppress(OSError, ValueError):
+            if handle.try_send(message):
+                return
+        with self._lock:
+            self._followed.pop(message.key, None)
+
+    def followed(self, key: tuple[int, int]) -> int | None:
+        """The writer told to follow body `key` (once): its file part's session is pinned there."""
+        with self._lock:
+            return self._followed.pop(key, None)
+
+    def claim_digest(self, session: Session, key: tuple[int, int], length: int) -> None:
+        """Have the session's writer keep the digest of its spool, hashed while its body `key`
+        arrived (`follow.py`); if it cannot, its drain hashes the spool as before."""
+        claim = Claim(self.next_request_id(), session.id, key, length)
+        with contextlib.suppress(WriterUnavailable):
+            self._request(session, claim, CLAIM_TIMEOUT, resend=False)
 
     def append(self, session: Session, message: Append, timeout: float) -> Reply:
         return self._request(session, message, timeout, resend=True)

@@ -1,0 +1,172 @@
+"""A seed form's file part, hashed by a writer while its body still arrives.
+
+waitress hands the app a `POST /upload` only once its whole body is in. Such a body's file starts
+at its first file part (the bytes before it stay in memory: `body_buffers.SplitFileBuffer`),
+so that the front end can make the file the part's spool by a link. Once that file exists the
+front end tells a writer about it (`Follow`); the writer opens it through `/proc/<pid>/fd/<n>`
+and, as it grows, reads and hashes it up to the first CRLF and delimiter, which is
+where the multipart parser ends the part too. When the request is complete the front end claims
+the digest for the new session (`Claim`), and the session's drain then has nothing left to hash
+(`take_digest`). A claim for another length than was hashed, or for a body this writer does not
+follow (it restarted), is refused; the drain then hashes the spool as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from upload_server import fileio
+
+from .context import Context
+from .messages import Claim, Follow
+
+IDLE = 0.005  # seconds a follow waits before it looks again at a body that has not grown
+GONE_CHECK = 0.5  # seconds between looks whether the front end still holds a body
+CLAIM_WAIT = 120.0  # seconds a hashed part waits for its request's claim
+KEPT_DIGESTS = 64  # digests claimed but not yet taken by a drain, at most
+MAX_READ = 8 * 1024 * 1024  # bytes read (and hashed) in one step, at most
+
+
+@dataclass
+class Received:
+    """One followed file part: its running SHA-256, and its length once its end is seen."""
+
+    sha256: Any = field(default_factory=hashlib.sha256)
+    length: int | None = None
+    claims: list[Claim] = field(default_factory=list)
+
+
+def follow(ctx: Context, message: Follow) -> Generator[int, None, None]:
+    """Hash the part as the body grows; then hand the digest to its claim, or drop it when the
+    body is gone (its connection was cut, its request refused) or nobody claims it."""
+    watch = _Watch(f"/proc/{message.pid}/fd/{message.fd}", message.key)
+    try:
+        src = os.open(watch.source, os.O_RDONLY)
+    except OSError:
+        return
+    received = Received()
+    try:
+        if _key(os.fstat(src)) != message.key:
+            return  # the front end closed that body already, and the number was reused
+        ctx.received[message.key] = received
+        if not (yield from _hash(ctx, received, src, message.needle, watch)):
+            return
+        os.close(src)  # the front end frees the body when it closes its own
+        src = -1
+        deadline = time.monotonic() + CLAIM_WAIT
+        while not received.claims and time.monotonic() < deadline:
+            if ctx.received.get(message.key) is not received or watch.gone():
+                return
+            yield 0
+        if received.claims:
+            _hand_over(ctx, received, received.claims.pop(0))
+    finally:
+        if src >= 0:
+            os.close(src)
+        if ctx.received.get(message.key) is received:
+            del ctx.received[message.key]
+        for claimed in received.claims:
+            _refuse(ctx, claimed)
+
+
+def claim(ctx: Context, message: Claim) -> None:
+    """A complete request claims a followed part's digest (see the module's docstring)."""
+    received = ctx.received.get(message.key)
+    if received is None:
+        _refuse(ctx, message)
+    else:
+        received.claims.append(message)
+
+
+def take_digest(ctx: Context, session_id: str) -> Any | None:
+    """The SHA-256 of a session's spool, computed while its body arrived, or None."""
+    return ctx.spool_digests.pop(session_id, None)
+
+
+def _hash(
+    ctx: Context, received: Received, src: int, needle: bytes, watch: _Watch
+) -> Generator[int, None, bool]:
+    """Hash from the file's start up to the needle, or once claimed up to the claimed length
+    (linking the file as the spool cuts it there, the needle with it); False if the body is
+    gone first, or ends before either. It reads with `pread`, not a map: a file cut under a
+    map would kill this process (SIGBUS). With fsync on, it starts the part's writeback too:
+    the part is to become the data, and the flush at completion then finds little to write."""
+    writeback = ctx.settings.fsync != "never"
+    buffer = bytearray(min(max(ctx.settings.chunk_size, len(needle)), MAX_READ))
+    pos = 0
+    with memoryview(buffer) as whole:
+        while True:
+            limit = received.claims[0].length if received.claims else None
+            if limit is not None and pos >= limit:
+                received.length = pos
+                return pos == limit
+            want = len(buffer) if limit is None else min(len(buffer), limit - pos)
+            got = os.preadv(src, [whole[:want]], pos)
+            if limit is not None and got < want:
+                return False
+            found = buffer.find(needle, 0, got)
+            if found >= 0:
+                length = found
+            else:  # a needle may straddle the end of what was read: its start is read again
+                length = got if limit is not None else max(0, got - len(needle) + 1)
+                if not length:
+                    if watch.gone():
+                        return False
+                    yield 0
+                    continue
+            with whole[:length] as view:
+                received.sha256.update(view)
+            if writeback and length:
+                fileio.start_writeback(src, pos, length)
+            pos += length
+            if found >= 0:
+                received.length = pos
+                return True
+            yield length
+
+
+class _Watch:
+    """Whether the front end still holds a body: its descriptor, looked at through /proc at
+    most once every `GONE_CHECK` while the body does not grow."""
+
+    def __init__(self, source: str, key: tuple[int, int]) -> None:
+        self.source = source
+        self.key = key
+        self.looked = time.monotonic()
+
+    def gone(self) -> bool:
+        now = time.monotonic()
+        if now - self.looked < GONE_CHECK:
+            return False
+        self.looked = now
+        try:
+            return _key(os.stat(self.source)) != self.key
+        except OSError:
+            return True
+
+
+def _hand_over(ctx: Context, received: Received, message: Claim) -> None:
+    """Keep the digest for the session's drain, if it covers exactly the claimed part."""
+    if received.length != message.length:
+        _refuse(ctx, message)
+        return
+    digests = ctx.spool_digests
+    digests[message.session_id] = received.sha256
+    while len(digests) > KEPT_DIGESTS:
+        digests.pop(next(iter(digests)))
+    ctx.reply(message.request_id)
+
+
+def _refuse(ctx: Context, message: Claim) -> None:
+    ctx.outbox.reply(
+        message.request_id, code="not_followed", message="the body was not hashed as it arrived"
+    )
+
+
+def _key(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
