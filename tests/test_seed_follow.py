@@ -17,7 +17,7 @@ from upload_server.body_buffers import SplitFileBuffer
 from upload_server.protocol import multipart
 from upload_server.received_body import RequestBody
 from workers import follow
-from workers.messages import Claim, Follow
+from workers.messages import Claim, Follow, Locate
 
 pytestmark = [
     pytest.mark.frontend,  # no writer process: the start method does not matter
@@ -85,6 +85,18 @@ def test_a_split_body_reads_and_parses_as_the_whole(tmp_path, before):
     buffer.close()
 
 
+def test_a_known_part_end_is_taken_only_where_a_delimiter_is():
+    data = _form(
+        b"c" * 5000, after=b'\r\nContent-Disposition: form-data; name="x"\r\n\r\n1' + NEEDLE
+    )
+    body = RequestBody(io.BytesIO(data), None, Path("."), 10**9)
+    found = [(p.start, p.end) for p in multipart.parse(body, BOUNDARY)]
+    start, end = found[0]
+    assert [(p.start, p.end) for p in multipart.parse(body, BOUNDARY, {start: end})] == found
+    for wrong in (end - 1, end + 1, start - 1):
+        assert [(p.start, p.end) for p in multipart.parse(body, BOUNDARY, {start: wrong})] == found
+
+
 def test_a_body_split_elsewhere_is_not_linked(tmp_path):
     data = _form(b"y" * 100_000)
     buffer, body = _split(tmp_path, data, 10)
@@ -97,7 +109,9 @@ def test_a_body_split_elsewhere_is_not_linked(tmp_path):
 def _ctx(chunk: int = 4096) -> SimpleNamespace:
     replies: list[tuple[int | None, str | None]] = []
     outbox = SimpleNamespace(
-        reply=lambda rid, session=None, code=None, message=None: replies.append((rid, code))
+        reply=lambda rid, session=None, code=None, message=None, length=None: replies.append(
+            (rid, code) if length is None else (rid, length)
+        )
     )
     return SimpleNamespace(
         settings=SimpleNamespace(chunk_size=chunk, fsync="never"),
@@ -133,6 +147,11 @@ def test_the_writer_hashes_the_part_as_it_grows(tmp_path, cut_before_claim):
     file.flush()
     if cut_before_claim:  # the front end linked and cut the file before the writer saw the end
         os.ftruncate(file.fileno(), len(content))
+    else:  # the parser asks where the part ends
+        follow.locate(ctx, Locate(6, key))  # type: ignore[arg-type]
+        _run(steps, 50)
+        assert ctx.replies == [(6, len(content))]
+        ctx.replies.clear()
     follow.claim(ctx, Claim(7, "sid", key, len(content)))  # type: ignore[arg-type]
     _run(steps)
     assert ctx.replies == [(7, None)]

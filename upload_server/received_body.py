@@ -106,6 +106,11 @@ class RequestBody:
             return False
         return fileio.link_anonymous(self._fd, path)
 
+    @property
+    def split(self) -> int:
+        """Bytes of a split body kept in memory before its file (0: not split)."""
+        return len(self._prefix)
+
     def starts_file(self, start: int) -> bool:
         """Whether the server's own buffer file starts at body offset `start` (a seed form
         split at its file part, `body_buffers.SplitFileBuffer`)."""

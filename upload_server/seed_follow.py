@@ -5,9 +5,10 @@ waitress reads a `POST /upload` whole before the app sees it. When its body spil
 part's content starts, and the body's file starts there (`body_buffers.SplitFileBuffer`): the
 front end can then make that file the part's spool by a link (`RequestBody.link_part`) instead
 of copying it. `spilled` tells a writer about the file (`WriterPool.follow`), which hashes the
-part as it arrives (`workers/follow.py`); once the request is complete, `SessionService` claims
-the digest for the new session, and its drain has nothing left to hash. Receiving, spooling and
-hashing then overlap instead of running one after another. Linux only (the link needs O_TMPFILE,
+part as it arrives (`workers/follow.py`). Once the request is complete, the parser takes the
+part's end from that writer (`part_ends`) rather than search a gigabyte for it again, and
+`SessionService` claims the digest for the new session: its drain has nothing left to hash.
+Receiving, spooling and hashing then overlap instead of running one after another. Linux only (the link needs O_TMPFILE,
 the writer opens the file through /proc); not with `--portable`; under a rate limit (which paces
 the writer) the part is linked but not followed.
 """
@@ -66,6 +67,16 @@ class SeedFollower:
         status = os.fstat(fd)
         needle = b"\r\n--" + boundary.encode("latin-1")
         self.pool.follow(Follow((status.st_dev, status.st_ino), os.getpid(), fd, needle))
+
+
+def part_ends(body: RequestBody, pool: WriterPool) -> dict[int, int]:
+    """Where a split seed form's file part ends, as the writer that hashed it while it arrived
+    found it, for the parser (`multipart.parse`): {content start: end}, or {}."""
+    key, start = body.key(), body.split
+    if key is None or not start or not body.starts_file(start):
+        return {}
+    length = pool.locate(key)
+    return {} if length is None else {start: start + length}
 
 
 def _boundary(headers: dict[str, str]) -> str | None:

@@ -5,8 +5,9 @@ at its first file part (the bytes before it stay in memory: `body_buffers.SplitF
 so that the front end can make the file the part's spool by a link. Once that file exists the
 front end tells a writer about it (`Follow`); the writer opens it through `/proc/<pid>/fd/<n>`
 and, as it grows, reads and hashes it up to the first CRLF and delimiter, which is
-where the multipart parser ends the part too. When the request is complete the front end claims
-the digest for the new session (`Claim`), and the session's drain then has nothing left to hash
+where the multipart parser ends the part too. When the request is complete the front end asks
+where that is (`Locate`), so that its parser need not search the part again, and then claims the
+digest for the new session (`Claim`): the session's drain has nothing left to hash
 (`take_digest`). A claim for another length than was hashed, or for a body this writer does not
 follow (it restarted), is refused; the drain then hashes the spool as before.
 """
@@ -23,7 +24,7 @@ from typing import Any
 from upload_server import fileio
 
 from .context import Context
-from .messages import Claim, Follow
+from .messages import Claim, Follow, Locate
 
 IDLE = 0.005  # seconds a follow waits before it looks again at a body that has not grown
 GONE_CHECK = 0.5  # seconds between looks whether the front end still holds a body
@@ -38,6 +39,7 @@ class Received:
 
     sha256: Any = field(default_factory=hashlib.sha256)
     length: int | None = None
+    locates: list[Locate] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
 
 
@@ -56,6 +58,9 @@ def follow(ctx: Context, message: Follow) -> Generator[int, None, None]:
         ctx.received[message.key] = received
         if not (yield from _hash(ctx, received, src, message.needle, watch)):
             return
+        for located in received.locates:
+            ctx.outbox.reply(located.request_id, length=received.length)
+        received.locates.clear()
         os.close(src)  # the front end frees the body when it closes its own
         src = -1
         deadline = time.monotonic() + CLAIM_WAIT
@@ -70,8 +75,19 @@ def follow(ctx: Context, message: Follow) -> Generator[int, None, None]:
             os.close(src)
         if ctx.received.get(message.key) is received:
             del ctx.received[message.key]
-        for claimed in received.claims:
-            _refuse(ctx, claimed)
+        for unanswered in received.locates + received.claims:
+            _refuse(ctx, unanswered)
+
+
+def locate(ctx: Context, message: Locate) -> None:
+    """A complete request asks where its followed part ends (see `Locate`)."""
+    received = ctx.received.get(message.key)
+    if received is None:
+        _refuse(ctx, message)
+    elif received.length is not None:
+        ctx.outbox.reply(message.request_id, length=received.length)
+    else:
+        received.locates.append(message)
 
 
 def claim(ctx: Context, message: Claim) -> None:
@@ -162,7 +178,7 @@ def _hand_over(ctx: Context, received: Received, message: Claim) -> None:
     ctx.reply(message.request_id)
 
 
-def _refuse(ctx: Context, message: Claim) -> None:
+def _refuse(ctx: Context, message: Locate | Claim) -> None:
     ctx.outbox.reply(
         message.request_id, code="not_followed", message="the body was not hashed as it arrived"
     )

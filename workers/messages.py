@@ -1,7 +1,7 @@
 """The messages between the front end and its writer processes.
 
 Each writer has an inbox (a pipe written only by the front end) and a reply pipe. Work arrives in the
-inbox as `Drain`, `Append`, `Concat`, and a seed form's `Follow` and `Claim`; `Shutdown` asks the
+inbox as `Drain`, `Append`, `Concat`, and a seed form's `Follow`, `Locate` and `Claim`; `Shutdown` asks the
 writer to checkpoint and exit. Control (pause, resume, terminate, expire) travels on the
 session's own control queue, a
 `multiprocessing.Manager` queue as the design card asks; the inbox carries only a `Nudge` that tells an
@@ -35,6 +35,16 @@ class Follow:
     pid: int
     fd: int
     needle: bytes
+
+
+@dataclass(frozen=True)
+class Locate:
+    """The followed body `key` is complete: answer once its file part is hashed, with the
+    part's length (`Reply.length`: where the first delimiter is, so the front end's parser
+    need not look for it again), or refuse."""
+
+    request_id: int
+    key: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class Reply:
     session: dict[str, Any] | None = None
     code: str | None = None
     message: str | None = None
+    length: int | None = None  # a `Locate`d part's
 
     @property
     def ok(self) -> bool:

@@ -35,6 +35,7 @@ from .messages import (
     Drain,
     Event,
     Follow,
+    Locate,
     Nudge,
     Ping,
     Reply,
@@ -273,18 +274,33 @@ class WriterPool:
         with self._lock:
             return self._followed.pop(key, None)
 
+    def locate(self, key: tuple[int, int]) -> int | None:
+        """Where the file part of the followed body `key` ends (its length), as its writer
+        found it (`follow.py`); None when no writer can tell."""
+        with self._lock:
+            index = self._followed.get(key)
+        if index is None:
+            return None
+        try:
+            reply = self._request(
+                index, Locate(self.next_request_id(), key), CLAIM_TIMEOUT, resend=False
+            )
+        except WriterUnavailable:
+            return None
+        return reply.length
+
     def claim_digest(self, session: Session, key: tuple[int, int], length: int) -> None:
         """Have the session's writer keep the digest of its spool, hashed while its body `key`
         arrived (`follow.py`); if it cannot, its drain hashes the spool as before."""
         claim = Claim(self.next_request_id(), session.id, key, length)
         with contextlib.suppress(WriterUnavailable):
-            self._request(session, claim, CLAIM_TIMEOUT, resend=False)
+            self._request(session.writer, claim, CLAIM_TIMEOUT, resend=False)
 
     def append(self, session: Session, message: Append, timeout: float) -> Reply:
-        return self._request(session, message, timeout, resend=True)
+        return self._request(session.writer, message, timeout, resend=True)
 
     def concat(self, session: Session, message: Concat, timeout: float) -> Reply:
-        return self._request(session, message, timeout, resend=True)
+        return self._request(session.writer, message, timeout, resend=True)
 
     def control(self, session: Session, action: str, timeout: float = 30.0, **args: Any) -> Reply:
         """Put a command on the session's control queue and wait for the writer to apply it."""
@@ -298,7 +314,7 @@ class WriterPool:
                 f"the server's session store is restarting ({type(exc).__name__}); try again"
             ) from None
         return self._request(
-            session, Nudge(session.id, queue), timeout, resend=False, request_id=request_id
+            session.writer, Nudge(session.id, queue), timeout, resend=False, request_id=request_id
         )
 
     def forget(self, session_id: str) -> None:
@@ -321,18 +337,21 @@ class WriterPool:
         return queue
 
     def _handle_for(self, session: Session) -> WriterHandle:
-        return self._monitor.handles[session.writer % self._count]
+        return self._handle_at(session.writer)
+
+    def _handle_at(self, writer: int) -> WriterHandle:
+        return self._monitor.handles[writer % self._count]
 
     def _request(
         self,
-        session: Session,
+        writer: int,
         message: Any,
         timeout: float,
         *,
         resend: bool,
         request_id: int | None = None,
     ) -> Reply:
-        handle = self._handle_for(session)
+        handle = self._handle_at(writer)
         self._check_reachable(handle)
         request_id = request_id if request_id is not None else message.request_id
         future: Future = self._pending.add(request_id, handle.index, message, resend=resend)

@@ -35,9 +35,9 @@ from .concat import concat
 from .context import Context, Task
 from .control import read_controls
 from .drain import drain
-from .follow import IDLE, claim, follow
+from .follow import IDLE, claim, follow, locate
 from .held import STATE, HeldSessions
-from .messages import Append, Claim, Concat, Drain, Follow, Nudge, Ping, Shutdown
+from .messages import Append, Claim, Concat, Drain, Follow, Locate, Nudge, Ping, Shutdown
 from .outbox import Outbox
 from .policy import policy_for
 from .settings import WriterSettings
@@ -158,6 +158,8 @@ class Writer:
         elif isinstance(message, Follow):
             task = Task(f"follow:{message.key}", follow(self.ctx, message), message, idle=IDLE)
             self.tasks.append(task)
+        elif isinstance(message, Locate):
+            locate(self.ctx, message)
         elif isinstance(message, Claim):
             claim(self.ctx, message)
         elif isinstance(message, Ping):

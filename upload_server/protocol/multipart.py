@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,16 +83,19 @@ def boundary_of(content_type: str | None) -> str:
     return boundary
 
 
-def parse(body: Body, boundary: str) -> list[Part]:
-    """Locate every part of `body`. The closing delimiter must be present (else: truncated)."""
-    return list(_walk(body, boundary, None))
+def parse(body: Body, boundary: str, ends: Mapping[int, int] | None = None) -> list[Part]:
+    """Locate every part of `body`. The closing delimiter must be present (else: truncated).
+    `ends` maps a part's content start to where the first delimiter after it was found already
+    (a seed form's file part, by the writer that hashed it as it arrived: `seed_follow`): a
+    delimiter there is taken without searching the part again."""
+    return list(_walk(body, boundary, None, ends or {}))
 
 
 def content_start(head: Body, boundary: str, name: str) -> int | None:
     """Where the content of the first part called `name` starts, from a body's first bytes
     alone (its end need not have arrived): None when they do not show it."""
     try:
-        for part in _walk(head, boundary, name):
+        for part in _walk(head, boundary, name, {}):
             if part.name == name:
                 return part.start
     except MultipartError:
@@ -100,7 +103,9 @@ def content_start(head: Body, boundary: str, name: str) -> int | None:
     return None
 
 
-def _walk(body: Body, boundary: str, open_name: str | None) -> Iterator[Part]:
+def _walk(
+    body: Body, boundary: str, open_name: str | None, ends: Mapping[int, int]
+) -> Iterator[Part]:
     """The parts of `body` in order; a part called `open_name` is the last, its end not looked
     for (`end` = `start`)."""
     delimiter = b"--" + boundary.encode("latin-1")
@@ -133,7 +138,9 @@ def _walk(body: Body, boundary: str, open_name: str | None) -> Iterator[Part]:
         if open_name is not None and (part := _make_part(headers, start, start)).name == open_name:
             yield part
             return
-        end = body.find(b"\r\n" + delimiter, start)
+        end = ends.get(start, -1)
+        if end < start or body.read(end, end + 2 + len(delimiter)) != b"\r\n" + delimiter:
+            end = body.find(b"\r\n" + delimiter, start)
         if end < 0:
             raise MultipartError("the body ends before the closing boundary (truncated upload?)")
         if count >= MAX_PARTS:
