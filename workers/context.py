@@ -71,7 +71,7 @@ class Context:
     sessions: HeldSessions
     outbox: Outbox
     scheduler: Scheduler
-    # seed file parts copied while their bodies arrive, by body, and their digests once claimed,
+    # seed file parts hashed while their bodies arrive, by body, and their digests once claimed,
     # by session (`follow`)
     received: dict[tuple[int, int], Any] = field(default_factory=dict)
     spool_digests: dict[str, Any] = field(default_factory=dict)

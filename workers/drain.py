@@ -93,7 +93,7 @@ def _verify(ctx: Context, held: Held, fd: int, digest: Any | None) -> Generator[
     """A seed upload whose spool holds the whole file: hash it chunk by chunk (pause, progress
     and the rate limit work as for a copy); True once all of it is hashed. The spool then
     becomes the data by a rename, so the file is written once, by the front end, and the
-    writer only reads it from the page cache. A spool this writer copied while its body
+    writer only reads it from the page cache. A spool this writer hashed while its body
     arrived (`follow`) comes with its `digest`: nothing is left to hash."""
     session = held.session
     total = session.total_bytes or 0

@@ -252,9 +252,9 @@ class WriterPool:
             self._handle_for(session).send(Drain(session.id))
 
     def follow(self, message: Follow) -> None:
-        """Have a writer copy a seed form's file part while its body arrives (`follow.py`);
+        """Have a writer hash a seed form's file part while its body arrives (`follow.py`);
         from waitress's I/O thread, so it never waits: a busy or unresponsive writer is skipped
-        (the front end then spools the part itself)."""
+        (the session's drain then hashes the spool itself)."""
         index = self.assign()
         handle = self._monitor.handles[index]
         if self.healing or handle.unresponsive:
