@@ -160,6 +160,21 @@ def test_the_writer_hashes_the_part_as_it_grows(tmp_path, cut_before_claim):
     file.close()
 
 
+def test_a_complete_body_without_a_delimiter_is_refused_at_once(tmp_path):
+    file = fileio.linkable_tempfile(tmp_path)
+    file.write(b"w" * 10_000 + b"\r\n--b0und")  # cut short: no delimiter after the part
+    file.flush()
+    status = os.fstat(file.fileno())
+    key = (status.st_dev, status.st_ino)
+    ctx = _ctx()
+    steps = follow.follow(ctx, Follow(key, os.getpid(), file.fileno(), NEEDLE))  # type: ignore[arg-type]
+    _run(steps, 50)
+    follow.locate(ctx, Locate(4, key))  # type: ignore[arg-type]
+    _run(steps, 3)
+    assert ctx.replies == [(4, "not_followed")] and not ctx.received
+    file.close()
+
+
 def test_a_claim_for_another_length_is_refused(tmp_path):
     file = fileio.linkable_tempfile(tmp_path)
     file.write(b"z" * 10_000 + NEEDLE + b"--\r\n")

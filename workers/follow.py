@@ -27,7 +27,7 @@ from .context import Context
 from .messages import Claim, Follow, Locate
 
 IDLE = 0.005  # seconds a follow waits before it looks again at a body that has not grown
-GONE_CHECK = 0.5  # seconds between looks whether the front end still holds a body
+GONE_CHECK = 0.5  # seconds between looks whether the front end still holds a hashed body
 CLAIM_WAIT = 120.0  # seconds a hashed part waits for its request's claim
 KEPT_DIGESTS = 64  # digests claimed but not yet taken by a drain, at most
 MAX_READ = 8 * 1024 * 1024  # bytes read (and hashed) in one step, at most
@@ -46,23 +46,15 @@ class Received:
 def follow(ctx: Context, message: Follow) -> Generator[int, None, None]:
     """Hash the part as the body grows; then hand the digest to its claim, or drop it when the
     body is gone (its connection was cut, its request refused) or nobody claims it."""
-    watch = _Watch(f"/proc/{message.pid}/fd/{message.fd}", message.key)
-    try:
-        src = os.open(watch.source, os.O_RDONLY)
-    except OSError:
-        return
     received = Received()
+    ctx.received[message.key] = received
     try:
-        if _key(os.fstat(src)) != message.key:
-            return  # the front end closed that body already, and the number was reused
-        ctx.received[message.key] = received
-        if not (yield from _hash(ctx, received, src, message.needle, watch)):
+        if not (yield from _hash(ctx, received, message)):
             return
         for located in received.locates:
             ctx.outbox.reply(located.request_id, length=received.length)
         received.locates.clear()
-        os.close(src)  # the front end frees the body when it closes its own
-        src = -1
+        watch = _Watch(_source(message), message.key)
         deadline = time.monotonic() + CLAIM_WAIT
         while not received.claims and time.monotonic() < deadline:
             if ctx.received.get(message.key) is not received or watch.gone():
@@ -71,8 +63,6 @@ def follow(ctx: Context, message: Follow) -> Generator[int, None, None]:
         if received.claims:
             _hand_over(ctx, received, received.claims.pop(0))
     finally:
-        if src >= 0:
-            os.close(src)
         if ctx.received.get(message.key) is received:
             del ctx.received[message.key]
         for unanswered in received.locates + received.claims:
@@ -104,15 +94,11 @@ def take_digest(ctx: Context, session_id: str) -> Any | None:
     return ctx.spool_digests.pop(session_id, None)
 
 
-def _hash(
-    ctx: Context, received: Received, src: int, needle: bytes, watch: _Watch
-) -> Generator[int, None, bool]:
+def _hash(ctx: Context, received: Received, message: Follow) -> Generator[int, None, bool]:
     """Hash from the file's start up to the needle, or once claimed up to the claimed length
     (linking the file as the spool cuts it there, the needle with it); False if the body is
-    gone first, or ends before either. It reads with `pread`, not a map: a file cut under a
-    map would kill this process (SIGBUS). With fsync on, it starts the part's writeback too:
-    the part is to become the data, and the flush at completion then finds little to write."""
-    writeback = ctx.settings.fsync != "never"
+    gone first, or ends before either (a body asked about with `Locate` is complete)."""
+    needle = message.needle
     buffer = bytearray(min(max(ctx.settings.chunk_size, len(needle)), MAX_READ))
     pos = 0
     with memoryview(buffer) as whole:
@@ -122,23 +108,22 @@ def _hash(
                 received.length = pos
                 return pos == limit
             want = len(buffer) if limit is None else min(len(buffer), limit - pos)
-            got = os.preadv(src, [whole[:want]], pos)
-            if limit is not None and got < want:
+            with whole[:want] as view:
+                got = _read(ctx, message, view, pos)
+            if got is None or (limit is not None and got < want):
                 return False
             found = buffer.find(needle, 0, got)
             if found >= 0:
                 length = found
             else:  # a needle may straddle the end of what was read: its start is read again
                 length = got if limit is not None else max(0, got - len(needle) + 1)
-                if not length:
-                    if watch.gone():
+                if not length:  # nothing new; a body asked about is complete: it has no needle
+                    if received.locates:
                         return False
                     yield 0
                     continue
             with whole[:length] as view:
                 received.sha256.update(view)
-            if writeback and length:
-                fileio.start_writeback(src, pos, length)
             pos += length
             if found >= 0:
                 received.length = pos
@@ -146,9 +131,34 @@ def _hash(
             yield length
 
 
+def _read(ctx: Context, message: Follow, view: memoryview, pos: int) -> int | None:
+    """Read the body at `pos` into `view`: how many bytes, or None when the front end no longer
+    holds it. The file is open only meanwhile, so that a body the front end drops frees its disk
+    at once, and read with `pread`, not a map: a file cut under a map would kill this process
+    (SIGBUS). With fsync on, the part's writeback starts too: it is to become the data, and the
+    flush at completion then finds little left to write."""
+    try:
+        src = os.open(_source(message), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _key(os.fstat(src)) != message.key:
+            return None  # the front end closed that body, and the number was reused
+        got = os.preadv(src, [view], pos)
+        if got and ctx.settings.fsync != "never":
+            fileio.start_writeback(src, pos, got)
+        return got
+    finally:
+        os.close(src)
+
+
+def _source(message: Follow) -> str:
+    return f"/proc/{message.pid}/fd/{message.fd}"
+
+
 class _Watch:
-    """Whether the front end still holds a body: its descriptor, looked at through /proc at
-    most once every `GONE_CHECK` while the body does not grow."""
+    """Whether the front end still holds a hashed body (its request not yet claimed it): its
+    descriptor, looked at through /proc at most once every `GONE_CHECK`."""
 
     def __init__(self, source: str, key: tuple[int, int]) -> None:
         self.source = source
