@@ -70,6 +70,9 @@ class StandInWriters:
     def next_request_id(self) -> int:
         return next(self._ids)
 
+    def followed(self, key: tuple[int, int]) -> int | None:
+        return None  # no writer copies a body while it arrives here
+
     def drain(self, session: Session) -> None:
         self.drained.append(session.id)
 

@@ -37,6 +37,7 @@ from .interim import InterimResponses
 from .layout import Layout
 from .locks import Locks, UploadLocks
 from .runtime import Runtime
+from .seed_follow import SeedFollower
 from .service import SessionService
 
 log = logging.getLogger("upload_server")
@@ -182,6 +183,11 @@ def _server_policy(
         admit=service.space_refusal,
         observer=cut_bodies,
         interim=interim,
+        splitter=SeedFollower(
+            service.pool, layout.spool_dir, follow=not config.max_bytes_per_second
+        )
+        if SeedFollower.available()
+        else None,
         limits=connection_limits.Limits(
             max_connections=config.max_connections,
             max_connections_per_client=config.max_connections_per_client,

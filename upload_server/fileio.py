@@ -45,15 +45,23 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 
 @contextlib.contextmanager
+def window(fd: int, offset: int, length: int) -> Iterator[tuple[mmap.mmap, int]]:
+    """A read-only map of at least `length` bytes at `offset` of `fd`, and where `offset` lies
+    in it (a map starts at a multiple of the allocation granularity); unmapped on exit."""
+    start = offset - offset % _GRANULARITY
+    with mmap.mmap(fd, length + offset - start, offset=start, access=mmap.ACCESS_READ) as mm:
+        yield mm, offset - start
+
+
+@contextlib.contextmanager
 def mapped(fd: int, offset: int, length: int) -> Iterator[memoryview]:
     """A read-only memoryview of `length` bytes at `offset` of `fd`, unmapped on exit."""
     if length == 0:
         yield memoryview(b"")
         return
-    start = offset - offset % _GRANULARITY
-    with mmap.mmap(fd, length + offset - start, offset=start, access=mmap.ACCESS_READ) as mm:
+    with window(fd, offset, length) as (mm, at):
         whole = memoryview(mm)
-        view = whole[offset - start :]
+        view = whole[at : at + length]
         try:
             yield view
         finally:
@@ -66,11 +74,10 @@ def find(fd: int, needle: bytes, start: int, end: int) -> int:
     pos = start
     while pos < end:
         n = min(WINDOW, end - pos)
-        base = pos - pos % _GRANULARITY
-        with mmap.mmap(fd, n + pos - base, offset=base, access=mmap.ACCESS_READ) as mm:
-            found = mm.find(needle, pos - base)
+        with window(fd, pos, n) as (mm, at):
+            found = mm.find(needle, at)
         if found >= 0:
-            return base + found
+            return pos - at + found
         if pos + n >= end:
             break
         pos += max(n - len(needle) + 1, 1)
@@ -119,7 +126,8 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, er
 
 def linkable_tempfile(directory: os.PathLike | str) -> BinaryIO:
     """An anonymous temporary file in `directory` that can later be given a name (Linux
-    O_TMPFILE without O_EXCL); elsewhere an ordinary temporary file."""
+    O_TMPFILE without O_EXCL); elsewhere an ordinary temporary file. Its mode is a copied
+    spool file's (`open_for_write`): a linked one may be published as it is."""
     if portable.ACTIVE:  # what systems without O_TMPFILE get: a file with no name, not linkable
         fd, name = tempfile.mkstemp(dir=directory)
         try:
@@ -130,7 +138,7 @@ def linkable_tempfile(directory: os.PathLike | str) -> BinaryIO:
         return open(fd, "w+b")
     if hasattr(os, "O_TMPFILE"):
         try:
-            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644)
         except OSError:
             pass
         else:

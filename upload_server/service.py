@@ -167,11 +167,17 @@ class SessionService:
         spool file (swept later), never a session that claims data it does not have."""
         sessions: list[Session] = []
         saved: list[Session] = []
+        key = body.key()
+        follower = self.pool.followed(key) if key is not None else None
         try:
             for file in files:
-                sessions.append(self._new_session(file.new))
-            for session, file in zip(sessions, files, strict=True):
+                writer = follower if not sessions else None  # its writer hashed the first part
+                sessions.append(self._new_session(file.new, writer=writer))
+            # the first part last: linking it as its spool cuts the body's file at its end
+            for session, file in reversed(list(zip(sessions, files, strict=True))):
                 self._spool_seed(session, body, file.start, file.end)
+            if key is not None and follower is not None and body.starts_file(files[0].start):
+                self.pool.claim_digest(sessions[0], key, files[0].end - files[0].start)
             for session in sessions:
                 self._save(session)
                 saved.append(session)
@@ -191,8 +197,9 @@ class SessionService:
             metrics.get().bytes_received.labels(states.SEED).inc(file.end - file.start)
         return sessions
 
-    def _new_session(self, new: NewUpload) -> Session:
+    def _new_session(self, new: NewUpload, writer: int | None = None) -> Session:
         """Check every limit and ask the pre-create hook; nothing is stored before both agree.
+        It is pinned to `writer` if given, else to the next one in turn.
         The new session holds its place in the limits from here on (checked and taken at once,
         so concurrent creations cannot overshoot them); a failure before it is saved gives the
         place back."""
@@ -223,7 +230,7 @@ class SessionService:
                 protocol=new.protocol,
                 filename=sanitize(new.filename, fallback=session_id),
                 chunk_size=self.config.chunk_size,
-                writer=self.pool.assign(),
+                writer=self.pool.assign() if writer is None else writer,
                 total_bytes=new.total_bytes,
                 state=states.QUEUED if new.protocol == states.SEED else states.WAITING,
                 filetype=new.filetype,

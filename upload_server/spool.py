@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from . import metrics
@@ -26,8 +27,14 @@ class Spool:
         self, session_id: str, body: RequestBody, start: int, end: int, skip: int
     ) -> None:
         """Spool body[start + skip:end] at offset `skip`: spool offset i is file offset i, and
-        bytes a writer already has are not copied again (they stay a hole)."""
+        bytes a writer already has are not copied again (they stay a hole). A whole part that
+        waitress's buffer file starts with is linked, not copied (`RequestBody.link_part`:
+        the body's bytes past `end` are gone then)."""
         target = self.layout.spool(session_id)
+        if not skip and self._link(
+            target, lambda tmp: body.link_part(start, end, tmp), end - start
+        ):
+            return
         self._write(target, body, start + skip, end, skip, end - start)
 
     def write_segment(
@@ -36,19 +43,25 @@ class Spool:
         """Spool one tus request body, bound for upload offset `offset`: by naming waitress's own
         buffer file when it can (no copy), else by a kernel copy."""
         target = self.layout.segment(session_id, offset)
-        tmp = target.with_name(target.name + ".tmp")
-        if start == 0 and end == body.length and body.link_to(tmp):
-            if self.sync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, target)
-            metrics.get().bytes_spooled.labels("linked").inc(end - start)
-            return target
-        self._write(target, body, start, end, 0, end - start)
+        if not (start == 0 and end == body.length and self._link(target, body.link_to, end)):
+            self._write(target, body, start, end, 0, end - start)
         return target
+
+    def _link(self, target: Path, link: Callable[[Path], bool], size: int) -> bool:
+        """Put a body's own buffer file in place as `target` by `link` (under a temporary name,
+        synced per the policy, renamed); False when it cannot be linked."""
+        tmp = target.with_name(target.name + ".tmp")
+        if not link(tmp):
+            return False
+        if self.sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, target)
+        metrics.get().bytes_spooled.labels("linked").inc(size)
+        return True
 
     def _write(
         self, target: Path, body: RequestBody, start: int, end: int, at: int, size: int

@@ -13,7 +13,8 @@ its server's `ServerPolicy` and hands it to its parser (`AdmittingParser`) and t
    TLS) connection. The task below keeps such connections open unless the client asked to close.
 3. Request bodies past 512 KiB spill to temporary files in the spool directory, created so that they
    can be linked (`SpoolingBuffer`): a tus PATCH body then becomes its spool segment by a link,
-   with no copy at all.
+   with no copy at all. A seed form's file starts at its file part (`body_buffers`, the bytes
+   before it stay in memory), so that part becomes its spool by a link too (`seed_follow`).
 4. A body that would eat into the free-space reserve is refused with 507 as soon as its headers
    arrive, before waitress reads (and spills to disk) a byte of it; no refusal, this one or a 413,
    is preceded by a `100 Continue` that would invite the body. A body that meets a full disk
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import io
 import logging
 import time
@@ -58,7 +60,8 @@ import waitress.task
 import waitress.utilities
 import waitress.wasyncore
 
-from . import fileio, interim
+from . import interim
+from .body_buffers import BodySplitter, SpoolingBuffer
 from .connection_limits import ADMISSION, Limits
 from .errors import error_body
 from .event_loop import LOOP
@@ -183,7 +186,8 @@ class ServerPolicy:
     `allow_origin` maps a request's Origin to its Access-Control-Allow-Origin (None: none);
     `admit` says why a body of that many bytes cannot be stored (None: it can); `observer`
     follows request bodies and is offered every one cut off mid-way; `limits` are the connection
-    limits and deadlines."""
+    limits and deadlines; `splitter` says where a body that spills to a file starts its file
+    (a seed form: at its file part, `seed_follow`)."""
 
     spool_dir: Path | None = None
     allow_origin: Callable[[str], str | None] = lambda origin: None
@@ -191,32 +195,7 @@ class ServerPolicy:
     observer: BodyObserver = field(default_factory=_NoObserver)
     limits: Limits = field(default_factory=Limits)
     interim: interim.InterimResponses | None = None
-
-
-class SpoolFileBuffer(waitress.buffers.TempfileBasedBuffer):
-    """A body buffer's file: anonymous, in the spool directory, linkable into place."""
-
-    def __init__(self, from_buffer: Any, directory: Path) -> None:
-        self.directory = directory
-        super().__init__(from_buffer)
-
-    def newfile(self) -> BinaryIO:
-        return fileio.linkable_tempfile(self.directory)
-
-
-class SpoolingBuffer(waitress.buffers.OverflowableBuffer):
-    """waitress's body buffer (bytes in memory up to `overflow`, then a file), whose file is a
-    `SpoolFileBuffer`."""
-
-    def __init__(self, overflow: int, directory: Path) -> None:
-        super().__init__(overflow)
-        self.directory = directory
-
-    def _set_large_buffer(self) -> None:  # waitress's, with our file
-        old, self.buf = self.buf, SpoolFileBuffer(self.buf, self.directory)
-        if hasattr(old, "close"):
-            old.close()
-        self.overflowed = True
+    splitter: BodySplitter | None = None
 
 
 class AdmittingParser(waitress.parser.HTTPRequestParser):
@@ -244,7 +223,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         super().parse_header(header_plus)
         spool_dir = self.policy.spool_dir
         if self.body_rcv is not None and spool_dir is not None:  # nothing of the body is in yet
-            self.body_rcv.buf = SpoolingBuffer(self.adj.inbuf_overflow, spool_dir)
+            self.body_rcv.buf = self._buffer(spool_dir)
         if self.content_length > 0:
             refusal = self.policy.admit(self.content_length)
             if refusal:
@@ -257,6 +236,17 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
                     interim.offer(self, self.channel)
             except Exception:  # a request's headers must never break waitress's loop
                 log.exception("the body observer failed on a request's headers")
+
+    def _buffer(self, spool_dir: Path) -> SpoolingBuffer:
+        splitter = self.policy.splitter
+        if splitter is None:
+            return SpoolingBuffer(self.adj.inbuf_overflow, spool_dir)
+        return SpoolingBuffer(
+            self.adj.inbuf_overflow,
+            spool_dir,
+            functools.partial(splitter.split_at, self.command, self.path, self.headers),
+            functools.partial(splitter.spilled, self.headers),
+        )
 
     def _observe(self) -> None:
         offset = self.policy.observer.stale_offset(self.command, self.path, self.headers)
@@ -488,7 +478,7 @@ def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[Binar
     inner = buffer.buf
     if inner is None:
         return io.BytesIO(buffer.strbuf), len(buffer.strbuf)
-    file = inner.file
+    file = inner.getfile()
     if isinstance(file, io.BytesIO):
         data = file.getvalue()
         return io.BytesIO(data), len(data)

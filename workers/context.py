@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from upload_server.layout import Layout
 from upload_server.sessions.lifecycle import Refusal
@@ -21,7 +21,7 @@ from upload_server.sessions.record import Session
 from upload_server.storage import Storage
 
 from .held import HeldSessions
-from .messages import Append, Concat, Drain
+from .messages import Append, Concat, Drain, Follow
 from .outbox import Outbox
 from .policy import RecordPolicy
 from .settings import WriterSettings
@@ -36,8 +36,9 @@ class Interrupted(Refusal):
 class Task:
     session_id: str
     steps: Generator[int, None, None]
-    message: Append | Concat | Drain
+    message: Append | Concat | Drain | Follow
     next_time: float = 0.0
+    idle: float = 0.0  # a step that moves nothing makes it wait this long (a body to arrive)
 
     @property
     def request_id(self) -> int | None:
@@ -70,6 +71,10 @@ class Context:
     sessions: HeldSessions
     outbox: Outbox
     scheduler: Scheduler
+    # seed file parts hashed while their bodies arrive, by body, and their digests once claimed,
+    # by session (`follow`)
+    received: dict[tuple[int, int], Any] = field(default_factory=dict)
+    spool_digests: dict[str, Any] = field(default_factory=dict)
 
     def refuse(self, request_id: int | None, session_id: str, refusal: Refusal) -> None:
         """Answer with a refusal and the record as this writer holds it (none once let go)."""

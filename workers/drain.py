@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from typing import Any
 
 from upload_server import fileio, metrics
 from upload_server.sessions import lifecycle
@@ -21,6 +22,7 @@ from upload_server.storage import Adopting
 from .append import apply_segments, settle
 from .context import Context
 from .finish import fail_write, finish
+from .follow import take_digest
 from .held import STATE, Held
 
 
@@ -38,6 +40,7 @@ def drain(ctx: Context, session_id: str) -> Generator[int, None, None]:
         if (yield from apply_segments(ctx, held)):
             settle(ctx, held, None)
         return
+    digest = take_digest(ctx, session_id)
     spool = ctx.layout.spool(session_id)
     try:
         fd = fileio.open_for_read(spool)
@@ -56,7 +59,7 @@ def drain(ctx: Context, session_id: str) -> Generator[int, None, None]:
         ):
             session.spooled = True
             held.checkpoint(STATE)
-            if (yield from _verify(ctx, held, fd)):
+            if (yield from _verify(ctx, held, fd, digest)):
                 os.close(fd)
                 fd = -1  # closed before the rename, which Windows refuses on an open file
                 _adopt(ctx, held, str(spool))
@@ -86,13 +89,18 @@ def drain(ctx: Context, session_id: str) -> Generator[int, None, None]:
             os.close(fd)
 
 
-def _verify(ctx: Context, held: Held, fd: int) -> Generator[int, None, bool]:
+def _verify(ctx: Context, held: Held, fd: int, digest: Any | None) -> Generator[int, None, bool]:
     """A seed upload whose spool holds the whole file: hash it chunk by chunk (pause, progress
     and the rate limit work as for a copy); True once all of it is hashed. The spool then
     becomes the data by a rename, so the file is written once, by the front end, and the
-    writer only reads it from the page cache."""
+    writer only reads it from the page cache. A spool this writer hashed while its body
+    arrived (`follow`) comes with its `digest`: nothing is left to hash."""
     session = held.session
     total = session.total_bytes or 0
+    if digest is not None and session.bytes_written == 0:
+        held.sha256 = digest
+        session.bytes_written = total
+        return True
     hasher = held.hasher()
     while session.bytes_written < total:
         n = min(ctx.settings.chunk_size, total - session.bytes_written)

@@ -33,6 +33,9 @@ from .policy import RecordPolicy
 from .settings import WriterSettings
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between durable records while a drain runs
+# seconds between live records while a drain runs: a Manager round trip costs about as much as
+# hashing a 1 MiB chunk, so one per chunk doubled a seed drain's time
+SHOW_INTERVAL = 0.05
 PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 # How durable a checkpoint is (see `Held.checkpoint`).
 PROGRESS, COMMIT, STATE = 0, 1, 2
@@ -49,6 +52,7 @@ class Held:
     applying: bool = False  # a task is copying this session's segments into its data
     applied: int = 0  # bytes of the first named segment already in the data (while applying)
     last_checkpoint: float = 0.0
+    last_shown: float = 0.0
     last_progress_event: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     shown: dict[str, Any] | None = None  # the record this writer last put in the live view
@@ -140,11 +144,12 @@ class Held:
     def checkpoint(self, level: int = PROGRESS, *, live: bool = True) -> None:
         """Replace the live record, and the durable one as `level` and the fsync policy ask.
 
-        PROGRESS: durable when a checkpoint is due. COMMIT: durable now (bytes were acknowledged).
-        STATE: durable now and synced unless the policy is `never`. Under `fsync=always` data is
-        synced before every durable record, so a record never counts unsynced bytes. Data is
-        committed to its storage before the record: whole at COMMIT and STATE, its full parts at
-        a PROGRESS checkpoint (a seed drain; only this node can continue it from its spool).
+        PROGRESS: live at most every `SHOW_INTERVAL`, durable when a checkpoint is due. COMMIT:
+        durable now (bytes were acknowledged). STATE: durable now and synced unless the policy is
+        `never`. Under `fsync=always` data is synced before every durable record, so a record
+        never counts unsynced bytes. Data is committed to its storage before the record: whole at
+        COMMIT and STATE, its full parts at a PROGRESS checkpoint (a seed drain; only this node
+        can continue it from its spool).
         `live=False`: a record that only a restart reads, from the store (the publishing note),
         is not put in the live view."""
         owner, session = self.owner, self.session
@@ -155,7 +160,8 @@ class Held:
         fsync = owner.settings.fsync
         now = time.monotonic()
         due = now - self.last_checkpoint >= CHECKPOINT_INTERVAL
-        if level > PROGRESS or due or fsync == "always":
+        durable = level > PROGRESS or due or fsync == "always"
+        if durable:
             if self.handle is not None:
                 self.handle.commit(whole=level > PROGRESS)
             if fsync == "always" and self.handle is not None:
@@ -163,8 +169,9 @@ class Held:
             synced = fsync == "always" or (level == STATE and fsync != "never")
             owner.store.save(session, durable=synced)
             self.last_checkpoint = now
-        if live:
+        if live and (durable or now - self.last_shown >= SHOW_INTERVAL):
             self.show()
+            self.last_shown = now
         if level < STATE and now - self.last_progress_event >= PROGRESS_EVENT_INTERVAL:
             self.last_progress_event = now
             owner.outbox.emit("progress", session)

@@ -1,8 +1,9 @@
 """The messages between the front end and its writer processes.
 
 Each writer has an inbox (a pipe written only by the front end) and a reply pipe. Work arrives in the
-inbox as `Drain`, `Append` and `Concat`; `Shutdown` asks the writer to checkpoint and exit. Control
-(pause, resume, terminate, expire) travels on the session's own control queue, a
+inbox as `Drain`, `Append`, `Concat`, and a seed form's `Follow`, `Locate` and `Claim`; `Shutdown` asks the
+writer to checkpoint and exit. Control (pause, resume, terminate, expire) travels on the
+session's own control queue, a
 `multiprocessing.Manager` queue as the design card asks; the inbox carries only a `Nudge` that tells an
 idle or busy writer to read that queue now, so the writer never pays a Manager round trip per chunk
 just to find the queue empty, and a command is applied in order with the work queued before it.
@@ -22,6 +23,40 @@ class Drain:
     awaited; the pool re-sends it after a writer restart for every session still `writing`."""
 
     session_id: str
+
+
+@dataclass(frozen=True)
+class Follow:
+    """A seed form's file part is arriving in the front end's file `fd` (process `pid`, inode
+    `key`), which starts with it: hash it up to the first `needle` while it grows
+    (`follow.py`). No reply; a `Claim` takes the digest."""
+
+    key: tuple[int, int]
+    pid: int
+    fd: int
+    needle: bytes
+
+
+@dataclass(frozen=True)
+class Locate:
+    """The followed body `key` is complete: answer once its file part is hashed, with the
+    part's length (`Reply.length`: where the first delimiter is, so the front end's parser
+    need not look for it again), or refuse."""
+
+    request_id: int
+    key: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The followed body `key` is complete and its file part, `length` bytes, is the spool of
+    `session_id`: keep its SHA-256 for the session's drain. Refused when that is not what was
+    hashed; the drain then hashes the spool itself."""
+
+    request_id: int
+    session_id: str
+    key: tuple[int, int]
+    length: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +131,7 @@ class Reply:
     session: dict[str, Any] | None = None
     code: str | None = None
     message: str | None = None
+    length: int | None = None  # a `Locate`d part's
 
     @property
     def ok(self) -> bool:

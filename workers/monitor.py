@@ -78,6 +78,18 @@ class WriterHandle:
             self.inbox.send(message)
             self.sent += 1
 
+    def try_send(self, message: Any) -> bool:
+        """Send unless another thread is sending (for waitress's I/O thread, which must not
+        wait on a request thread)."""
+        if not self.send_lock.acquire(blocking=False):
+            return False
+        try:
+            self.inbox.send(message)
+            self.sent += 1
+        finally:
+            self.send_lock.release()
+        return True
+
     def holds_work(self) -> bool:
         """Tasks under way, or messages it has not taken yet (as far as it last said)."""
         if self.vitals is None:

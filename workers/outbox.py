@@ -21,12 +21,13 @@ class Outbox:
         *,
         code: str | None = None,
         message: str | None = None,
+        length: int | None = None,
     ) -> None:
         """Answer a request (work sent without a request id, a `Drain`, waits for no answer)."""
         if request_id is None:
             return
         record = session.to_dict() if session is not None else None
-        self._replies.send(Reply(request_id, record, code, message))
+        self._replies.send(Reply(request_id, record, code, message, length))
 
     def refuse(self, request_id: int | None, session: Session | None, refusal: Refusal) -> None:
         self.reply(request_id, session, code=refusal.code, message=refusal.message)

@@ -27,7 +27,20 @@ from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 
 from . import writer
-from .messages import Append, Command, Concat, Drain, Event, Nudge, Ping, Reply, Shutdown
+from .messages import (
+    Append,
+    Claim,
+    Command,
+    Concat,
+    Drain,
+    Event,
+    Follow,
+    Locate,
+    Nudge,
+    Ping,
+    Reply,
+    Shutdown,
+)
 from .monitor import Monitor, WriterHandle
 from .pending import PendingRequests, WriterUnavailable
 from .settings import WriterSettings
@@ -35,6 +48,9 @@ from .settings import WriterSettings
 __all__ = ["WriterPool", "WriterUnavailable"]
 
 log = logging.getLogger("upload_server.pool")
+
+FOLLOWED = 64  # bodies whose writer is remembered until their request claims them, at most
+CLAIM_TIMEOUT = 120.0  # seconds a request waits for its writer to finish hashing its part
 
 
 class WriterPool:
@@ -62,6 +78,7 @@ class WriterPool:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._round_robin = itertools.cycle(range(count))
+        self._followed: dict[tuple[int, int], int] = {}  # body -> the writer following it
         self.healing = False  # the Manager is being replaced: requests are refused at once
 
     # -- what the monitor sees and reports (set by the runtime and the service) -------------
@@ -234,11 +251,56 @@ class WriterPool:
         with contextlib.suppress(OSError, ValueError):
             self._handle_for(session).send(Drain(session.id))
 
+    def follow(self, message: Follow) -> None:
+        """Have a writer hash a seed form's file part while its body arrives (`follow.py`);
+        from waitress's I/O thread, so it never waits: a busy or unresponsive writer is skipped
+        (the session's drain then hashes the spool itself)."""
+        index = self.assign()
+        handle = self._monitor.handles[index]
+        if self.healing or handle.unresponsive:
+            return
+        with self._lock:
+            self._followed[message.key] = index
+            while len(self._followed) > FOLLOWED:
+                self._followed.pop(next(iter(self._followed)))
+        with contextlib.suppress(OSError, ValueError):
+            if handle.try_send(message):
+                return
+        with self._lock:
+            self._followed.pop(message.key, None)
+
+    def followed(self, key: tuple[int, int]) -> int | None:
+        """The writer told to follow body `key` (once): its file part's session is pinned there."""
+        with self._lock:
+            return self._followed.pop(key, None)
+
+    def locate(self, key: tuple[int, int]) -> int | None:
+        """Where the file part of the followed body `key` ends (its length), as its writer
+        found it (`follow.py`); None when no writer can tell."""
+        with self._lock:
+            index = self._followed.get(key)
+        if index is None:
+            return None
+        try:
+            reply = self._request(
+                index, Locate(self.next_request_id(), key), CLAIM_TIMEOUT, resend=False
+            )
+        except WriterUnavailable:
+            return None
+        return reply.length
+
+    def claim_digest(self, session: Session, key: tuple[int, int], length: int) -> None:
+        """Have the session's writer keep the digest of its spool, hashed while its body `key`
+        arrived (`follow.py`); if it cannot, its drain hashes the spool as before."""
+        claim = Claim(self.next_request_id(), session.id, key, length)
+        with contextlib.suppress(WriterUnavailable):
+            self._request(session.writer, claim, CLAIM_TIMEOUT, resend=False)
+
     def append(self, session: Session, message: Append, timeout: float) -> Reply:
-        return self._request(session, message, timeout, resend=True)
+        return self._request(session.writer, message, timeout, resend=True)
 
     def concat(self, session: Session, message: Concat, timeout: float) -> Reply:
-        return self._request(session, message, timeout, resend=True)
+        return self._request(session.writer, message, timeout, resend=True)
 
     def control(self, session: Session, action: str, timeout: float = 30.0, **args: Any) -> Reply:
         """Put a command on the session's control queue and wait for the writer to apply it."""
@@ -252,7 +314,7 @@ class WriterPool:
                 f"the server's session store is restarting ({type(exc).__name__}); try again"
             ) from None
         return self._request(
-            session, Nudge(session.id, queue), timeout, resend=False, request_id=request_id
+            session.writer, Nudge(session.id, queue), timeout, resend=False, request_id=request_id
         )
 
     def forget(self, session_id: str) -> None:
@@ -275,18 +337,21 @@ class WriterPool:
         return queue
 
     def _handle_for(self, session: Session) -> WriterHandle:
-        return self._monitor.handles[session.writer % self._count]
+        return self._handle_at(session.writer)
+
+    def _handle_at(self, writer: int) -> WriterHandle:
+        return self._monitor.handles[writer % self._count]
 
     def _request(
         self,
-        session: Session,
+        writer: int,
         message: Any,
         timeout: float,
         *,
         resend: bool,
         request_id: int | None = None,
     ) -> Reply:
-        handle = self._handle_for(session)
+        handle = self._handle_at(writer)
         self._check_reachable(handle)
         request_id = request_id if request_id is not None else message.request_id
         future: Future = self._pending.add(request_id, handle.index, message, resend=resend)

@@ -35,8 +35,9 @@ from .concat import concat
 from .context import Context, Task
 from .control import read_controls
 from .drain import drain
+from .follow import IDLE, claim, follow, locate
 from .held import STATE, HeldSessions
-from .messages import Append, Concat, Drain, Nudge, Ping, Shutdown
+from .messages import Append, Claim, Concat, Drain, Follow, Locate, Nudge, Ping, Shutdown
 from .outbox import Outbox
 from .policy import policy_for
 from .settings import WriterSettings
@@ -154,6 +155,13 @@ class Writer:
             self.tasks.append(Task(message.session_id, concat(self.ctx, message), message))
         elif isinstance(message, Drain):
             self.start_drain(message.session_id)
+        elif isinstance(message, Follow):
+            task = Task(f"follow:{message.key}", follow(self.ctx, message), message, idle=IDLE)
+            self.tasks.append(task)
+        elif isinstance(message, Locate):
+            locate(self.ctx, message)
+        elif isinstance(message, Claim):
+            claim(self.ctx, message)
         elif isinstance(message, Ping):
             self.ctx.reply(message.request_id)
         elif isinstance(message, Shutdown):
@@ -180,6 +188,9 @@ class Writer:
                 log.exception("writer %d: task for %s failed", self.settings.index, task.session_id)
                 self.remove(task)
                 self._fail_task(task, "internal_error", "the writer failed; see the server log")
+                return
+            if not copied and task.idle:
+                task.next_time = now + task.idle
                 return
             rate = self.settings.max_bytes_per_second
             if rate:

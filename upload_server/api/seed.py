@@ -15,7 +15,7 @@ from typing import Any
 
 import falcon
 
-from .. import errors
+from .. import errors, seed_follow
 from ..protocol import multipart
 from ..service import NewUpload, SeedFile, SessionService
 from ..sessions import lifecycle
@@ -57,7 +57,7 @@ class UploadResource(_SeedResource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         config = self.service.config
         with open_body(req, self.service, limit=config.max_upload_size + 1024**2) as body:
-            parts = _parse_form(req, body)
+            parts = _parse_form(req, body, seed_follow.part_ends(body, self.service.pool))
             files = [p for p in parts if p.name == "file"]
             if not files:
                 raise errors.BadRequest(
@@ -173,7 +173,9 @@ def _shown(session: Session) -> Session:
     return session
 
 
-def _parse_form(req: falcon.Request, body: Any) -> list[multipart.Part]:
+def _parse_form(
+    req: falcon.Request, body: Any, ends: dict[int, int] | None = None
+) -> list[multipart.Part]:
     try:
         boundary = multipart.boundary_of(req.content_type)
     except multipart.MultipartError as exc:
@@ -181,7 +183,7 @@ def _parse_form(req: falcon.Request, body: Any) -> list[multipart.Part]:
             raise errors.BadRequest(str(exc), code="bad_multipart") from None
         raise errors.UnsupportedMediaType(str(exc), code="not_multipart") from None
     try:
-        return multipart.parse(body, boundary)
+        return multipart.parse(body, boundary, ends)
     except multipart.MultipartError as exc:
         raise errors.BadRequest(str(exc), code="bad_multipart") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,8 +83,31 @@ def boundary_of(content_type: str | None) -> str:
     return boundary
 
 
-def parse(body: Body, boundary: str) -> list[Part]:
-    """Locate every part of `body`. The closing delimiter must be present (else: truncated)."""
+def parse(body: Body, boundary: str, ends: Mapping[int, int] | None = None) -> list[Part]:
+    """Locate every part of `body`. The closing delimiter must be present (else: truncated).
+    `ends` maps a part's content start to where the first delimiter after it was found already
+    (a seed form's file part, by the writer that hashed it as it arrived: `seed_follow`): a
+    delimiter there is taken without searching the part again."""
+    return list(_walk(body, boundary, None, ends or {}))
+
+
+def content_start(head: Body, boundary: str, name: str) -> int | None:
+    """Where the content of the first part called `name` starts, from a body's first bytes
+    alone (its end need not have arrived): None when they do not show it."""
+    try:
+        for part in _walk(head, boundary, name, {}):
+            if part.name == name:
+                return part.start
+    except MultipartError:
+        return None
+    return None
+
+
+def _walk(
+    body: Body, boundary: str, open_name: str | None, ends: Mapping[int, int]
+) -> Iterator[Part]:
+    """The parts of `body` in order; a part called `open_name` is the last, its end not looked
+    for (`end` = `start`)."""
     delimiter = b"--" + boundary.encode("latin-1")
     if body.read(0, len(delimiter)) == delimiter:
         pos = len(delimiter)
@@ -92,11 +116,11 @@ def parse(body: Body, boundary: str) -> list[Part]:
         if found < 0:
             raise MultipartError("no multipart boundary found in the body")
         pos = found + 2 + len(delimiter)
-    parts: list[Part] = []
+    count = 0
     while True:
         after = body.read(pos, pos + 2)
         if after == b"--":
-            return parts
+            return
         # transport padding (RFC 2046) before the CRLF that ends a delimiter line
         line_end = body.find(b"\r\n", pos, pos + 256)
         if line_end < 0 or body.read(pos, line_end).strip(b" \t"):
@@ -110,14 +134,20 @@ def parse(body: Body, boundary: str) -> list[Part]:
                 raise MultipartError(f"part headers exceed {MAX_HEADER_BYTES} bytes")
             raise MultipartError("part headers are not terminated (truncated body?)")
         headers = _parse_headers(body.read(headers_start, headers_end))
-        content_start = headers_end + 4
-        content_end = body.find(b"\r\n" + delimiter, content_start)
-        if content_end < 0:
+        start = headers_end + 4
+        if open_name is not None and (part := _make_part(headers, start, start)).name == open_name:
+            yield part
+            return
+        end = ends.get(start, -1)
+        if end < start or body.read(end, end + 2 + len(delimiter)) != b"\r\n" + delimiter:
+            end = body.find(b"\r\n" + delimiter, start)
+        if end < 0:
             raise MultipartError("the body ends before the closing boundary (truncated upload?)")
-        if len(parts) >= MAX_PARTS:
+        if count >= MAX_PARTS:
             raise MultipartError(f"more than {MAX_PARTS} parts")
-        parts.append(_make_part(headers, content_start, content_end))
-        pos = content_end + 2 + len(delimiter)
+        count += 1
+        yield _make_part(headers, start, end)
+        pos = end + 2 + len(delimiter)
 
 
 def _parse_headers(raw: bytes) -> dict[str, str]:
