@@ -131,15 +131,25 @@ def _run(steps, rounds: int = 10_000) -> None:
             return
 
 
-@pytest.mark.parametrize("cut_before_claim", [False, True])
-def test_the_writer_hashes_the_part_as_it_grows(tmp_path, cut_before_claim):
-    content = os.urandom(50_000)
-    tail = NEEDLE + b"--\r\n"
+def _followed(tmp_path: Path, data: bytes = b""):
+    """A growing body file holding `data`, its key, a stand-in writer context and the writer's
+    follow of that file (a generator to step)."""
     file = fileio.linkable_tempfile(tmp_path)
+    if data:
+        file.write(data)
+        file.flush()
     status = os.fstat(file.fileno())
     key = (status.st_dev, status.st_ino)
     ctx = _ctx()
     steps = follow.follow(ctx, Follow(key, os.getpid(), file.fileno(), NEEDLE))  # type: ignore[arg-type]
+    return file, key, ctx, steps
+
+
+@pytest.mark.parametrize("cut_before_claim", [False, True])
+def test_the_writer_hashes_the_part_as_it_grows(tmp_path, cut_before_claim):
+    content = os.urandom(50_000)
+    tail = NEEDLE + b"--\r\n"
+    file, key, ctx, steps = _followed(tmp_path)
     file.write(content[:20_000])
     file.flush()
     _run(steps, 20)  # hashes what arrived, then waits
@@ -161,13 +171,8 @@ def test_the_writer_hashes_the_part_as_it_grows(tmp_path, cut_before_claim):
 
 
 def test_a_complete_body_without_a_delimiter_is_refused_at_once(tmp_path):
-    file = fileio.linkable_tempfile(tmp_path)
-    file.write(b"w" * 10_000 + b"\r\n--b0und")  # cut short: no delimiter after the part
-    file.flush()
-    status = os.fstat(file.fileno())
-    key = (status.st_dev, status.st_ino)
-    ctx = _ctx()
-    steps = follow.follow(ctx, Follow(key, os.getpid(), file.fileno(), NEEDLE))  # type: ignore[arg-type]
+    # cut short: no delimiter after the part
+    file, key, ctx, steps = _followed(tmp_path, b"w" * 10_000 + b"\r\n--b0und")
     _run(steps, 50)
     follow.locate(ctx, Locate(4, key))  # type: ignore[arg-type]
     _run(steps, 3)
@@ -176,13 +181,7 @@ def test_a_complete_body_without_a_delimiter_is_refused_at_once(tmp_path):
 
 
 def test_a_claim_for_another_length_is_refused(tmp_path):
-    file = fileio.linkable_tempfile(tmp_path)
-    file.write(b"z" * 10_000 + NEEDLE + b"--\r\n")
-    file.flush()
-    status = os.fstat(file.fileno())
-    key = (status.st_dev, status.st_ino)
-    ctx = _ctx()
-    steps = follow.follow(ctx, Follow(key, os.getpid(), file.fileno(), NEEDLE))  # type: ignore[arg-type]
+    file, key, ctx, steps = _followed(tmp_path, b"z" * 10_000 + NEEDLE + b"--\r\n")
     _run(steps, 50)
     follow.claim(ctx, Claim(8, "sid", key, 9_999))  # type: ignore[arg-type]
     _run(steps)
