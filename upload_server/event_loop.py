@@ -270,25 +270,33 @@ class SelectorLoop:
         middle of a watched body (their cut is waited for through the body observer,
         `cut_bodies`) and those between requests whose unread bytes (peeked) do not name
         `about`. Under load those are the busy ones, so this usually returns at once, where
-        `settle` waits whole passes of every busy socket. Bounded by `timeout`; without
-        `select.poll` it is `settle(passes, ...)`."""
+        `settle` waits whole passes of every busy socket. Unread bytes wait for the next pass;
+        a connection the I/O thread is handling only for that one event (`BUSY_WAIT` at a time:
+        a pass may hold a few body reads). Bounded by `timeout`; without `select.poll` it is
+        `settle(passes, ...)`."""
         if not hasattr(select, "poll"):
             self.settle(passes, timeout)
             return
         deadline = time.monotonic() + timeout
-        while self._unread(about):
+        while (unread := self._unread(about)) is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self.settle(1, left)
+            if unread is _BUSY:
+                time.sleep(min(left, BUSY_WAIT))
+            else:
+                self.settle(1, left)
 
-    def _unread(self, about: bytes) -> bool:
+    def _unread(self, about: bytes) -> object | None:
+        """What `catch_up` waits for: None (nothing), `_BUSY` (the I/O thread is handling, or
+        handled meanwhile, a connection that may hold bytes about `about`), `_PENDING` (a
+        socket has bytes the loop has not read)."""
         registrations = self._active
         if registrations is None:
-            return False
+            return None
         taken = self._taken
         if self._taking is not None:
-            return True
+            return _BUSY
         poller = select.poll()
         watched = {}
         for fd, obj in list(registrations.map.items()):
@@ -300,11 +308,13 @@ class SelectorLoop:
                 watched[fd] = obj
         for fd, mask in poller.poll(0):
             if mask & _UNREAD and not _elsewhere(watched.get(fd), about):
-                return True
+                return _PENDING
         # a connection handled meanwhile may have taken bytes the poll no longer shows
-        return self._taking is not None or self._taken != taken
+        return _BUSY if self._taking is not None or self._taken != taken else None
 
 
+_BUSY, _PENDING = object(), object()
+BUSY_WAIT = 0.0005  # seconds between looks while the I/O thread handles one connection's event
 _UNREAD = POLLIN | getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8)
 
 
