@@ -46,6 +46,8 @@ TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick
 POLLIN = getattr(select, "POLLIN", 1)
 POLLOUT = getattr(select, "POLLOUT", 4)
 BODY_READS = 2  # body reads (recv_bytes each) per pass at most, so that others wait less
+QUICK_WINDOW = 0.005  # seconds at most that body reads wait for queued bodiless requests
+QUICK_NAP = 0.0005  # seconds between passes while they wait
 
 _Event = tuple[selectors.SelectorKey, int]
 
@@ -134,6 +136,10 @@ class SelectorLoop:
         self._served: dict[int, int] = {}  # fd -> the pass that last read its body (`_ration`)
         self._taken = 0  # events handled on connections that may hold a cut (`catch_up`)
         self._taking: Any = None  # such a connection while its event is being handled
+        self._quick = 0  # bodiless requests (HEAD, GET) queued or running (`quick_begun`)
+        self._quick_until = 0.0  # body reads wait for them until then at most
+        self._quick_lock = threading.Lock()
+        self._napping = False  # this pass left body reads for later (`_ration`)
 
     def loop(
         self,
@@ -217,6 +223,9 @@ class SelectorLoop:
             with self._changed:
                 self._passes += 1
                 self._changed.notify_all()
+            if self._napping:  # the bodies are still ready: do not spin on them
+                self._napping = False
+                time.sleep(QUICK_NAP)
             if count is not None:
                 count -= 1
 
@@ -252,6 +261,9 @@ class SelectorLoop:
         quick = [event for event in events if not _in_body(event[0].data)]
         if len(quick) == len(events):
             return events
+        if self._yielding():
+            self._napping = True
+            return quick
         bodies = [event for event in events if _in_body(event[0].data)]
         served = self._served
         if len(bodies) > BODY_READS:
@@ -262,6 +274,28 @@ class SelectorLoop:
         for key, _ in bodies:
             served[key.fd] = self._passes
         return quick + bodies
+
+    def quick_begun(self) -> None:
+        """(I/O thread) A bodiless request (HEAD, GET) is complete and queued: body reads wait
+        until it is answered (`quick_done`), `QUICK_WINDOW` at most, so that its request thread
+        finds the GIL and a core free rather than behind 256 KiB reads and writes."""
+        with self._quick_lock:
+            self._quick += 1
+            self._quick_until = time.monotonic() + QUICK_WINDOW
+
+    def quick_done(self) -> None:
+        """(a request thread) A request of `quick_begun` was answered."""
+        with self._quick_lock:
+            self._quick = max(0, self._quick - 1)
+
+    def _yielding(self) -> bool:
+        if not self._quick:
+            return False
+        if time.monotonic() < self._quick_until:
+            return True
+        with self._quick_lock:
+            self._quick = 0  # past the window: what was not told done no longer counts
+        return False
 
     def catch_up(self, timeout: float, passes: int, about: bytes) -> None:
         """Wait (from a request thread) until what reached this host before now about `about`

@@ -233,6 +233,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
     channel: KeepingChannel | None = None  # set by the channel that creates it
     hold: interim.Hold | None = None  # its body waits for its upload's creation (a 104)
     created: str | None = None  # the upload its 104 announced
+    quick = False  # a bodiless HEAD or GET, queued: body reads wait for it (`LOOP.quick_begun`)
 
     def parse_header(self, header_plus: bytes) -> None:
         default = self.adj.inbuf_overflow
@@ -280,6 +281,9 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             self.expect_continue = False  # refused (507, 413, ...): the client must not send on
         if self.completed:
             self.end_watch()
+            if self.error is None and self.command in _QUICK and not self.content_length:
+                self.quick = True
+                LOOP.quick_begun()
         return consumed
 
     def _buffer_failed(self, exc: OSError, received: int) -> int:
@@ -325,6 +329,9 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         super().close()
 
 
+_QUICK = ("HEAD", "GET")
+
+
 class JsonErrorTask(waitress.task.ErrorTask):
     """waitress's own error answer, in JSON (a problem for an IETF draft request, `interim`)
     and with the headers the app would have added."""
@@ -346,6 +353,13 @@ class KeepAliveTask(waitress.task.WSGITask):
     """A WSGI task that does not close an HTTP/1.1 connection because a response has no body."""
 
     _bodiless_keep_alive = False
+
+    def service(self) -> None:
+        try:
+            super().service()
+        finally:
+            if self.request.quick:
+                LOOP.quick_done()
 
     def get_environment(self) -> dict[str, Any]:
         environ = super().get_environment()
