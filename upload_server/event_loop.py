@@ -277,11 +277,14 @@ class SelectorLoop:
 
     def quick_begun(self) -> None:
         """(I/O thread) A bodiless request (HEAD, GET) is complete and queued: body reads wait
-        until it is answered (`quick_done`), `QUICK_WINDOW` at most, so that its request thread
-        finds the GIL and a core free rather than behind 256 KiB reads and writes."""
+        until it is answered (`quick_done`), so that its request thread finds the GIL and a core
+        free rather than behind 256 KiB reads and writes. At most `QUICK_WINDOW` from the first
+        of those waiting, then at least one pass reads bodies: a flood of HEADs (or one waiting
+        for a body still arriving) cannot stop the bodies."""
         with self._quick_lock:
+            if not self._quick:
+                self._quick_until = time.monotonic() + QUICK_WINDOW
             self._quick += 1
-            self._quick_until = time.monotonic() + QUICK_WINDOW
 
     def quick_done(self) -> None:
         """(a request thread) A request of `quick_begun` was answered."""
