@@ -13,8 +13,11 @@ once, and its interest is looked at again only when something may have changed i
 Within a pass, connections in the middle of a watched request body (a tus PATCH) come after the
 others, and at most `BODY_READS` of them are read (longest unserved first; the rest stay ready for
 the next pass): a HEAD or status request waits for a few 256 KiB body reads, not for one of every
-busy upload. A HEAD's wait for cut connections (`catch_up`) looks at the sockets themselves
-(`poll`, and a peek at a connection between requests) instead of waiting whole passes.
+busy upload. While a bodiless HEAD or GET is queued or running, body reads wait for it (one
+`QUICK_WINDOW` at most, napping between passes), so that its request thread finds the GIL and a
+core. A HEAD's wait for cut connections (`catch_up`) looks at the sockets themselves (`poll`,
+and a peek at a connection between requests) instead of waiting whole passes, and waits for a
+connection the I/O thread is handling only until that event is done.
 
 Listening sockets are asked every pass, as before: their `readable()` runs waitress's maintenance
 and its connection limit. Events are handed to `wasyncore.readwrite`, so channels see the same
