@@ -51,6 +51,7 @@ POLLOUT = getattr(select, "POLLOUT", 4)
 BODY_READS = 2  # body reads (recv_bytes each) per pass at most, so that others wait less
 QUICK_WINDOW = 0.005  # seconds at most that body reads wait for queued bodiless requests
 QUICK_NAP = 0.0005  # seconds between passes while they wait
+_QUICK = ("HEAD", "GET")  # the requests they wait for, when they have no body
 
 _Event = tuple[selectors.SelectorKey, int]
 
@@ -278,21 +279,27 @@ class SelectorLoop:
             served[key.fd] = self._passes
         return quick + bodies
 
-    def quick_begun(self) -> None:
-        """(I/O thread) A bodiless request (HEAD, GET) is complete and queued: body reads wait
-        until it is answered (`quick_done`), so that its request thread finds the GIL and a core
-        free rather than behind 256 KiB reads and writes. At most `QUICK_WINDOW` from the first
-        of those waiting, then at least one pass reads bodies: a flood of HEADs (or one waiting
-        for a body still arriving) cannot stop the bodies."""
+    def quick_begun(self, request: Any) -> bool:
+        """(I/O thread) `request` is complete and queued: if it is a bodiless HEAD or GET (True),
+        body reads wait until it is answered (`quick_done`), so that its request thread finds
+        the GIL and a core free rather than behind 256 KiB reads and writes. At most
+        `QUICK_WINDOW` from the first of those waiting, then at least one pass reads bodies: a
+        flood of HEADs (or one waiting for a body still arriving) cannot stop the bodies."""
+        command = getattr(request, "command", None)  # none for a stray blank line
+        if request.error is not None or command not in _QUICK or request.content_length:
+            return False
         with self._quick_lock:
             if not self._quick:
                 self._quick_until = time.monotonic() + QUICK_WINDOW
             self._quick += 1
+        return True
 
-    def quick_done(self) -> None:
-        """(a request thread) A request of `quick_begun` was answered."""
-        with self._quick_lock:
-            self._quick = max(0, self._quick - 1)
+    def quick_done(self, request: Any) -> None:
+        """(a request thread) `request` was answered: if `quick_begun` counted it, body reads
+        no longer wait for it."""
+        if getattr(request, "quick", False):
+            with self._quick_lock:
+                self._quick = max(0, self._quick - 1)
 
     def _yielding(self) -> bool:
         if not self._quick:

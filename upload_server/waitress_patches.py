@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -63,6 +62,7 @@ from .connection_limits import ADMISSION, Limits
 from .errors import error_body
 from .event_loop import LOOP
 from .protocol import tus
+from .received_body import received_prefix
 
 log = logging.getLogger("upload_server.waitress")
 
@@ -281,9 +281,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             self.expect_continue = False  # refused (507, 413, ...): the client must not send on
         if self.completed:
             self.end_watch()
-            if self.error is None and self.command in _QUICK and not self.content_length:
-                self.quick = True
-                LOOP.quick_begun()
+            self.quick = LOOP.quick_begun(self)
         return consumed
 
     def _buffer_failed(self, exc: OSError, received: int) -> int:
@@ -329,9 +327,6 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
         super().close()
 
 
-_QUICK = ("HEAD", "GET")
-
-
 class JsonErrorTask(waitress.task.ErrorTask):
     """waitress's own error answer, in JSON (a problem for an IETF draft request, `interim`)
     and with the headers the app would have added."""
@@ -358,8 +353,7 @@ class KeepAliveTask(waitress.task.WSGITask):
         try:
             super().service()
         finally:
-            if self.request.quick:
-                LOOP.quick_done()
+            LOOP.quick_done(self.request)
 
     def get_environment(self) -> dict[str, Any]:
         environ = super().get_environment()
@@ -484,7 +478,7 @@ class KeepingChannel(waitress.channel.HTTPChannel):
             return None
         if receiver is None or not len(receiver):
             return None
-        stream, length = _received_prefix(receiver.getbuf())
+        stream, length = received_prefix(receiver.getbuf())
         environ = self.task_class(self, request).get_environment()
         environ["wsgi.input"] = stream
         environ["CONTENT_LENGTH"] = str(length)
@@ -494,18 +488,3 @@ class KeepingChannel(waitress.channel.HTTPChannel):
             "timeout" if idle >= self.adj.channel_timeout else "disconnected"
         )
         return CutRequest(environ, length, request.content_length, reason, request.close)
-
-
-def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[BinaryIO, int]:
-    """What a body buffer holds, as a stream from its start: waitress's own file when the body
-    spilled to one (so it can still be linked into the spool), else a copy of the few bytes."""
-    inner = buffer.buf
-    if inner is None:
-        return io.BytesIO(buffer.strbuf), len(buffer.strbuf)
-    file = inner.file
-    if isinstance(file, io.BytesIO):
-        data = file.getvalue()
-        return io.BytesIO(data), len(data)
-    file.flush()
-    file.seek(0)
-    return file, len(inner)
