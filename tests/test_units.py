@@ -357,3 +357,29 @@ def test_the_record_cache_answers_only_while_the_writers_counter_stands():
     front.get(session.id).metadata["x"] = "y"  # every answer is a copy of its own
     assert "x" not in front.get(session.id).metadata
     assert len(reads) == 6
+
+
+def test_a_record_as_a_dict_is_asdict_and_shares_nothing_mutable():
+    import dataclasses
+
+    session = Session(
+        id=new_session_id(),
+        protocol="tus",
+        filename="f.bin",
+        chunk_size=1024,
+        writer=0,
+        error={"code": "io_error", "message": "m"},
+        metadata={"k": "v"},
+        parts=["a"],
+        segments=[[0, 5], [5, 7]],
+    )
+    record = session.to_dict()
+    assert record == dataclasses.asdict(session)
+    assert list(record) == [f.name for f in dataclasses.fields(Session)]
+    record["segments"][0][1] = 99
+    record["metadata"]["k"] = "changed"
+    record["error"]["code"] = "changed"
+    record["parts"].append("b")
+    assert session.segments == [[0, 5], [5, 7]] and session.metadata == {"k": "v"}
+    assert session.error == {"code": "io_error", "message": "m"} and session.parts == ["a"]
+    assert Session.from_dict({**session.to_dict(), "unknown": 1}) == session

@@ -70,10 +70,12 @@ def finish(ctx: Context, held: Held, request_id: int | None = None) -> bool:
 
 def _note_publishing(held: Held, location: str) -> None:
     """Write down, durably, where the data is about to appear: a crash from here on is
-    finished at restart (`Runtime._recover`), not mistaken for lost data."""
+    finished at restart (`Runtime._recover`), not mistaken for lost data. Only that recovery
+    reads the note, from the store: the live view goes straight from writing to completed
+    (one Manager round trip fewer per upload)."""
     held.session.publishing = location
     held.session.spooled = False
-    held.checkpoint(STATE)
+    held.checkpoint(STATE, live=False)
 
 
 def _published_digest(ctx: Context, session: Session) -> str:

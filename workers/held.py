@@ -51,6 +51,7 @@ class Held:
     last_checkpoint: float = 0.0
     last_progress_event: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
+    shown: dict[str, Any] | None = None  # the record this writer last put in the live view
 
     def data(self) -> UploadData:
         """The session's data, opened and reconciled with the record on first touch
@@ -127,17 +128,25 @@ class Held:
         return sum(length for _, length in self.session.segments) - self.applied
 
     def show(self) -> None:
-        """Replace the live record only (a state the front end shows; nothing to make durable)."""
-        self.owner.live.put(self.session)
+        """Replace the live record only (a state the front end shows; nothing to make durable).
+        A record the live view already holds is not sent again: a Manager round trip costs
+        about a millisecond, and only this writer changes the record while it holds it (a
+        Manager that died took its writers with it, so no `shown` outlives the view it names)."""
+        record = self.session.to_dict()
+        if record != self.shown:
+            self.owner.live.put_record(self.session.id, record)
+            self.shown = record
 
-    def checkpoint(self, level: int = PROGRESS) -> None:
+    def checkpoint(self, level: int = PROGRESS, *, live: bool = True) -> None:
         """Replace the live record, and the durable one as `level` and the fsync policy ask.
 
         PROGRESS: durable when a checkpoint is due. COMMIT: durable now (bytes were acknowledged).
         STATE: durable now and synced unless the policy is `never`. Under `fsync=always` data is
         synced before every durable record, so a record never counts unsynced bytes. Data is
         committed to its storage before the record: whole at COMMIT and STATE, its full parts at
-        a PROGRESS checkpoint (a seed drain; only this node can continue it from its spool)."""
+        a PROGRESS checkpoint (a seed drain; only this node can continue it from its spool).
+        `live=False`: a record that only a restart reads, from the store (the publishing note),
+        is not put in the live view."""
         owner, session = self.owner, self.session
         session.updated_at = time.time()
         owner.policy.stamp(session)
@@ -154,7 +163,8 @@ class Held:
             synced = fsync == "always" or (level == STATE and fsync != "never")
             owner.store.save(session, durable=synced)
             self.last_checkpoint = now
-        owner.live.put(session)
+        if live:
+            self.show()
         if level < STATE and now - self.last_progress_event >= PROGRESS_EVENT_INTERVAL:
             self.last_progress_event = now
             owner.outbox.emit("progress", session)

@@ -69,9 +69,12 @@ class LiveSessions:
             raise LiveViewLost(exc) from None
 
     def put(self, session: Session) -> None:
-        record = session.to_dict()
-        with self._changing(session.id):
-            self._proxy[session.id] = record
+        self.put_record(session.id, session.to_dict())
+
+    def put_record(self, session_id: str, record: dict[str, Any]) -> None:
+        """Put a record already encoded (`Session.to_dict`)."""
+        with self._changing(session_id):
+            self._proxy[session_id] = record
 
     def remove(self, session_id: str) -> None:
         with self._changing(session_id):
