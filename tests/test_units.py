@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +17,9 @@ from upload_server.protocol import multipart
 from upload_server.received_body import RequestBody
 from upload_server.session_limits import SessionLimits
 from upload_server.sessions import segments
+from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session, new_session_id
+from upload_server.sessions.versions import Counters, RecordCache, new_counters
 
 
 @pytest.mark.parametrize(
@@ -311,6 +314,49 @@ def test_the_limits_forget_what_ended_elsewhere_but_never_a_creation_in_flight()
     with pytest.raises(errors.UploadError) as refused:  # still_open, in flight, one-more
         limits.take(None, "two-more", by_client=True)
     assert refused.value.code == "too_many_sessions"
+
+
+def test_the_record_cache_answers_only_while_the_writers_counter_stands():
+    """The front end's cache of live records (HEAD and status without the Manager) never shows
+    a record the Manager no longer holds: a writer's change, even one that moves the offset
+    back, or one in progress, makes it read the Manager again."""
+    ctx = multiprocessing.get_context()
+    arrays = [new_counters(ctx), new_counters(ctx)]
+    manager: dict = {}
+    reads = []
+
+    class Proxy(dict):
+        def get(self, key, default=None):
+            reads.append(key)
+            return manager.get(key, default)
+
+        def __setitem__(self, key, value):
+            manager[key] = value
+
+    front = LiveSessions(Proxy())
+    front.cache = RecordCache(lambda: arrays)
+    writer = LiveSessions(Proxy(), Counters(arrays[1]))
+    session = Session(new_session_id(), "tus", "a.bin", 1024, writer=1, bytes_written=8)
+    writer.put(session)
+    assert front.get(session.id).bytes_written == 8
+    assert front.get(session.id).bytes_written == 8
+    assert len(reads) == 1  # the second answer came from memory
+    session.bytes_written = 4  # a failed write gives up a named segment
+    writer.put(session)
+    assert front.get(session.id).bytes_written == 4
+    with Counters(arrays[1]).changing(session.id):  # a change under way is never kept
+        assert front.get(session.id).bytes_written == 4
+        assert front.get(session.id).bytes_written == 4
+    assert len(reads) == 4
+    arrays[1] = new_counters(ctx)  # the writer was replaced: nothing of the old one counts
+    front.get(session.id)
+    assert len(reads) == 5
+    front.put(session)  # the front end's own change
+    front.get(session.id)
+    assert len(reads) == 6
+    front.get(session.id).metadata["x"] = "y"  # every answer is a copy of its own
+    assert "x" not in front.get(session.id).metadata
+    assert len(reads) == 6
 
 
 def test_a_record_as_a_dict_is_asdict_and_shares_nothing_mutable():

@@ -13,8 +13,11 @@ once, and its interest is looked at again only when something may have changed i
 Within a pass, connections in the middle of a watched request body (a tus PATCH) come after the
 others, and at most `BODY_READS` of them are read (longest unserved first; the rest stay ready for
 the next pass): a HEAD or status request waits for a few 256 KiB body reads, not for one of every
-busy upload. A HEAD's wait for cut connections (`catch_up`) looks at the sockets themselves
-(`poll`, and a peek at a connection between requests) instead of waiting whole passes.
+busy upload. While a bodiless HEAD or GET is queued or running, body reads wait for it (one
+`QUICK_WINDOW` at most, napping between passes), so that its request thread finds the GIL and a
+core. A HEAD's wait for cut connections (`catch_up`) looks at the sockets themselves (`poll`,
+and a peek at a connection between requests) instead of waiting whole passes, and waits for a
+connection the I/O thread is handling only until that event is done.
 
 Listening sockets are asked every pass, as before: their `readable()` runs waitress's maintenance
 and its connection limit. Events are handed to `wasyncore.readwrite`, so channels see the same
@@ -46,6 +49,9 @@ TICK = 1.0  # seconds: the longest wait for an event, and the period of `on_tick
 POLLIN = getattr(select, "POLLIN", 1)
 POLLOUT = getattr(select, "POLLOUT", 4)
 BODY_READS = 2  # body reads (recv_bytes each) per pass at most, so that others wait less
+QUICK_WINDOW = 0.005  # seconds at most that body reads wait for queued bodiless requests
+QUICK_NAP = 0.0005  # seconds between passes while they wait
+_QUICK = ("HEAD", "GET")  # the requests they wait for, when they have no body
 
 _Event = tuple[selectors.SelectorKey, int]
 
@@ -134,6 +140,10 @@ class SelectorLoop:
         self._served: dict[int, int] = {}  # fd -> the pass that last read its body (`_ration`)
         self._taken = 0  # events handled on connections that may hold a cut (`catch_up`)
         self._taking: Any = None  # such a connection while its event is being handled
+        self._quick = 0  # bodiless requests (HEAD, GET) queued or running (`quick_begun`)
+        self._quick_until = 0.0  # body reads wait for them until then at most
+        self._quick_lock = threading.Lock()
+        self._napping = False  # this pass left body reads for later (`_ration`)
 
     def loop(
         self,
@@ -217,6 +227,9 @@ class SelectorLoop:
             with self._changed:
                 self._passes += 1
                 self._changed.notify_all()
+            if self._napping:  # the bodies are still ready: do not spin on them
+                self._napping = False
+                time.sleep(QUICK_NAP)
             if count is not None:
                 count -= 1
 
@@ -252,6 +265,9 @@ class SelectorLoop:
         quick = [event for event in events if not _in_body(event[0].data)]
         if len(quick) == len(events):
             return events
+        if self._yielding():
+            self._napping = True
+            return quick
         bodies = [event for event in events if _in_body(event[0].data)]
         served = self._served
         if len(bodies) > BODY_READS:
@@ -263,6 +279,37 @@ class SelectorLoop:
             served[key.fd] = self._passes
         return quick + bodies
 
+    def quick_begun(self, request: Any) -> bool:
+        """(I/O thread) `request` is complete and queued: if it is a bodiless HEAD or GET (True),
+        body reads wait until it is answered (`quick_done`), so that its request thread finds
+        the GIL and a core free rather than behind 256 KiB reads and writes. At most
+        `QUICK_WINDOW` from the first of those waiting, then at least one pass reads bodies: a
+        flood of HEADs (or one waiting for a body still arriving) cannot stop the bodies."""
+        command = getattr(request, "command", None)  # none for a stray blank line
+        if request.error is not None or command not in _QUICK or request.content_length:
+            return False
+        with self._quick_lock:
+            if not self._quick:
+                self._quick_until = time.monotonic() + QUICK_WINDOW
+            self._quick += 1
+        return True
+
+    def quick_done(self, request: Any) -> None:
+        """(a request thread) `request` was answered: if `quick_begun` counted it, body reads
+        no longer wait for it."""
+        if getattr(request, "quick", False):
+            with self._quick_lock:
+                self._quick = max(0, self._quick - 1)
+
+    def _yielding(self) -> bool:
+        if not self._quick:
+            return False
+        if time.monotonic() < self._quick_until:
+            return True
+        with self._quick_lock:
+            self._quick = 0  # past the window: what was not told done no longer counts
+        return False
+
     def catch_up(self, timeout: float, passes: int, about: bytes) -> None:
         """Wait (from a request thread) until what reached this host before now about `about`
         (an upload id) has been taken in: no waiting connection is left to accept and no socket
@@ -270,25 +317,33 @@ class SelectorLoop:
         middle of a watched body (their cut is waited for through the body observer,
         `cut_bodies`) and those between requests whose unread bytes (peeked) do not name
         `about`. Under load those are the busy ones, so this usually returns at once, where
-        `settle` waits whole passes of every busy socket. Bounded by `timeout`; without
-        `select.poll` it is `settle(passes, ...)`."""
+        `settle` waits whole passes of every busy socket. Unread bytes wait for the next pass;
+        a connection the I/O thread is handling only for that one event (`BUSY_WAIT` at a time:
+        a pass may hold a few body reads). Bounded by `timeout`; without `select.poll` it is
+        `settle(passes, ...)`."""
         if not hasattr(select, "poll"):
             self.settle(passes, timeout)
             return
         deadline = time.monotonic() + timeout
-        while self._unread(about):
+        while (unread := self._unread(about)) is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self.settle(1, left)
+            if unread is _BUSY:
+                time.sleep(min(left, BUSY_WAIT))
+            else:
+                self.settle(1, left)
 
-    def _unread(self, about: bytes) -> bool:
+    def _unread(self, about: bytes) -> object | None:
+        """What `catch_up` waits for: None (nothing), `_BUSY` (the I/O thread is handling, or
+        handled meanwhile, a connection that may hold bytes about `about`), `_PENDING` (a
+        socket has bytes the loop has not read)."""
         registrations = self._active
         if registrations is None:
-            return False
+            return None
         taken = self._taken
         if self._taking is not None:
-            return True
+            return _BUSY
         poller = select.poll()
         watched = {}
         for fd, obj in list(registrations.map.items()):
@@ -300,11 +355,13 @@ class SelectorLoop:
                 watched[fd] = obj
         for fd, mask in poller.poll(0):
             if mask & _UNREAD and not _elsewhere(watched.get(fd), about):
-                return True
+                return _PENDING
         # a connection handled meanwhile may have taken bytes the poll no longer shows
-        return self._taking is not None or self._taken != taken
+        return _BUSY if self._taking is not None or self._taken != taken else None
 
 
+_BUSY, _PENDING = object(), object()
+BUSY_WAIT = 0.0005  # seconds between looks while the I/O thread handles one connection's event
 _UNREAD = POLLIN | getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8)
 
 

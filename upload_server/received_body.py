@@ -16,7 +16,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import fileio
 
@@ -170,3 +170,18 @@ def _copy_stream(stream: BinaryIO, length: int | None, scratch_dir: Path, limit:
         out.write(chunk)
     out.seek(0)
     return out
+
+
+def received_prefix(buffer: Any) -> tuple[BinaryIO, int]:
+    """What a body buffer holds, as a stream from its start: waitress's own file when the body
+    spilled to one (so it can still be linked into the spool), else a copy of the few bytes."""
+    inner = buffer.buf
+    if inner is None:
+        return io.BytesIO(buffer.strbuf), len(buffer.strbuf)
+    file = inner.getfile()
+    if isinstance(file, io.BytesIO):
+        data = file.getvalue()
+        return io.BytesIO(data), len(data)
+    file.flush()
+    file.seek(0)
+    return file, len(inner)

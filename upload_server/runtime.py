@@ -38,6 +38,7 @@ from .sessions.directory import SessionDirectory
 from .sessions.live import LiveSessions
 from .sessions.record import Session
 from .sessions.store import SessionStore
+from .sessions.versions import RecordCache
 from .storage import Storage
 from .sweeper import Sweeper
 
@@ -100,6 +101,7 @@ class Runtime:
             self.config.log_format,
             self.config.writer_stall_timeout,
         )
+        live.cache = RecordCache(self.pool.counters)
         self._ctx = ctx
         self.pool.manager_sentinel = self.manager._process.sentinel
         self.pool.on_manager_death = self._heal

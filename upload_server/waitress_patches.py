@@ -43,13 +43,12 @@ import contextlib
 import copy
 import errno
 import functools
-import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import waitress.adjustments
 import waitress.buffers
@@ -66,6 +65,7 @@ from .connection_limits import ADMISSION, Limits
 from .errors import error_body
 from .event_loop import LOOP
 from .protocol import tus
+from .received_body import received_prefix
 
 log = logging.getLogger("upload_server.waitress")
 
@@ -212,6 +212,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
     channel: KeepingChannel | None = None  # set by the channel that creates it
     hold: interim.Hold | None = None  # its body waits for its upload's creation (a 104)
     created: str | None = None  # the upload its 104 announced
+    quick = False  # a bodiless HEAD or GET, queued: body reads wait for it (`LOOP.quick_begun`)
 
     def parse_header(self, header_plus: bytes) -> None:
         default = self.adj.inbuf_overflow
@@ -270,6 +271,7 @@ class AdmittingParser(waitress.parser.HTTPRequestParser):
             self.expect_continue = False  # refused (507, 413, ...): the client must not send on
         if self.completed:
             self.end_watch()
+            self.quick = LOOP.quick_begun(self)
         return consumed
 
     def _buffer_failed(self, exc: OSError, received: int) -> int:
@@ -336,6 +338,12 @@ class KeepAliveTask(waitress.task.WSGITask):
     """A WSGI task that does not close an HTTP/1.1 connection because a response has no body."""
 
     _bodiless_keep_alive = False
+
+    def service(self) -> None:
+        try:
+            super().service()
+        finally:
+            LOOP.quick_done(self.request)
 
     def get_environment(self) -> dict[str, Any]:
         environ = super().get_environment()
@@ -460,7 +468,7 @@ class KeepingChannel(waitress.channel.HTTPChannel):
             return None
         if receiver is None or not len(receiver):
             return None
-        stream, length = _received_prefix(receiver.getbuf())
+        stream, length = received_prefix(receiver.getbuf())
         environ = self.task_class(self, request).get_environment()
         environ["wsgi.input"] = stream
         environ["CONTENT_LENGTH"] = str(length)
@@ -470,18 +478,3 @@ class KeepingChannel(waitress.channel.HTTPChannel):
             "timeout" if idle >= self.adj.channel_timeout else "disconnected"
         )
         return CutRequest(environ, length, request.content_length, reason, request.close)
-
-
-def _received_prefix(buffer: waitress.buffers.OverflowableBuffer) -> tuple[BinaryIO, int]:
-    """What a body buffer holds, as a stream from its start: waitress's own file when the body
-    spilled to one (so it can still be linked into the spool), else a copy of the few bytes."""
-    inner = buffer.buf
-    if inner is None:
-        return io.BytesIO(buffer.strbuf), len(buffer.strbuf)
-    file = inner.getfile()
-    if isinstance(file, io.BytesIO):
-        data = file.getvalue()
-        return io.BytesIO(data), len(data)
-    file.flush()
-    file.seek(0)
-    return file, len(inner)

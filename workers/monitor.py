@@ -60,6 +60,7 @@ class WriterHandle:
     inbox: Connection
     replies: Connection
     vitals: Any = None
+    counters: Any = None  # its live records' change counters (`sessions.versions`)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     restarts: int = 0
     replacing: bool = False

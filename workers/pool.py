@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from upload_server.sessions import record as states
+from upload_server.sessions import versions
 from upload_server.sessions.live import LiveSessions
 from upload_server.sessions.record import Session
 
@@ -148,6 +149,7 @@ class WriterPool:
         replies_recv, replies_send = self._ctx.Pipe(duplex=False)
         settings = WriterSettings(**{**self._settings.__dict__, "index": index})
         vitals = self._ctx.Array("Q", writer.VITALS, lock=False)
+        counters = versions.new_counters(self._ctx)
         process = self._ctx.Process(
             target=writer.main,
             args=(
@@ -158,6 +160,7 @@ class WriterPool:
                 self._log_level,
                 self._log_format,
                 vitals,
+                counters,
             ),
             name=f"upload-writer-{index}",
             daemon=True,
@@ -165,7 +168,14 @@ class WriterPool:
         process.start()
         inbox_recv.close()
         replies_send.close()
-        return WriterHandle(index, process, inbox_send, replies_recv, vitals)
+        return WriterHandle(index, process, inbox_send, replies_recv, vitals, counters)
+
+    def counters(self) -> list[Any]:
+        """Each writer's change counters, by index (see `sessions.versions.RecordCache`): None
+        for one being replaced, none while the live view is rebuilt."""
+        if self.healing:
+            return []
+        return [None if h.replacing else h.counters for h in self._monitor.handles]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask every writer to checkpoint and exit; kill the ones that do not in `timeout`."""

@@ -28,6 +28,7 @@ from upload_server.layout import Layout
 from upload_server.sessions import lifecycle
 from upload_server.sessions.live import LiveSessions, LiveViewLost
 from upload_server.sessions.store import SessionStore
+from upload_server.sessions.versions import Counters
 from upload_server.storage import Storage
 
 from .append import append
@@ -238,6 +239,7 @@ def main(
     log_level: str,
     log_format: str,
     vitals: Any = None,
+    counters: Any = None,
 ) -> None:
     """Entry point of a writer process (a top-level function, so `spawn` can import it)."""
     processes.become_child()
@@ -249,7 +251,7 @@ def main(
         settings,
         inbox,
         replies,
-        LiveSessions(sessions_proxy),
+        LiveSessions(sessions_proxy, Counters(counters) if counters is not None else None),
         settings.backends.open_store(layout),
         settings.backends.open_storage(layout, writeback=settings.fsync != "never"),
         layout,
