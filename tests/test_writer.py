@@ -325,38 +325,46 @@ def test_an_uploads_first_segment_becomes_its_data_without_a_copy(harness: Harne
     assert harness.store.load(upload).segments == []
 
 
-def test_a_full_disk_fails_the_append_and_counts_nothing_past_the_data(tmp_path: Path):
-    class FullAfter:
-        """Local data whose second write (from memory or from a file) finds the disk full."""
+class FullDisk(LocalStorage):
+    """Local storage on a disk with room for `room` more data writes (from memory or from a
+    file; None: no limit): the next one finds it full."""
 
-        def __init__(self, data: Any) -> None:
-            self._data, self.writes = data, 0
+    def __init__(self, layout: Layout, room: int | None) -> None:
+        super().__init__(layout)
+        self.room = room
 
-        def write(self, view: memoryview, offset: int) -> None:
-            self._count()
-            self._data.write(view, offset)
+    def open(self, session_id: str) -> Any:
+        return _Filling(super().open(session_id), self)
 
-        def write_from(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
-            self._count()
-            self._data.write_from(src_fd, src_offset, length, offset)
 
-        def _count(self) -> None:
-            self.writes += 1
-            if self.writes > 1:
+class _Filling:
+    def __init__(self, data: Any, disk: FullDisk) -> None:
+        self._data, self._disk = data, disk
+
+    def write(self, view: memoryview, offset: int) -> None:
+        self._use()
+        self._data.write(view, offset)
+
+    def write_from(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
+        self._use()
+        self._data.write_from(src_fd, src_offset, length, offset)
+
+    def _use(self) -> None:
+        if self._disk.room is not None:
+            if self._disk.room <= 0:
                 raise OSError(errno.ENOSPC, "No space left on device")
+            self._disk.room -= 1
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._data, name)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
 
-    class FullDisk(LocalStorage):
-        def open(self, session_id: str) -> Any:
-            return FullAfter(super().open(session_id))
 
+def test_a_full_disk_fails_the_append_and_counts_nothing_past_the_data(tmp_path: Path):
     layout = Layout(tmp_path / "uploads")
-    harness = Harness(tmp_path, storage=FullDisk(layout))
+    harness = Harness(tmp_path, storage=FullDisk(layout, room=1))
     first = payload(CHUNK, 7)
     upload = harness.session(total=10 * CHUNK)
-    assert harness.answer(harness.append(upload, 0, first)).ok  # one write: it fits
+    assert harness.answer(harness.append(upload, 0, first)).ok  # adopted: no write
     reply = harness.answer(harness.append(upload, CHUNK, payload(4 * CHUNK, 8)))
     assert reply.code == "disk_full"
     assert reply.session["state"] == states.FAILED
@@ -365,6 +373,35 @@ def test_a_full_disk_fails_the_append_and_counts_nothing_past_the_data(tmp_path:
     assert harness.data(upload) == first
     assert not harness.layout.segment(upload, CHUNK).exists()
     assert "failed" in harness.kinds(upload)
+
+
+def test_a_full_disk_keeps_the_bytes_write_behind_answered(tmp_path: Path):
+    """A client told its bytes are stored (answered before the copy) never loses them: the
+    disk fills during the copy, the segment stays named and counted, and is copied when the
+    upload goes on."""
+    disk = FullDisk(Layout(tmp_path / "uploads"), room=2)
+    harness = Harness(tmp_path, storage=disk, write_behind=64 * CHUNK)
+    first, second, last = payload(CHUNK, 40), payload(4 * CHUNK, 41), payload(CHUNK, 42)
+    upload = harness.session(total=6 * CHUNK)
+    assert harness.answer(harness.append(upload, 0, first)).ok
+    harness.settle()
+    told = harness.answer(harness.append(upload, CHUNK, second))
+    assert told.ok and told.session["bytes_written"] == 5 * CHUNK
+    harness.settle()  # the copy meets the full disk at its third chunk
+    record = harness.record(upload)
+    assert record.state == states.FAILED and record.error["code"] == "disk_full"
+    assert record.bytes_written == 5 * CHUNK and record.segments == [[CHUNK, 4 * CHUNK]]
+    assert harness.store.load(upload).bytes_written == 5 * CHUNK
+    assert harness.layout.segment(upload, CHUNK).read_bytes() == second
+    assert harness.data(upload) == first
+    assert "failed" in harness.kinds(upload)
+
+    disk.room = None  # space again: the client sends on from the offset it was told
+    reply = harness.answer(harness.append(upload, 5 * CHUNK, last))
+    assert reply.ok and reply.session["state"] == states.COMPLETED
+    whole = first + second + last
+    assert (harness.layout.root / reply.session["location"]).read_bytes() == whole
+    assert reply.session["sha256"] == hashlib.sha256(whole).hexdigest()
 
 
 # -- seed drain ---------------------------------------------------------------------------------

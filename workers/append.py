@@ -92,6 +92,7 @@ class Requester:
         ):
             ctx.reply(self.request_id, held.session)
             self.request_id = None
+            held.told = max(held.told, held.session.bytes_written)
 
 
 def _writes_behind(ctx: Context) -> bool:

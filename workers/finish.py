@@ -115,26 +115,31 @@ def discard_data(ctx: Context, held: Held) -> None:
     """The upload's bytes are given up (terminated, expired, or a digest that did not match)."""
     held.close_data()
     ctx.storage.discard(held.session.id)
-    _uncount_segments(ctx, held)
+    _uncount_segments(ctx, held, disk_full=False)
     held.session.bytes_written = 0
     held.sha256 = None
 
 
-def _uncount_segments(ctx: Context, held: Held) -> None:
-    """Count only what is in the data: the named segments are given up (a failed write;
-    the client is told, and sends those bytes again)."""
+def _uncount_segments(ctx: Context, held: Held, *, disk_full: bool) -> None:
+    """Count only what is in the data, and the named segments that must stay: after a full
+    disk, those a client was already told are stored (`Held.told`: write-behind answered them
+    early, or an earlier process named them) stay named and counted, and are copied again when
+    the upload goes on (its next PATCH, a resume, a restart). The others are given up: their
+    client is told, and sends those bytes again. Any other failure gives every segment up (an
+    unreadable segment would fail every retry)."""
     session = held.session
-    if not session.segments:
-        return
-    for offset, _ in session.segments:
+    kept = [s for s in session.segments if disk_full and s[0] < held.told]
+    for offset, _ in session.segments[len(kept) :]:
         with contextlib.suppress(FileNotFoundError):
             ctx.layout.segment(session.id, offset).unlink()
-    session.bytes_written = session.data_bytes
-    session.segments = []
+    in_data = session.data_bytes
+    session.segments = kept
+    session.bytes_written = kept[-1][0] + kept[-1][1] if kept else in_data
 
 
 def fail_write(ctx: Context, held: Held, exc: OSError, request_id: int | None = None) -> None:
-    """A write failed: count nothing past the durable offset and tell the client why."""
+    """A write failed: count nothing past what is stored (the data, and after a full disk the
+    segments a client was told of) and tell the client why."""
     session = held.session
     disk_full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
     code = "disk_full" if disk_full else "io_error"
@@ -142,7 +147,7 @@ def fail_write(ctx: Context, held: Held, exc: OSError, request_id: int | None = 
     log.error("session %s: %s", session.id, message)
     with contextlib.suppress(OSError):
         held.data().truncate(session.data_bytes)
-    _uncount_segments(ctx, held)
+    _uncount_segments(ctx, held, disk_full=disk_full)
     with contextlib.suppress(OSError):
         held.close_data()  # reopened from what the storage holds when work resumes
     held.sha256 = None

@@ -56,6 +56,14 @@ class Held:
     last_progress_event: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     shown: dict[str, Any] | None = None  # the record this writer last put in the live view
+    # The offset a client may have been told is stored: every byte counted when the session was
+    # taken up (segments named by an earlier task or process count as stored), then what an
+    # early answer told (`append.Requester`). A full disk never gives up segments below it.
+    told: int = -1
+
+    def __post_init__(self) -> None:
+        if self.told < 0:
+            self.told = self.session.bytes_written
 
     def data(self) -> UploadData:
         """The session's data, opened and reconciled with the record on first touch
