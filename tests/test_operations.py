@@ -178,6 +178,35 @@ def test_readyz_goes_unready_when_writers_stop_answering(make_server):
     assert not set(ready["writerPids"]) & set(pids)
 
 
+def test_metrics_count_writer_and_manager_failures(make_server):
+    server = make_server()
+
+    def scraped(name: str, **labels: str) -> float:
+        return metric(requests.get(server.url("/metrics"), timeout=10).text, name, **labels)
+
+    assert scraped("upload_server_writer_restarts_total", reason="died") == 0
+    assert (
+        'upload_server_writer_restarts_total{reason="stalled"} 0.0'
+        in requests.get(server.url("/metrics"), timeout=10).text
+    )
+    pid = server.writer_pids()[0]
+    os.kill(pid, signal.SIGSTOP)  # its heartbeat goes silent: unresponsive, not replaced
+    try:
+        wait_for(lambda: scraped("upload_server_writers_unresponsive_total") == 1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: scraped("upload_server_writer_restarts_total", reason="died") == 1)
+    ready = wait_for(
+        lambda: (r := requests.get(server.url("/readyz"), timeout=10)).status_code == 200 and r
+    ).json()
+    os.kill(ready["managerPid"], signal.SIGKILL)
+    wait_for(lambda: scraped("upload_server_manager_restarts_total") == 1, timeout=20)
+    # the writers the Manager took with it are replaced as part of that, not counted as deaths
+    assert scraped("upload_server_writer_restarts_total", reason="died") == 1
+    assert scraped("upload_server_writer_restarts_total", reason="stalled") == 0
+
+
 def test_readyz_answers_when_the_manager_is_stopped(make_server):
     server = make_server()
     manager = psutil.Process(requests.get(server.url("/readyz"), timeout=10).json()["managerPid"])

@@ -73,6 +73,20 @@ class Metrics:
         self.writers_alive = Gauge(
             "upload_server_writers_alive", "Writer processes alive", multiprocess_mode="livesum"
         )
+        self.writer_restarts = Counter(
+            "upload_server_writer_restarts",
+            "Writer processes replaced, by why: died (exited or was killed) or stalled (held "
+            "work without heartbeat or progress past --writer-stall-timeout, and was killed)",
+            ["reason"],
+        )
+        self.writers_unresponsive = Counter(
+            "upload_server_writers_unresponsive",
+            "Times a writer's heartbeat went silent and its waiting requests were answered 503",
+        )
+        self.manager_restarts = Counter(
+            "upload_server_manager_restarts",
+            "Times the session Manager died and was replaced (every writer with it)",
+        )
         self.request_duration = Histogram(
             "upload_server_request_duration_seconds",
             "HTTP request latency",
@@ -101,6 +115,8 @@ class Metrics:
             self.bytes_spooled.labels(how)
         for outcome in ("kept", "discarded"):
             self.cut_bytes.labels(outcome)
+        for reason in ("died", "stalled"):
+            self.writer_restarts.labels(reason)
         for event in HOOK_EVENTS:
             for outcome in ("delivered", "failed", "retried", "dropped", "rejected"):
                 self.hook_deliveries.labels(event, outcome)

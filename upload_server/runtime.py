@@ -26,7 +26,7 @@ from workers.messages import Event
 from workers.pool import WriterPool
 from workers.writer import WriterSettings
 
-from . import processes
+from . import metrics, processes
 from .backends import Backends
 from .config import Config
 from .hooks import Hooks
@@ -193,6 +193,7 @@ class Runtime:
         for session in recovered:
             pool.drain(session)
         self.manager_restarts += 1
+        metrics.get().manager_restarts.inc()
         log.warning(
             "the session Manager was restarted (pid %s) in %.2fs: %d sessions, %d carry on",
             manager._process.pid,

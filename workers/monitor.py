@@ -200,6 +200,7 @@ class Monitor:
             ):
                 handle.unresponsive = True
                 handle.vitals[writer.ABANDONED] = handle.sent  # see writer.ABANDONED
+                metrics.get().writers_unresponsive.inc()
                 log.warning(
                     "writer %d (pid %s): no heartbeat for %.1fs; answering its requests unavailable "
                     "until it answers again or is replaced",
@@ -242,7 +243,7 @@ class Monitor:
         with contextlib.suppress(OSError):
             os.kill(handle.process.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
         handle.process.join(5)
-        self._restart(handle)
+        self._restart(handle, "stalled")
 
     def _manager_died(self) -> None:
         self.manager_sentinel = None
@@ -291,12 +292,13 @@ class Monitor:
         except Exception:
             log.exception("handling %s failed", what)
 
-    def _restart(self, dead: WriterHandle) -> None:
+    def _restart(self, dead: WriterHandle, reason: str = "died") -> None:
         """Replace a dead writer: at once, or after a growing delay when it keeps dying (a crash
         loop, such as a writer that cannot start), so the monitor never spins."""
         if self.closing or self.handles[dead.index] is not dead or dead.replacing:
             return  # already being replaced
         dead.replacing = True
+        metrics.get().writer_restarts.labels(reason).inc()
         dead.process.join(1)
         dead.close()
         metrics.mark_dead(dead.process.pid)
