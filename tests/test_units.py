@@ -383,3 +383,31 @@ def test_a_record_as_a_dict_is_asdict_and_shares_nothing_mutable():
     assert session.segments == [[0, 5], [5, 7]] and session.metadata == {"k": "v"}
     assert session.error == {"code": "io_error", "message": "m"} and session.parts == ["a"]
     assert Session.from_dict({**session.to_dict(), "unknown": 1}) == session
+
+
+@pytest.mark.parametrize("portable_mode", [False, True])
+def test_the_chunk_reader_gives_each_range_and_refuses_a_short_file(
+    tmp_path, monkeypatch, portable_mode
+):
+    """A writer's chunks come from one reused buffer (`preadv`), or from a map in portable
+    mode (Windows): the same bytes either way, read-only, and a file shorter than asked is
+    a ValueError, as a map past its end is."""
+    import os
+
+    from upload_server import fileio, portable
+
+    monkeypatch.setattr(portable, "ACTIVE", portable_mode)
+    content = os.urandom(3 * 65536 + 17)
+    path = tmp_path / "segment"
+    path.write_bytes(content)
+    reader = fileio.ChunkReader()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in [(0, 1000), (65536, 70000), (5, 3 * 65536 + 12), (100, 10)]:
+            with reader.read(fd, offset, length) as view:
+                assert bytes(view) == content[offset : offset + length]
+                assert view.readonly
+        with pytest.raises(ValueError), reader.read(fd, 65536, len(content)):
+            pass
+    finally:
+        os.close(fd)

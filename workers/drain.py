@@ -105,7 +105,7 @@ def _verify(ctx: Context, held: Held, fd: int, digest: Any | None) -> Generator[
     while session.bytes_written < total:
         n = min(ctx.settings.chunk_size, total - session.bytes_written)
         try:
-            with fileio.mapped(fd, session.bytes_written, n) as view:
+            with held.owner.reader.read(fd, session.bytes_written, n) as view:
                 hasher.update(view)
             if ctx.settings.fsync != "never":
                 fileio.start_writeback(fd, session.bytes_written, n)

@@ -110,11 +110,12 @@ class Held:
         self, src_fd: int, src_offset: int, dst_offset: int, length: int, extra: Any = None
     ) -> int:
         """Copy one chunk from a spool file into the data, hashing it on the way (and into
-        `extra`, an Upload-Checksum's hash) from an mmap window, no Python copy: data that can
-        copy in (`CopyingIn`) takes the bytes inside the kernel, other data from that window."""
+        `extra`, an Upload-Checksum's hash) from the writer's buffer (`fileio.ChunkReader`):
+        data that can copy in (`CopyingIn`) takes the bytes inside the kernel, other data from
+        that buffer."""
         data = self.data()
-        with fileio.mapped(src_fd, src_offset, length) as view:
-            hasher = self.hasher()
+        hasher = self.hasher()  # (rebuilding it reads with maps, not the buffer in use below)
+        with self.owner.reader.read(src_fd, src_offset, length) as view:
             if hasher is not None:
                 hasher.update(view)
             if extra is not None:
@@ -129,7 +130,7 @@ class Held:
     def hash_in(self, src_fd: int, src_offset: int, length: int) -> None:
         """Hash one chunk of a file that is to become the data as it is (no copy); with fsync
         on, start its writeback now so the flush at completion finds little left to do."""
-        with fileio.mapped(src_fd, src_offset, length) as view:
+        with self.owner.reader.read(src_fd, src_offset, length) as view:
             self.hasher().update(view)
         if self.owner.settings.fsync != "never":
             fileio.start_writeback(src_fd, src_offset, length)
@@ -211,6 +212,7 @@ class HeldSessions:
         self.policy = policy
         self.outbox = outbox
         self.bytes_written = metrics.get().bytes_written
+        self.reader = fileio.ChunkReader()  # this writer's one buffer for the chunks it reads
         self._busy = busy
         self._held: dict[str, Held] = {}
         self._idle_checked = 0.0
