@@ -8,7 +8,7 @@ runs a pass of the tests with it, to keep the fall-backs working:
 |---|---|
 | `O_TMPFILE` body buffers, named by `linkat` into the spool | an ordinary temporary file, copied |
 | `copy_file_range` | mmap windows + writes |
-| `os.pwrite` / `os.pread` | seek + write / mmap reads |
+| `os.pwrite` / `os.pread` / `os.preadv` | seek + write / mmap reads |
 | `sync_file_range` (early writeback) | none |
 | `PR_SET_PDEATHSIG` (children die with the front end) | none (the Manager outlives a kill -9) |
 | directory `fsync` after a rename | none (Windows cannot open a directory) |
