@@ -74,7 +74,7 @@ class ChunkReader:
     block ends). Hashing from memory that stays in the CPU's caches costs less than from a
     fresh mmap window per chunk, whose pages must be faulted in: SHA-256 of 1 GiB from the page
     cache took 0.69 s of CPU against 0.84, and with the kernel's copy beside it
-    (`copy_file_range`) 1.06-1.08 s against 1.21-1.25 (docs/PERFORMANCE.md). (Writing the
+    (`copy_file_range`) 1.06-1.08 s against 1.21-1.25 (`benchmarks/micro.py hash`). (Writing the
     copy from this buffer with `pwrite` was cheaper still without writeback, but 1.8-2.8 s/GiB
     with it: the kernel copy stays.) A file cut short raises
     ValueError, as a map past its end does; unlike a map, a file cut under the read cannot kill
