@@ -409,5 +409,8 @@ def test_the_chunk_reader_gives_each_range_and_refuses_a_short_file(
                 assert view.readonly
         with pytest.raises(ValueError), reader.read(fd, 65536, len(content)):
             pass
+        monkeypatch.setattr(fileio.ChunkReader, "MAX_BUFFER", 4096)  # larger chunks are mapped
+        with reader.read(fd, 65536, 70000) as view:
+            assert bytes(view) == content[65536 : 65536 + 70000]
     finally:
         os.close(fd)

@@ -74,18 +74,21 @@ class ChunkReader:
     block ends). Hashing from memory that stays in the CPU's caches costs less than from a
     fresh mmap window per chunk, whose pages must be faulted in: SHA-256 of 1 GiB from the page
     cache took 0.69 s of CPU against 0.84, and with the kernel's copy beside it
-    (`copy_file_range`) 1.06-1.08 s against 1.21-1.25 (`benchmarks/micro.py hash`). (Writing the
-    copy from this buffer with `pwrite` was cheaper still without writeback, but 1.8-2.8 s/GiB
-    with it: the kernel copy stays.) A file cut short raises
-    ValueError, as a map past its end does; unlike a map, a file cut under the read cannot kill
-    the process (SIGBUS). One per thread. Where `preadv` is missing (Windows) it maps."""
+    (`copy_file_range`) 1.06-1.08 s against 1.21-1.25 (`benchmarks/micro.py hash`). The copy
+    stays the kernel's: a `pwrite` from this buffer swung between 1.0 and 3.5 s/GiB with the
+    machine's dirty memory (docs/PERFORMANCE.md). A file cut short raises ValueError, as a map
+    past its end does; unlike a map, a file cut under the read cannot kill the process
+    (SIGBUS). One per thread. Where `preadv` is missing (Windows), and for a chunk larger than
+    `MAX_BUFFER` (a large `--chunk-size`: a buffer that size would stay resident), it maps."""
+
+    MAX_BUFFER = 8 * 1024 * 1024
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
     @contextlib.contextmanager
     def read(self, fd: int, offset: int, length: int) -> Iterator[memoryview]:
-        if not hasattr(os, "preadv") or portable.ACTIVE or length == 0:
+        if not hasattr(os, "preadv") or portable.ACTIVE or length == 0 or length > self.MAX_BUFFER:
             with mapped(fd, offset, length) as view:
                 yield view
             return
