@@ -265,13 +265,21 @@ def test_pause_mid_append_keeps_the_body_and_resume_drains_it(harness: Harness):
     assert not harness.layout.segment(upload, 0).exists()
 
 
-def test_write_behind_answers_once_the_segment_is_named_and_copies_after(tmp_path: Path):
-    harness = Harness(tmp_path, write_behind=64 * CHUNK)
-    first, second = payload(CHUNK, 20), payload(6 * CHUNK, 21)
+def _second_append(
+    tmp_path: Path, write_behind: int, chunks: int, seed: int
+) -> tuple[Harness, str, bytes, bytes, int]:
+    """An upload whose first chunk is stored, and the request id of a second append of
+    `chunks` chunks, sent but not yet run (the upload needs one more byte to complete)."""
+    harness = Harness(tmp_path, write_behind=write_behind)
+    first, second = payload(CHUNK, seed), payload(chunks * CHUNK, seed + 1)
     upload = harness.session(total=len(first) + len(second) + 1)
     assert harness.answer(harness.append(upload, 0, first)).ok
     harness.settle()
-    request = harness.append(upload, CHUNK, second)
+    return harness, upload, first, second, harness.append(upload, CHUNK, second)
+
+
+def test_write_behind_answers_once_the_segment_is_named_and_copies_after(tmp_path: Path):
+    harness, upload, first, second, request = _second_append(tmp_path, 64 * CHUNK, 6, 20)
     harness.turn()  # one step: the segment is named, and the answer goes out at once
     reply = harness.answers.pop(request)
     assert reply.ok and reply.session["bytes_written"] == CHUNK + len(second)
@@ -286,12 +294,7 @@ def test_write_behind_answers_once_the_segment_is_named_and_copies_after(tmp_pat
 
 
 def test_write_behind_waits_while_more_than_its_budget_is_behind(tmp_path: Path):
-    harness = Harness(tmp_path, write_behind=2 * CHUNK)
-    first, second = payload(CHUNK, 22), payload(5 * CHUNK, 23)
-    upload = harness.session(total=len(first) + len(second) + 1)
-    assert harness.answer(harness.append(upload, 0, first)).ok
-    harness.settle()
-    request = harness.append(upload, CHUNK, second)
+    harness, upload, first, second, request = _second_append(tmp_path, 2 * CHUNK, 5, 22)
     harness.turn(2)
     assert request not in harness.answers  # 5 chunks behind, 2 allowed
     reply = harness.answer(request)

@@ -114,7 +114,7 @@ class Held:
         data that can copy in (`CopyingIn`) takes the bytes inside the kernel, other data from
         that buffer."""
         data = self.data()
-        hasher = self.hasher()  # (rebuilding it reads with maps, not the buffer in use below)
+        hasher = self.hasher()  # first: rebuilding it reads with maps, not the buffer below
         with self.owner.reader.read(src_fd, src_offset, length) as view:
             if hasher is not None:
                 hasher.update(view)
@@ -130,8 +130,9 @@ class Held:
     def hash_in(self, src_fd: int, src_offset: int, length: int) -> None:
         """Hash one chunk of a file that is to become the data as it is (no copy); with fsync
         on, start its writeback now so the flush at completion finds little left to do."""
+        hasher = self.hasher()
         with self.owner.reader.read(src_fd, src_offset, length) as view:
-            self.hasher().update(view)
+            hasher.update(view)
         if self.owner.settings.fsync != "never":
             fileio.start_writeback(src_fd, src_offset, length)
 
