@@ -142,6 +142,38 @@ def test_creation_lengths_must_agree(client):
     assert problem(response)["type"] == IANA + "inconsistent-upload-length"
 
 
+def test_a_length_first_announced_on_an_append_is_recorded(server, client):
+    """'The client can indicate the length in the Upload-Length header field in the upload
+    creation request or in any upload append request' ... 'If the server learns of different
+    lengths for the same upload, it MUST reject' (inconsistent-upload-length). A length
+    announced on an append is what a later HEAD reports and what later appends are held to,
+    also when the announcing append carries no content."""
+    data = blob(3000, 7)
+    url = client.new()
+    assert "Upload-Length" not in client.head(url).headers
+    response = client.append(url, 0, data[:1000], complete=False, headers={"Upload-Length": "3000"})
+    assert response.status_code == 204, response.text
+    assert client.head(url).headers["Upload-Length"] == "3000"
+    for length in ("2999", "4000"):  # a different length, with or without content
+        for content in (b"", data[1000:1100]):
+            refused = client.append(
+                url, 1000, content, complete=False, headers={"Upload-Length": length}
+            )
+            assert refused.status_code == 400, refused.text
+            assert problem(refused)["type"] == IANA + "inconsistent-upload-length"
+    completed = client.append(url, 1000, data[1000:], complete=True)
+    assert completed.status_code == 200, completed.text
+    assert stored_bytes(server, url) == data
+
+    empty = client.new()
+    response = client.append(empty, 0, b"", complete=False, headers={"Upload-Length": "5"})
+    assert response.status_code == 204, response.text
+    assert client.head(empty).headers["Upload-Length"] == "5"
+    past = client.append(empty, 0, b"abcdef", complete=False)
+    assert past.status_code == 400 and problem(past)["type"] == IANA + "inconsistent-upload-length"
+    assert client.head(empty).headers["Upload-Offset"] == "0"
+
+
 # -- offset retrieval ---------------------------------------------------------------------------
 
 

@@ -412,6 +412,7 @@ class SessionService:
         offset: int,
         checksum: tuple[str, bytes] | None = None,
         declare_length: int | None = None,
+        announce_length: int | None = None,
     ) -> Session:
         """Spool a request body for `offset` and wait until the writer has stored (or refused) it."""
         segment = ""
@@ -430,6 +431,7 @@ class SessionService:
             body.length,
             checksum,
             declare_length,
+            announce_length,
         )
         return self._finishing(session, lambda: self.pool.append(session, message, REPLY_TIMEOUT))
 

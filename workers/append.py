@@ -115,9 +115,7 @@ def _append_checked(ctx: Context, held: Held, msg: Append) -> Generator[int, Non
     """Copy a body into the data while computing its Upload-Checksum; a mismatch (or a
     pause, which needs all of it) takes its bytes back out."""
     session = held.session
-    length_before = session.total_bytes
-    if msg.declare_length is not None:
-        session.total_bytes = msg.declare_length
+    lengths_before = _declare(session, msg)
     checksum = hashlib.new(msg.checksum[0]) if msg.checksum else None
     hasher = held.hasher()
     rollback = hasher.copy() if hasher is not None else None
@@ -147,11 +145,11 @@ def _append_checked(ctx: Context, held: Held, msg: Append) -> Generator[int, Non
                     if not settle(ctx, held, msg.request_id, start, rollback):
                         return
                 else:
-                    _rollback(held, start, rollback, length_before)
+                    _rollback(held, start, rollback, lengths_before)
                 ctx.refuse(msg.request_id, session.id, stop)
                 return
         if checksum is not None and checksum.digest() != msg.checksum[1]:
-            _rollback(held, start, rollback, length_before)
+            _rollback(held, start, rollback, lengths_before)
             ctx.outbox.reply(
                 msg.request_id,
                 session,
@@ -174,9 +172,7 @@ def _record_segment(ctx: Context, held: Held, msg: Append) -> bool:
     front end synced the segment itself under `always`). False when the record could not be
     written; the requester has been told."""
     session = held.session
-    length_before = session.total_bytes
-    if msg.declare_length is not None:
-        session.total_bytes = msg.declare_length
+    lengths_before = _declare(session, msg)
     session.segments.append([msg.offset, msg.length])
     session.bytes_written = msg.offset + msg.length
     lifecycle.start_writing(session)
@@ -185,7 +181,7 @@ def _record_segment(ctx: Context, held: Held, msg: Append) -> bool:
     except OSError as exc:
         session.segments.pop()
         session.bytes_written = msg.offset
-        session.total_bytes = length_before
+        session.total_bytes, session.announced_length = lengths_before
         discard_segment(msg)
         fail_write(ctx, held, exc, msg.request_id)
         return False
@@ -363,13 +359,28 @@ def _check_appendable(held: Held, msg: Append) -> None:
             "storage_unavailable", f"the upload's storage failed: {exc}; try again"
         ) from None
     lifecycle.check_append(session, msg.offset, msg.length, declared=msg.declare_length)
+    if msg.announce_length is not None:
+        lifecycle.draft_length(
+            session, msg.offset, msg.length, complete=False, announced=msg.announce_length
+        )
 
 
-def _rollback(held: Held, offset: int, hasher: Any, total_bytes: int | None) -> None:
-    """Undo a refused append: its bytes, its part of the digest, and a length it declared."""
+def _declare(session: Session, msg: Append) -> tuple[int | None, int | None]:
+    """Take the lengths an append declares (tus's deferred length, the draft's announced one);
+    returns the ones before, for a rollback."""
+    before = session.total_bytes, session.announced_length
+    if msg.declare_length is not None:
+        session.total_bytes = msg.declare_length
+    if msg.announce_length is not None and session.announced_length is None:
+        session.announced_length = msg.announce_length
+    return before
+
+
+def _rollback(held: Held, offset: int, hasher: Any, lengths: tuple[int | None, int | None]) -> None:
+    """Undo a refused append: its bytes, its part of the digest, and the lengths it declared."""
     held.data().truncate(offset)
     held.sha256 = hasher
-    held.session.total_bytes = total_bytes
+    held.session.total_bytes, held.session.announced_length = lengths
     held.session.state = states.WAITING
     held.show()
 

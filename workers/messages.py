@@ -64,7 +64,8 @@ class Append:
     """Append a spooled request body (a tus PATCH) at `offset`; reply once it is stored or refused.
 
     `checksum` is (algorithm, expected digest) from Upload-Checksum; `declare_length` sets a deferred
-    Upload-Length in the same step."""
+    Upload-Length in the same step; `announce_length` records an IETF draft upload's announced
+    length (`Upload-Length` on an append that does not complete it)."""
 
     request_id: int
     session_id: str
@@ -73,6 +74,7 @@ class Append:
     length: int
     checksum: tuple[str, bytes] | None = None
     declare_length: int | None = None
+    announce_length: int | None = None
 
 
 @dataclass(frozen=True)

@@ -305,18 +305,20 @@ class DraftResources:
                 session, offset, length, complete=complete, announced=announced
             )
             limit = self.service.config.max_upload_size
-            self._check_size(offset + length)
+            self._check_size(max(offset + length, announced or 0))
             if declared is not None:
                 self._recheck(req, declared)
             lifecycle.check_append(session, offset, length, declared=declared, max_size=limit)
-            if not length and declared is None:
-                return session  # nothing to store, nothing to complete
+            # A length announced here for the first time is recorded (by the writer, with the bytes).
+            announce = announced if declared is None and session.announced_length is None else None
+            if not length and declared is None and announce is None:
+                return session  # nothing to store, nothing to complete, nothing to record
             try:
                 checksum = draft.known_digest("Content-Digest", req.get_header("Content-Digest"))
             except draft.DraftHeaderError as exc:
                 raise _problem(str(exc), "bad_digest") from None
             with open_body(req, self.service, limit=limit) as body:
-                return self.service.append(session, body, offset, checksum, declared)
+                return self.service.append(session, body, offset, checksum, declared, announce)
 
     @staticmethod
     def _recheck(req: falcon.Request, length: int) -> None:
