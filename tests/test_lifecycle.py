@@ -223,6 +223,20 @@ def test_completion_and_waiting():
     assert tus.state == states.FAILED and tus.error["code"] == "disk_full"
 
 
+def test_a_whole_upload_whose_completion_failed_is_completed_again():
+    """Its offset equals its length, which a tus client takes for done: HEAD completes it
+    again (`completion_failed`), and a resume has its writer complete it by itself."""
+    whole = session(states.FAILED, bytes_written=100)
+    assert lifecycle.completion_failed(whole)
+    assert not lifecycle.completion_failed(session(states.FAILED, bytes_written=40))
+    assert not lifecycle.completion_failed(session(states.PAUSED, bytes_written=100))
+    assert not lifecycle.completion_failed(session(states.FAILED, states.IETF, bytes_written=100))
+    final = session(states.FAILED, bytes_written=100, concat="final")
+    assert not lifecycle.completion_failed(final)
+    assert lifecycle.resume(whole) is True and whole.state == states.WAITING
+    assert lifecycle.completion_failed(whole)  # until its writer has completed it
+
+
 # -- the HTTP table -------------------------------------------------------------------------------
 
 EVERY_CODE = sorted(

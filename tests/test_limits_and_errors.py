@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import socket
+import subprocess
 
 import pytest
 import requests
@@ -215,6 +216,58 @@ def test_full_disk_during_a_body_spill_answers_507(small_disk, make_server):
         assert tus.patch(url, offset, data[offset : offset + 2 * MiB]).status_code == 204
     status = server.status(url.rsplit("/", 1)[1])
     assert status["completed"] and (server.upload_dir / status["storedAs"]).read_bytes() == data
+
+
+@contextlib.contextmanager
+def refusing_new_files(directory):
+    """The directory takes no new entries, even from root (ext4's immutable attribute), so
+    publishing a finished upload into it fails; skipped where the attribute cannot be set."""
+    result = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot make {directory} immutable here ({result.stderr.strip()})")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_a_completion_that_failed_is_never_shown_as_done(make_server):
+    """A tus client takes Upload-Offset == Upload-Length for a finished upload and sends no more
+    PATCHes. When publishing the file fails, the final PATCH gets the error; a HEAD completes the
+    upload again and, while that still fails, answers the error instead of an offset the client
+    would report as success. Once the directory takes files, the next HEAD completes it; a
+    resume through the seed API completes such an upload by itself."""
+    server = make_server([])
+    tus = Tus(server.base)
+    data = random.Random(5).randbytes(3 * MiB)
+    head_url, resume_url = (
+        tus.new(len(data), filename="a.bin"),
+        tus.new(len(data), filename="b.bin"),
+    )
+    with refusing_new_files(server.upload_dir):
+        for url in (head_url, resume_url):
+            failed = tus.patch(url, 0, data)
+            assert failed.status_code == 500, failed.text
+            assert failed.json()["error"]["code"] == "io_error"
+        again = tus.head(head_url)
+        assert again.status_code == 500  # not the 200 a client would take for success
+        status = server.status(head_url.rsplit("/", 1)[1])
+        assert status["state"] == "failed" and status["error"]["code"] == "io_error"
+    done = tus.head(head_url)
+    assert done.status_code == 200 and done.headers["Upload-Offset"] == str(len(data))
+    status = server.status(head_url.rsplit("/", 1)[1])
+    assert status["state"] == "completed"
+    assert (server.upload_dir / status["storedAs"]).read_bytes() == data
+
+    resume_id = resume_url.rsplit("/", 1)[1]
+    resumed = requests.post(
+        server.url("/upload/resume"), params={"sessionID": resume_id}, timeout=30
+    )
+    assert resumed.status_code == 200, resumed.text
+    status = server.wait_state(resume_id, "completed", "failed")
+    assert status["state"] == "completed", status
+    assert (server.upload_dir / status["storedAs"]).read_bytes() == data
+    assert tus.head(resume_url).headers["Upload-Offset"] == str(len(data))
 
 
 def test_error_answer_to_a_post_overridden_to_head_is_framed(server):

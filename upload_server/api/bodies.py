@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 
 import falcon
@@ -25,3 +26,8 @@ def open_body(req: falcon.Request, service: SessionService, *, limit: int) -> It
         yield body
     finally:
         body.close()
+
+
+def empty_body(service: SessionService) -> RequestBody:
+    """No content: an append that only completes an upload."""
+    return RequestBody(io.BytesIO(b""), 0, service.layout.spool_dir, 0)

@@ -34,13 +34,14 @@ from ..service import NewUpload, SessionService
 from ..sessions import lifecycle
 from ..sessions import record as states
 from ..sessions.record import Session
-from .bodies import open_body
+from .bodies import empty_body, open_body
 
 _MIME = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
 )
 _DIGEST = re.compile(r"sha-256=:([A-Za-z0-9+/=]+):")
 _STREAM_BLOCK = 1024 * 1024
+COMPLETE_AGAIN_WAIT = 10.0  # seconds a HEAD waits for a PATCH of the same upload to finish
 
 
 def _header_error(exc: tus.TusHeaderError) -> errors.BadRequest:
@@ -208,6 +209,8 @@ class TusUpload(_TusResource):
     def on_head(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         self.cut_bodies.wait(upload_id, req.env)
         session = self._session(req, upload_id)
+        if lifecycle.completion_failed(session):
+            session = self._complete_again(req, session)
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Upload-Offset", str(session.bytes_written))
         if session.total_bytes is None:
@@ -225,6 +228,22 @@ class TusUpload(_TusResource):
             resp.set_header("Repr-Digest", repr_digest(session.sha256))
         self._expiry_headers(resp, session)
         resp.status = falcon.HTTP_200
+
+    def _complete_again(self, req: falcon.Request, session: Session) -> Session:
+        """Complete an upload whose completion failed, as its client's empty PATCH at the end
+        would: the client, seeing offset == length, would take it for done and send none. A
+        completion that fails again is answered as that error (507 for a full disk), so the
+        client retries instead of reporting a file the server never published."""
+        with self.locks.hold(session.id, wait=COMPLETE_AGAIN_WAIT):
+            session = self._session(req, session.id)
+            if not lifecycle.completion_failed(session):
+                return session
+            try:
+                return self.service.append(session, empty_body(self.service), session.bytes_written)
+            except lifecycle.Refusal as refusal:
+                if refusal.code != lifecycle.COMPLETED:  # a resume's drain got there first
+                    raise
+                return self._session(req, session.id)
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         if not _is_offset_stream(req):

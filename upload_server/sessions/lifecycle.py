@@ -220,6 +220,19 @@ def is_whole(session: Session) -> bool:
     return session.total_bytes is not None and session.bytes_written >= session.total_bytes
 
 
+def completion_failed(session: Session) -> bool:
+    """Every byte of a tus upload is in, yet it is not completed: completing it failed (a full
+    disk or an I/O error while publishing), or a resume is completing it again. Its offset equals
+    its length, which a tus client takes for a finished upload, so that offset may be shown only
+    once it is completed (the client sends no further PATCH that would complete it)."""
+    return (
+        session.protocol == states.TUS
+        and session.concat != "final"
+        and session.state in (states.FAILED, states.WAITING)
+        and is_whole(session)
+    )
+
+
 # -- transitions (they change the record; the caller saves it) -----------------------------------
 
 
@@ -229,13 +242,14 @@ def pause(session: Session) -> None:
 
 def resume(session: Session) -> bool:
     """Open the session for work again. True when its writer must carry it on by itself: a seed
-    upload from its spool, a tus upload's segments that were counted but not yet copied."""
+    upload from its spool, a tus upload's segments that were counted but not yet copied, or
+    its completion, when every byte is in (a completion that failed, or a pause, stopped it)."""
     session.error = None
     if session.protocol == states.SEED:
         session.state = states.QUEUED
         return True
     session.state = states.WAITING
-    return bool(session.segments)
+    return bool(session.segments) or is_whole(session)
 
 
 def end(session: Session, action: str) -> None:
