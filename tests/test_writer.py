@@ -128,7 +128,8 @@ class Harness:
         """Turn until the writer holds no work."""
         for _ in range(turns):
             self.turn()
-            if not self.writer.tasks and not self.writer.inbox.poll(0):
+            idle = not self.writer.tasks and not self.writer.parked
+            if idle and not self.writer.inbox.poll(0):
                 return
         raise AssertionError("the writer is still busy")
 
@@ -302,6 +303,32 @@ def test_write_behind_waits_while_more_than_its_budget_is_behind(tmp_path: Path)
     assert reply.ok and len(harness.data(upload)) - CHUNK >= 3 * CHUNK
     harness.settle()
     assert harness.data(upload) == first + second
+
+
+def test_appends_that_wait_for_the_copying_one_are_parked_and_answered_by_it(tmp_path: Path):
+    """While one task copies an upload's named segments, the next PATCH's task does not take
+    turns of the loop to wait (that cost grew with every PATCH of a long stream): it is parked,
+    answered by the copying task as its copying makes room, and done with once woken."""
+    harness = Harness(tmp_path, write_behind=2 * CHUNK)
+    first, second, third = payload(CHUNK, 30), payload(4 * CHUNK, 31), payload(4 * CHUNK, 32)
+    upload = harness.session(total=9 * CHUNK + 1)
+    assert harness.answer(harness.append(upload, 0, first)).ok
+    harness.settle()
+    # answered once no more than 2 chunks are behind, while its task still copies
+    assert harness.answer(harness.append(upload, CHUNK, second)).ok
+    waiting = harness.append(upload, CHUNK + len(second), third)
+    harness.turn(2)  # the copying task's step, then the new one's: named, not answered, parked
+    assert waiting not in harness.answers  # 5 chunks behind, 2 allowed
+    assert [t.request_id for t in harness.writer.parked[upload]] == [waiting]
+    assert len(harness.writer.tasks) == 1  # only the copying task takes turns
+    reply = harness.answer(waiting)
+    assert reply.ok and reply.session["bytes_written"] == CHUNK + len(second) + len(third)
+    assert upload in harness.writer.parked  # answered while parked, by the copying task
+    harness.settle()
+    assert not harness.writer.parked and not harness.writer.tasks
+    assert harness.data(upload) == first + second + third
+    record = harness.store.load(upload)
+    assert record.segments == [] and record.bytes_written == CHUNK + len(second) + len(third)
 
 
 def test_the_append_that_completes_an_upload_is_answered_after_completion(tmp_path: Path):

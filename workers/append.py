@@ -26,7 +26,7 @@ from upload_server.sessions.lifecycle import Refusal
 from upload_server.sessions.record import Session
 from upload_server.storage import Adopting
 
-from .context import Context, Interrupted
+from .context import PARK, Context, Interrupted
 from .finish import fail_write, finish
 from .held import COMMIT, Held
 from .messages import Append
@@ -59,6 +59,8 @@ def append(ctx: Context, msg: Append) -> Generator[int, None, None]:
             return
         requester = Requester(msg.request_id, behind=_writes_behind(ctx))
         requester.answer_early(ctx, held)
+        if held.applying and requester.request_id is None:
+            return  # answered; the task copying this session's segments copies these and settles
         stored = yield from apply_segments(ctx, held, requester)
         # Once a later append has made the upload whole, that append's task completes it.
         if stored and not lifecycle.is_whole(session) and settle(ctx, held, requester.request_id):
@@ -199,13 +201,20 @@ def apply_segments(
     A write-behind requester is answered as soon as the budget has room (`Requester`)."""
     session = held.session
     requester = requester or Requester(None)
-    try:
-        while held.applying:
-            requester.answer_early(ctx, held)
-            yield 0
-    except Interrupted as stop:
-        ctx.refuse(requester.request_id, session.id, stop)
-        return False
+    if held.applying:
+        # Another task is copying; it copies these segments too and answers this requester as
+        # its copying makes room. Parked meanwhile: no turns of the loop spent waiting.
+        held.waiters.append(requester)
+        try:
+            while held.applying:
+                yield PARK
+        except Interrupted as stop:
+            ctx.refuse(requester.request_id, session.id, stop)
+            return False
+        finally:
+            held.waiters.remove(requester)
+        if requester.request_id is None and not lifecycle.is_whole(session):
+            return False  # answered, and the task that copied has settled the record
     held.applying = True
     try:
         while session.segments:
@@ -218,6 +227,7 @@ def apply_segments(
     finally:
         held.applying = False
         held.applied = 0
+        ctx.scheduler.wake(session.id)
 
 
 def _apply_segment(
@@ -260,7 +270,8 @@ def _apply_segment(
                 return False
             done += n
             held.applied = done
-            requester.answer_early(ctx, held)
+            for waiting in (requester, *held.waiters):
+                waiting.answer_early(ctx, held)
             try:
                 yield n
             except Interrupted as stop:

@@ -26,6 +26,11 @@ from .outbox import Outbox
 from .policy import RecordPolicy
 from .settings import WriterSettings
 
+# What a task's step yields, instead of the bytes it moved, to wait for another task of its
+# session: the loop sets it aside until that task calls `Scheduler.wake`, so a waiting task costs
+# no turns of the loop.
+PARK = -1
+
 
 class Interrupted(Refusal):
     """Thrown into a task when a command stops it; its code and message are what its requester
@@ -60,6 +65,9 @@ class Scheduler(Protocol):
 
     def start_drain(self, session_id: str) -> None:
         """Carry the session on by itself (unless a drain of it is queued already)."""
+
+    def wake(self, session_id: str) -> None:
+        """Run the session's parked tasks again (they yielded `PARK`)."""
 
 
 @dataclass

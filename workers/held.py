@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from upload_server import fileio, metrics
 from upload_server.layout import Layout
@@ -41,6 +41,12 @@ PROGRESS_EVENT_INTERVAL = 1.0  # seconds between progress events of one session
 PROGRESS, COMMIT, STATE = 0, 1, 2
 
 
+class Waiter(Protocol):
+    """A request waiting for its answer (`append.Requester`; the context is `context.Context`)."""
+
+    def answer_early(self, ctx: Any, held: Held) -> None: ...
+
+
 @dataclass
 class Held:
     """What the writer holds for one session while it works on it."""
@@ -50,6 +56,9 @@ class Held:
     handle: UploadData | None = None
     sha256: Any = None  # hashlib object over the data, [0, data_bytes); None until needed
     applying: bool = False  # a task is copying this session's segments into its data
+    # the requesters of the session's other tasks, parked while it copies: it answers them early
+    # as its copying makes room (`append.Requester`)
+    waiters: list[Waiter] = field(default_factory=list)
     applied: int = 0  # bytes of the first named segment already in the data (while applying)
     last_checkpoint: float = 0.0
     last_shown: float = 0.0

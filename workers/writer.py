@@ -4,8 +4,9 @@ A writer owns the sessions pinned to it (`held`). It keeps a round-robin list of
 drain, a tus append, a concatenation: `drain`, `append`, `concat`), each a generator that copies
 one chunk per step, so a long upload never starves the others on the same writer, and between
 chunks it reads its inbox, where a `Nudge` points it at a session's control queue (`control`). Each
-chunk is hashed (the whole file's SHA-256, plus a tus Upload-Checksum) from an mmap window of the
-spool, and written from that same window: no Python copy of the bytes.
+chunk is read into one reused buffer and hashed there (the whole file's SHA-256, plus a tus
+Upload-Checksum), and copied into the data by the kernel (`fileio.ChunkReader`, `storage`). A task
+that waits for another task of its session parks (`context.PARK`) and costs no turns until woken.
 
 This module is the loop: the inbox, the task round-robin, the rate limit, the vital signs the
 pool's monitor reads, and shutdown.
@@ -33,7 +34,7 @@ from upload_server.storage import Storage
 
 from .append import append
 from .concat import concat
-from .context import Context, Task
+from .context import PARK, Context, Task
 from .control import read_controls
 from .drain import drain
 from .follow import IDLE, claim, follow, locate
@@ -75,6 +76,7 @@ class Writer:
         self.vitals = vitals if vitals is not None else [0] * VITALS
         self.inbox = inbox
         self.tasks: deque[Task] = deque()
+        self.parked: dict[str, list[Task]] = {}  # by session: tasks waiting for another (`PARK`)
         self.stopping = False
         policy = policy_for(settings.backends, live, store)
         outbox = Outbox(replies)
@@ -115,7 +117,7 @@ class Writer:
             self.step()
             self.held.release_idle(self.has_tasks)
         self.vitals[STEPS] += 1
-        self.vitals[TASKS] = len(self.tasks)
+        self.vitals[TASKS] = len(self.tasks) + sum(map(len, self.parked.values()))
         return True
 
     def _idle_timeout(self) -> float | None:
@@ -190,6 +192,10 @@ class Writer:
                 self.remove(task)
                 self._fail_task(task, "internal_error", "the writer failed; see the server log")
                 return
+            if copied == PARK:
+                self.remove(task)
+                self.parked.setdefault(task.session_id, []).append(task)
+                return
             if not copied and task.idle:
                 task.next_time = now + task.idle
                 return
@@ -212,10 +218,12 @@ class Writer:
     # -- the scheduler tasks and commands see (`context.Scheduler`) ---------------------------
 
     def tasks_of(self, session_id: str) -> list[Task]:
-        return [t for t in self.tasks if t.session_id == session_id]
+        return [t for t in self.tasks if t.session_id == session_id] + self.parked.get(
+            session_id, []
+        )
 
     def has_tasks(self, session_id: str) -> bool:
-        return any(t.session_id == session_id for t in self.tasks)
+        return session_id in self.parked or any(t.session_id == session_id for t in self.tasks)
 
     def busy(self, session_id: str) -> bool:
         """A task of this session has started here (this writer's record is the newest)."""
@@ -224,6 +232,14 @@ class Writer:
     def remove(self, task: Task) -> None:
         with contextlib.suppress(ValueError):
             self.tasks.remove(task)
+        parked = self.parked.get(task.session_id)
+        if parked and task in parked:
+            parked.remove(task)
+            if not parked:
+                del self.parked[task.session_id]
+
+    def wake(self, session_id: str) -> None:
+        self.tasks.extend(self.parked.pop(session_id, ()))
 
     def start_drain(self, session_id: str) -> None:
         if any(isinstance(t.message, Drain) and t.session_id == session_id for t in self.tasks):
