@@ -123,15 +123,16 @@ class Held:
         data that can copy in (`CopyingIn`) takes the bytes inside the kernel, other data from
         that buffer."""
         data = self.data()
+        copying = isinstance(data, CopyingIn)  # once: a protocol check costs microseconds
         hasher = self.hasher()  # first: rebuilding it reads with maps, not the buffer below
         with self.owner.reader.read(src_fd, src_offset, length) as view:
             if hasher is not None:
                 hasher.update(view)
             if extra is not None:
                 extra.update(view)
-            if not isinstance(data, CopyingIn):
+            if not copying:
                 data.write(view, dst_offset)
-        if isinstance(data, CopyingIn):
+        if copying:
             data.write_from(src_fd, src_offset, length, dst_offset)
         self.owner.bytes_written.inc(length)
         return length
