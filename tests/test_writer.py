@@ -308,7 +308,7 @@ def test_write_behind_waits_while_more_than_its_budget_is_behind(tmp_path: Path)
 def test_appends_that_wait_for_the_copying_one_are_parked_and_answered_by_it(tmp_path: Path):
     """While one task copies an upload's named segments, the next PATCH's task does not take
     turns of the loop to wait (that cost grew with every PATCH of a long stream): it is parked,
-    answered by the copying task as its copying makes room, and done with once woken."""
+    answered by the copying task as its copying makes room, and then ends."""
     harness = Harness(tmp_path, write_behind=2 * CHUNK)
     first, second, third = payload(CHUNK, 30), payload(4 * CHUNK, 31), payload(4 * CHUNK, 32)
     upload = harness.session(total=9 * CHUNK + 1)
@@ -321,14 +321,21 @@ def test_appends_that_wait_for_the_copying_one_are_parked_and_answered_by_it(tmp
     assert waiting not in harness.answers  # 5 chunks behind, 2 allowed
     assert [t.request_id for t in harness.writer.parked[upload]] == [waiting]
     assert len(harness.writer.tasks) == 1  # only the copying task takes turns
-    reply = harness.answer(waiting)
+    reply = harness.answer(waiting)  # by the copying task, as its copying made room
     assert reply.ok and reply.session["bytes_written"] == CHUNK + len(second) + len(third)
-    assert upload in harness.writer.parked  # answered while parked, by the copying task
-    harness.settle()
+    harness.turn(2)
+    assert not harness.writer.parked and len(harness.writer.tasks) == 1  # answered: it ended
+    # the last byte: its append waits, parked, for the copy, then completes the upload
+    last = harness.append(upload, 9 * CHUNK, b"z")
+    harness.turn(2)
+    assert [t.request_id for t in harness.writer.parked[upload]] == [last]
+    reply = harness.answer(last)
+    assert reply.ok and reply.session["state"] == states.COMPLETED
     assert not harness.writer.parked and not harness.writer.tasks
-    assert harness.data(upload) == first + second + third
-    record = harness.store.load(upload)
-    assert record.segments == [] and record.bytes_written == CHUNK + len(second) + len(third)
+    everything = first + second + third + b"z"
+    assert reply.session["sha256"] == hashlib.sha256(everything).hexdigest()
+    assert (harness.layout.root / reply.session["location"]).read_bytes() == everything
+    assert harness.kinds(upload).count("completed") == 1
 
 
 def test_the_append_that_completes_an_upload_is_answered_after_completion(tmp_path: Path):

@@ -202,19 +202,21 @@ def apply_segments(
     session = held.session
     requester = requester or Requester(None)
     if held.applying:
-        # Another task is copying; it copies these segments too and answers this requester as
-        # its copying makes room. Parked meanwhile: no turns of the loop spent waiting.
+        # Another task is copying: it copies these segments too, settles the record, and answers
+        # this requester as its copying makes room. Parked meanwhile (no turns of the loop spent
+        # waiting); once answered there is nothing left to do. One that must be answered after
+        # the copy (the append that completes the upload) goes on when the other is done.
         held.waiters.append(requester)
         try:
-            while held.applying:
+            while held.applying and requester.request_id is not None:
                 yield PARK
         except Interrupted as stop:
             ctx.refuse(requester.request_id, session.id, stop)
             return False
         finally:
             held.waiters.remove(requester)
-        if requester.request_id is None and not lifecycle.is_whole(session):
-            return False  # answered, and the task that copied has settled the record
+        if requester.request_id is None:
+            return False
     held.applying = True
     try:
         while session.segments:
@@ -270,8 +272,8 @@ def _apply_segment(
                 return False
             done += n
             held.applied = done
-            for waiting in (requester, *held.waiters):
-                waiting.answer_early(ctx, held)
+            requester.answer_early(ctx, held)
+            _answer_waiters(ctx, held)
             try:
                 yield n
             except Interrupted as stop:
@@ -294,6 +296,18 @@ def _apply_segment(
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return True
+
+
+def _answer_waiters(ctx: Context, held: Held) -> None:
+    """Answer the parked appends whose bytes now fit the write-behind budget, and wake them:
+    answered, their tasks end."""
+    answered = False
+    for waiting in held.waiters:
+        if waiting.request_id is not None:
+            waiting.answer_early(ctx, held)
+            answered = answered or waiting.request_id is None
+    if answered:
+        ctx.scheduler.wake(held.session.id)
 
 
 def _adoptable(ctx: Context, held: Held, offset: int) -> bool:

@@ -44,6 +44,8 @@ PROGRESS, COMMIT, STATE = 0, 1, 2
 class Waiter(Protocol):
     """A request waiting for its answer (`append.Requester`; the context is `context.Context`)."""
 
+    request_id: int | None
+
     def answer_early(self, ctx: Any, held: Held) -> None: ...
 
 
