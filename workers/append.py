@@ -195,10 +195,12 @@ def apply_segments(
 ) -> Generator[int, None, bool]:
     """Copy every segment the record names into the data, in order, hashing on the way, and
     delete each file once its bytes are in the data. Only one task of a session copies at a
-    time; another waits and finds the work done. Stopped by a command (pause, terminate),
-    the data goes back to where the unfinished segment starts: the segment stays named, and
-    counted, and is copied again on resume. False when stopped; the requester has been told.
-    A write-behind requester is answered as soon as the budget has room (`Requester`)."""
+    time; another is parked until that one answers it, or, if it must wait for the copy, until
+    the work is done. Stopped by a command (pause, terminate), the data goes back to where the
+    unfinished segment starts: the segment stays named, and counted, and is copied again on
+    resume. False when stopped, or when there is nothing left to do (answered while parked);
+    the requester has been told. A write-behind requester is answered as soon as the budget
+    has room (`Requester`)."""
     session = held.session
     requester = requester or Requester(None)
     if held.applying:
