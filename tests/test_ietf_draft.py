@@ -173,6 +173,11 @@ def test_a_length_first_announced_on_an_append_is_recorded(server, client):
     assert past.status_code == 400 and problem(past)["type"] == IANA + "inconsistent-upload-length"
     assert client.head(empty).headers["Upload-Offset"] == "0"
 
+    huge = client.new()  # an announced length past max-size is refused on the append too
+    too_large = client.append(huge, 0, b"", complete=False, headers={"Upload-Length": str(1 << 42)})
+    assert too_large.status_code == 413 and "max-size=" in too_large.headers["Upload-Limit"]
+    assert "Upload-Length" not in client.head(huge).headers
+
 
 # -- offset retrieval ---------------------------------------------------------------------------
 
