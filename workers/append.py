@@ -59,8 +59,6 @@ def append(ctx: Context, msg: Append) -> Generator[int, None, None]:
             return
         requester = Requester(msg.request_id, behind=_writes_behind(ctx))
         requester.answer_early(ctx, held)
-        if held.applying and requester.request_id is None:
-            return  # answered; the task copying this session's segments copies these and settles
         stored = yield from apply_segments(ctx, held, requester)
         # Once a later append has made the upload whole, that append's task completes it.
         if stored and not lifecycle.is_whole(session) and settle(ctx, held, requester.request_id):
